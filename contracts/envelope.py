@@ -1,0 +1,91 @@
+"""The envelope every message travels in, on the wire and in the log.
+
+Encoded as a MessagePack array (``array_like``) so the broker reads the header
+fields it routes on without touching the payload: ``payload`` stays
+``msgspec.Raw``, the payload's own MessagePack bytes, until a consumer decodes
+it against the topic's contract (contracts/registry.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from contracts.ids import new_id
+
+CONTRACT_VERSION = 1
+
+
+class Envelope(msgspec.Struct, array_like=True, omit_defaults=False):
+    id: str
+    topic: str
+    payload: msgspec.Raw
+    seq: int = 0
+    """Assigned by the broker when the message is durably in the log; 0 before."""
+    ts: int = 0
+    """Creation time, unix nanoseconds, set by the publisher."""
+    source: str = ""
+    """The module identity, set by the broker from the authenticated CurveZMQ key."""
+    correlation_id: str = ""
+    causation_id: str = ""
+    reply_to: str = ""
+    """On a request: the inbox the requester listens on."""
+    recipient: str = ""
+    """On a reply: the inbox it is addressed to (the request's ``reply_to``)."""
+    version: int = CONTRACT_VERSION
+    headers: dict[str, str] = {}
+    """Small string map; carries W3C trace context (``traceparent``, ``tracestate``)."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Envelope)
+_batch_decoder = msgspec.msgpack.Decoder(list[Envelope])
+
+
+def make_envelope(
+    topic: str,
+    payload_bytes: bytes,
+    *,
+    correlation_id: str = "",
+    causation_id: str = "",
+    reply_to: str = "",
+    recipient: str = "",
+    headers: dict[str, str] | None = None,
+    message_id: str | None = None,
+) -> Envelope:
+    mid = message_id or new_id()
+    return Envelope(
+        id=mid,
+        topic=topic,
+        payload=msgspec.Raw(payload_bytes),
+        ts=time.time_ns(),
+        correlation_id=correlation_id or mid,
+        causation_id=causation_id,
+        reply_to=reply_to,
+        recipient=recipient,
+        headers=headers or {},
+    )
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    return _encoder.encode(env)
+
+
+def encode_batch(envs: list[Envelope]) -> bytes:
+    return _encoder.encode(envs)
+
+
+def decode_envelope(data: bytes | memoryview) -> Envelope:
+    """Raises msgspec.DecodeError / ValidationError; callers translate (see contracts.registry)."""
+    return _decoder.decode(data)
+
+
+def decode_batch(data: bytes | memoryview) -> list[Envelope]:
+    return _batch_decoder.decode(data)
+
+
+def envelope_dict(env: Envelope) -> dict[str, Any]:
+    """The envelope's fields without the payload, for logs, JSON output and replay."""
+    return {f: getattr(env, f) for f in env.__struct_fields__ if f != "payload"}

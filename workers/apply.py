@@ -1,0 +1,125 @@
+"""Applying a batch of logged messages to a backend: the exactly-once core of every worker.
+
+Pure logic (no sockets): the runtime feeds it deliveries from the bus; the store
+tests feed it envelopes directly. One store transaction per batch records the
+outcome of every message, the outbox of replies and change events, and the log
+position, so a crash at any instant neither loses nor doubles an effect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from contracts.envelope import Envelope, encode_envelope, make_envelope
+from contracts.errors import BusError, HandlerError, UnknownTopic
+from contracts.registry import decode_payload, encode_payload, to_builtins
+from contracts.topics import reply_topics
+from workers.base import Backend, Context
+
+log = structlog.get_logger("membus.worker")
+
+
+@dataclass
+class Outcome:
+    seq: int
+    topic: str
+    status: str
+    """applied | failed (answered with .failed) | skipped (already applied) | retry (transient error)"""
+    reply: Any = None
+    error: BusError | None = None
+    events: list[tuple[str, Any]] = field(default_factory=list)
+
+
+def derived_id(worker: str, seq: int, index: int) -> str:
+    """Deterministic id of the index-th message a worker publishes for log entry seq.
+
+    Republishing after a crash sends the same id, and the broker stores it once.
+    """
+    digest = hashlib.blake2b(f"{worker}:{seq}:{index}".encode(), digest_size=10).digest()
+    return "W" + digest.hex().upper()[:25]
+
+
+def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
+    """The encoded change events, then the reply, that an outcome publishes."""
+    out: list[Envelope] = []
+    for i, (topic, payload) in enumerate(outcome.events):
+        out.append(make_envelope(topic, encode_payload(topic, payload), correlation_id=env.correlation_id,
+                                 causation_id=env.id, message_id=derived_id(worker, env.seq, i)))
+    if env.reply_to and outcome.status in ("applied", "failed"):
+        complete, failed = reply_topics(env.topic)
+        if outcome.status == "applied":
+            topic, body = complete, encode_payload(complete, outcome.reply)
+        else:
+            assert outcome.error is not None
+            topic, body = failed, encode_payload(failed, outcome.error.to_wire())
+        out.append(make_envelope(topic, body, correlation_id=env.correlation_id, causation_id=env.id,
+                                 recipient=env.reply_to, message_id=derived_id(worker, env.seq, 1000)))
+    return [encode_envelope(e) for e in out]
+
+
+def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None = None,
+                final_attempt: set[int] | frozenset[int] = frozenset()) -> tuple[list[Outcome], int]:
+    """Applies ``batch`` (in log order) in one transaction; returns the outcomes and the new position.
+
+    A message whose handler raises an unexpected error is rolled back alone and reported as
+    ``retry``, unless its seq is in ``final_attempt``, where it is answered with ``.failed``
+    (the runtime dead-letters it). ``retry`` outcomes do not move the position past them.
+    """
+    if position is None:
+        position = backend.load_position()
+    outcomes: list[Outcome] = []
+    new_position = position
+    blocked = False
+    with backend.transaction() as txn:
+        for env in batch:
+            if env.seq <= position:
+                outcomes.append(Outcome(env.seq, env.topic, "skipped"))
+                continue
+            if blocked:
+                outcomes.append(Outcome(env.seq, env.topic, "retry"))
+                continue
+            outcome = _apply_one(backend, txn, env, env.seq in final_attempt)
+            outcomes.append(outcome)
+            if outcome.status == "retry":
+                blocked = True  # keep log order: nothing after a retried message is applied yet
+                continue
+            items = outgoing(backend.name, env, outcome)
+            if items:
+                backend.outbox_add(txn, env.seq, items)
+            new_position = env.seq
+        if new_position != position:
+            backend.save_position(txn, new_position)
+    return outcomes, new_position
+
+
+def _apply_one(backend: Backend, txn: Any, env: Envelope, final: bool) -> Outcome:
+    handler = backend.handlers.get(env.topic)
+    ctx = Context(seq=env.seq, envelope=env, worker=backend.name)
+    bound = structlog.contextvars.bound_contextvars(topic=env.topic, seq=env.seq,
+                                                    correlation_id=env.correlation_id, worker=backend.name)
+    with bound:
+        try:
+            if handler is None:
+                raise UnknownTopic(f"worker {backend.name!r} has no handler for topic {env.topic!r}",
+                                   topic=env.topic, field="topic", expected=", ".join(sorted(backend.handlers)))
+            payload = decode_payload(env.topic, env.payload)
+            with backend.savepoint(txn):
+                reply = handler(backend, txn, payload, ctx)
+            return Outcome(env.seq, env.topic, "applied", reply=reply, events=ctx.events)
+        except BusError as exc:
+            log.info("message.failed", code=exc.code, error=exc.message)
+            return Outcome(env.seq, env.topic, "failed", error=exc)
+        except Exception as exc:
+            log.warning("handler.error", error=repr(exc), final=final)
+            if final:
+                err = HandlerError(f"{type(exc).__name__}: {exc}", topic=env.topic, exception=type(exc).__name__)
+                return Outcome(env.seq, env.topic, "failed", error=err)
+            return Outcome(env.seq, env.topic, "retry", error=HandlerError(repr(exc)))
+
+
+def reply_as_builtins(outcome: Outcome) -> Any:
+    return to_builtins(outcome.reply)

@@ -1,0 +1,126 @@
+"""What a store worker is made of: a backend that owns one store, and its handlers.
+
+The runtime (workers/runtime.py) drives a backend like this, for every batch it
+receives from the backend's consumer group::
+
+    with backend.transaction() as txn:
+        for msg in batch:
+            if msg.seq <= position: continue          # already applied: never doubled
+            with backend.savepoint(txn):             # a failing message rolls back alone
+                reply = handler(backend, txn, payload, ctx)
+        backend.outbox_add(txn, seq, [encoded replies and change events])
+        backend.save_position(txn, last_seq)          # same transaction as the writes
+    publish the outbox (deterministic ids: the broker drops duplicates), then outbox_remove, then ack
+
+Handlers are methods marked with ``@handles("topic")``; the topic's payload
+contract comes from contracts.registry. A handler returns the reply payload (or
+None) and may call ``ctx.emit(topic, payload)`` for change events. It raises a
+``contracts.errors.BusError`` subclass for an answer that is an error (sent as
+``.failed``, not retried); any other exception is retried and, after the last
+attempt, dead-lettered.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from contracts.envelope import Envelope
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles(topic: str) -> Callable[[F], F]:
+    """Marks a backend method as the handler of ``topic``."""
+
+    def mark(fn: F) -> F:
+        fn.__membus_topic__ = topic  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+@dataclass
+class Context:
+    """What a handler knows about the message it applies, and how it announces changes."""
+
+    seq: int
+    envelope: Envelope
+    worker: str
+    events: list[tuple[str, Any]] = field(default_factory=list)
+
+    def emit(self, topic: str, payload: Any) -> None:
+        """Publishes a change event after the transaction commits (exactly once)."""
+        self.events.append((topic, payload))
+
+
+class Backend(ABC):
+    """One store, owned by one worker process. Construct cheaply; open inside the process."""
+
+    name: ClassVar[str]
+    """The worker's name; also its consumer group and its folder under the data dir."""
+    patterns: ClassVar[tuple[str, ...]]
+    """Topic patterns the worker's consumer group receives."""
+    handlers: ClassVar[dict[str, Callable[..., Any]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table = dict(getattr(cls, "handlers", {}))
+        for attr in vars(cls).values():
+            topic = getattr(attr, "__membus_topic__", None)
+            if topic:
+                table[topic] = attr
+        cls.handlers = table
+
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        self.data_dir = Path(data_dir)
+        self.settings = settings
+
+    @abstractmethod
+    def open(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Any]:
+        """Commits on normal exit, rolls back on an exception; driver errors become StoreError."""
+
+    @abstractmethod
+    def savepoint(self, txn: Any) -> AbstractContextManager[None]:
+        """Undoes only the writes made inside it when it exits with an exception."""
+
+    @abstractmethod
+    def load_position(self) -> int:
+        """The last log sequence applied (0 for a new store)."""
+
+    @abstractmethod
+    def save_position(self, txn: Any, seq: int) -> None: ...
+
+    @abstractmethod
+    def outbox_add(self, txn: Any, seq: int, items: list[bytes]) -> None:
+        """Keeps encoded envelopes to publish after commit, in the same transaction."""
+
+    @abstractmethod
+    def outbox_pending(self) -> list[tuple[int, list[bytes]]]:
+        """What was committed but not yet confirmed published, oldest first."""
+
+    @abstractmethod
+    def outbox_remove(self, seqs: list[int]) -> None: ...
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def wipe(self) -> None:
+        """Deletes the store's files (for rebuild from the log). The store must be closed."""
+        import shutil
+
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def iter_handlers(backend: type[Backend]) -> Iterator[tuple[str, Callable[..., Any]]]:
+    yield from sorted(backend.handlers.items())
