@@ -1,0 +1,648 @@
+"""The broker: one process, one ROUTER socket, one durable log.
+
+Each turn of the loop drains whatever frames are waiting, appends every
+published envelope in one LMDB transaction (one fsync: group commit), and only
+then acknowledges the publishers, fans the new records out to live
+subscribers and inboxes, and hands them to consumer groups within their credit.
+Nothing is queued without bound: live subscribers have a high-water mark (the
+client fills gaps from the log), group members get at most their credit, and
+the backlog stays in the log.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+
+from bus import protocol as P
+from bus.auth import ModuleAuthenticator
+from bus.home import Home, Settings
+from bus.log import EventLog, Record, Rejected
+from contracts.envelope import Envelope, decode_batch, decode_envelope, make_envelope
+from contracts.errors import BusError
+from contracts.ids import new_id
+from contracts.registry import encode_payload
+from contracts.topics import check_pattern, check_topic, matches_any, reply_topics
+
+log = structlog.get_logger("membus.broker")
+
+_DRAIN = 2000
+_SCAN_BUDGET = 20_000
+_Raw = msgspec.Raw
+
+
+@dataclass
+class Client:
+    rid: bytes
+    source: str
+    name: str = ""
+    inbox: str = ""
+    last_seen: float = 0.0
+    subs: dict[int, LiveSub] = field(default_factory=dict)
+    groups: set[str] = field(default_factory=set)
+
+
+@dataclass
+class LiveSub:
+    sub_id: bytes
+    patterns: tuple[str, ...]
+    covered: int
+    gap: bool = False
+
+
+@dataclass
+class Inflight:
+    rid: bytes
+    deadline: float
+    attempt: int
+
+
+@dataclass
+class Group:
+    name: str
+    patterns: tuple[str, ...]
+    next_seq: int
+    ack_timeout: float
+    max_attempts: int
+    members: dict[bytes, int] = field(default_factory=dict)
+    """routing id -> credit left."""
+    inflight: dict[int, Inflight] = field(default_factory=dict)
+    redeliver: list[tuple[float, int]] = field(default_factory=list)
+    """heap of (due time, seq)."""
+    attempts: dict[int, int] = field(default_factory=dict)
+    match_cache: dict[str, bool] = field(default_factory=dict)
+    dead_letters: int = 0
+    delivered: int = 0
+    saved_floor: int = -1
+
+    def matches(self, topic: str) -> bool:
+        hit = self.match_cache.get(topic)
+        if hit is None:
+            hit = self.match_cache[topic] = matches_any(self.patterns, topic)
+        return hit
+
+    @property
+    def floor(self) -> int:
+        """Every matching seq at or below the floor is acknowledged."""
+        low = self.next_seq
+        if self.inflight:
+            low = min(low, min(self.inflight))
+        if self.redeliver:
+            low = min(low, min(s for _, s in self.redeliver))
+        return low - 1
+
+    def state(self) -> dict[str, Any]:
+        return {"floor": self.floor, "patterns": list(self.patterns)}
+
+
+class Broker:
+    def __init__(self, home: Home, settings: Settings | None = None) -> None:
+        self.home = home
+        self.settings = settings or home.settings()
+        self.log = EventLog(home.log_dir, map_size=self.settings.log_map_size)
+        self.clients: dict[bytes, Client] = {}
+        self.inboxes: dict[str, bytes] = {}
+        self.groups: dict[str, Group] = {}
+        self.counters: dict[str, int] = defaultdict(int)
+        self.broker_id = new_id()
+        self.endpoint = ""
+        self._stop = False
+        self._groups_dirty = False
+        self.max_frame = max(4 << 20, 2 * self.settings.max_message_bytes)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.home.ensure()
+        self.log.open()
+        for name, state in self.log.load_groups().items():
+            floor = int(state.get("floor", 0))
+            self.groups[name] = Group(name, tuple(state.get("patterns", ())), floor + 1,
+                                      self.settings.ack_timeout_s, self.settings.max_attempts, saved_floor=floor)
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.auth = ModuleAuthenticator(self.ctx, self.home)
+        self.auth.start()
+        public, secret = self.home.broker_keys(create=True)
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.curve_server = True
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_frame)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.linger = 0
+        sock.bind(self.settings.endpoint)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sock = sock
+        self.home.write_run_file(self.endpoint)
+        log.info("broker.started", endpoint=self.endpoint, head=self.log.head, groups=len(self.groups),
+                 pid=os.getpid())
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        try:
+            self._save_groups(force=True)
+        except BusError:
+            pass
+        self.sock.close(linger=0)
+        self.auth.stop()
+        self.ctx.term()
+        self.log.close()
+        run = self.home.read_run_file()
+        if run and run.get("pid") == os.getpid():
+            self.home.run_file.unlink(missing_ok=True)
+        log.info("broker.stopped", head=self.log.head)
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_tick = 0.0
+        while not self._stop:
+            now = time.monotonic()
+            timeout = max(0.0, min(next_tick - now, 0.1))
+            if poller.poll(timeout * 1000):
+                self._drain()
+            self._pump_groups()
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = now + min(0.1, self.settings.heartbeat_s / 4)
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        pubs: list[tuple[Client, bytes, list[Envelope]]] = []
+        for _ in range(_DRAIN):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                self._handle(frames, pubs)
+            except Exception as exc:  # a bug on one frame must never take the broker down
+                self.counters["internal_errors"] += 1
+                log.exception("broker.frame_failed", error=repr(exc))
+        if pubs:
+            self._publish(pubs)
+
+    def _handle(self, frames: list[zmq.Frame], pubs: list[tuple[Client, bytes, list[Envelope]]]) -> None:
+        rid = frames[0].bytes
+        if len(frames) < 2:
+            self._malformed(rid, b"", "empty message")
+            return
+        cmd = frames[1].bytes
+        expected = P.CLIENT_COMMANDS.get(cmd)
+        if expected is None:
+            self.counters["unknown_commands"] += 1
+            self._error(rid, b"", "protocol", f"unknown command {cmd[:32]!r}")
+            return
+        if len(frames) - 1 != expected:
+            self._malformed(rid, b"", f"{cmd.decode()} takes {expected} frames, got {len(frames) - 1}")
+            return
+        if cmd == P.HELLO:
+            self._hello(rid, frames)
+            return
+        client = self.clients.get(rid)
+        if client is None:
+            ref = frames[2].bytes if len(frames) > 2 and cmd in (P.PUB, P.REPLAY, P.STATUS, P.SUB) else b""
+            self._error(rid, ref, "unknown_client", "say HELLO first (the broker may have restarted)")
+            return
+        client.last_seen = time.monotonic()
+        try:
+            if cmd == P.PUB:
+                self._receive_pub(client, frames, pubs)
+            elif cmd == P.PING:
+                self._send(rid, P.PONG, P.pack_id(self.log.head))
+            elif cmd == P.ACK:
+                self._ack(client, frames[2].bytes.decode(), P.unpack(frames[3].buffer))
+            elif cmd == P.NACK:
+                self._nack(client, frames[2].bytes.decode(), P.unpack(frames[3].buffer))
+            elif cmd == P.SUB:
+                self._subscribe(client, frames[2].bytes, P.unpack(frames[3].buffer))
+            elif cmd == P.UNSUB:
+                client.subs.pop(P.unpack_id(frames[2].bytes), None)
+            elif cmd == P.JOIN:
+                self._join(client, frames[2].bytes.decode(), P.unpack(frames[3].buffer))
+            elif cmd == P.LEAVE:
+                self._leave(client, frames[2].bytes.decode())
+            elif cmd == P.REPLAY:
+                self._replay(client, frames[2].bytes, P.unpack(frames[3].buffer))
+            elif cmd == P.STATUS:
+                self._send(rid, P.STATUSR, frames[2].bytes, P.pack(self.status()))
+            elif cmd == P.BYE:
+                self._drop_client(client, "bye")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, AttributeError,
+                UnicodeDecodeError, KeyError) as exc:
+            ref = frames[2].bytes if len(frames) > 2 else b""
+            self._malformed(rid, ref, f"bad {cmd.decode()} body: {exc}")
+        except BusError as exc:
+            ref = frames[2].bytes if len(frames) > 2 else b""
+            self.counters["errors"] += 1
+            self._error(rid, ref, exc.code, exc.message, **exc.fields)
+
+    def _hello(self, rid: bytes, frames: list[zmq.Frame]) -> None:
+        try:
+            body = P.unpack(frames[2].buffer)
+            name, inbox = str(body.get("client", "")), str(body.get("inbox", ""))
+        except (msgspec.DecodeError, AttributeError) as exc:
+            self._malformed(rid, b"", f"bad HELLO body: {exc}")
+            return
+        source = frames[1].get("User-Id") or "unknown"
+        old = self.clients.get(rid)
+        if old is not None:
+            self._drop_client(old, "re-hello")
+        client = Client(rid, source, name, inbox, time.monotonic())
+        self.clients[rid] = client
+        if inbox:
+            self.inboxes[inbox] = rid
+        log.info("client.hello", client=name, source=source, inbox=inbox)
+        self._send(rid, P.WELCOME, P.pack({"broker": self.broker_id, "head": self.log.head,
+                                            "heartbeat": self.settings.heartbeat_s,
+                                            "max_message": self.settings.max_message_bytes, "source": source}))
+
+    def _malformed(self, rid: bytes, ref: bytes, message: str) -> None:
+        self.counters["malformed"] += 1
+        log.warning("frame.malformed", detail=message[:200])
+        self._error(rid, ref, "protocol", message)
+
+    def _error(self, rid: bytes, ref: bytes, code: str, message: str, **fields: Any) -> None:
+        self._send(rid, P.ERROR, ref, P.error_body(code, message, **fields))
+
+    def _send(self, rid: bytes, *frames: bytes) -> bool:
+        try:
+            self.sock.send_multipart([rid, *frames], zmq.NOBLOCK)
+            return True
+        except (zmq.Again, zmq.ZMQError):
+            self.counters["send_dropped"] += 1
+            return False
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def _receive_pub(self, client: Client, frames: list[zmq.Frame],
+                     pubs: list[tuple[Client, bytes, list[Envelope]]]) -> None:
+        batch_id = frames[2].bytes
+        body = frames[3]
+        if len(body) > self.max_frame:
+            self.counters["too_large"] += 1
+            self._error(client.rid, batch_id, "too_large",
+                        f"publish frame of {len(body)} bytes exceeds {self.max_frame}", limit=self.max_frame)
+            return
+        try:
+            envs = decode_batch(body.buffer)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._malformed(client.rid, batch_id, f"PUB body is not an array of envelopes: {exc}")
+            return
+        source = frames[1].get("User-Id") or client.source
+        for env in envs:
+            env.source = source
+        pubs.append((client, batch_id, envs))
+
+    def _check(self, env: Envelope) -> None:
+        if len(env.payload) > self.settings.max_message_bytes:
+            self.counters["too_large"] += 1
+            raise Rejected("too_large", f"payload of {len(env.payload)} bytes on {env.topic!r} exceeds "
+                                        f"{self.settings.max_message_bytes}")
+        try:
+            check_topic(env.topic)
+        except BusError as exc:
+            self.counters["invalid"] += 1
+            raise Rejected(exc.code, exc.message) from None
+        if env.topic.startswith("bus.") and env.source != "broker":
+            self.counters["unauthorized"] += 1
+            raise Rejected("not_authorized", f"topic {env.topic!r} is reserved for the broker")
+
+    def _publish(self, pubs: list[tuple[Client, bytes, list[Envelope]]]) -> None:
+        flat = [env for _, _, envs in pubs for env in envs]
+        first = self.log.head + 1
+        results = self._append(flat)
+        i = 0
+        for client, batch_id, envs in pubs:
+            out: list[Any] = []
+            for _ in envs:
+                r = results[i]
+                i += 1
+                out.append(r if isinstance(r, int) else [r.code, r.message])
+            self._send(client.rid, P.PUBACK, batch_id, P.pack(out))
+        self.counters["published"] += sum(1 for r in results if isinstance(r, int))
+        fresh = [env for env in flat if env.seq >= first]
+        if fresh:
+            self._fan_out(fresh)
+
+    def _append(self, envs: list[Envelope]) -> list[int | Rejected]:
+        groups = self._dirty_group_states()
+        try:
+            results = self.log.append(envs, groups=groups, check=self._check)
+        except BusError as exc:
+            log.error("log.append_failed", error=exc.message)
+            return [Rejected(exc.code, exc.message) for _ in envs]
+        for g in self.groups.values():
+            if g.name in groups:
+                g.saved_floor = int(groups[g.name]["floor"])
+        return results
+
+    def publish_internal(self, topic: str, payload: Any, *, correlation_id: str = "", recipient: str = "",
+                         causation_id: str = "") -> int:
+        env = make_envelope(topic, encode_payload(topic, payload), correlation_id=correlation_id,
+                            causation_id=causation_id, recipient=recipient)
+        env.source = "broker"
+        result = self._append([env])[0]
+        if isinstance(result, int):
+            self._fan_out([env])
+            return result
+        log.error("broker.internal_publish_failed", topic=topic, error=result.message)
+        return 0
+
+    def _fan_out(self, envs: list[Envelope]) -> None:
+        """Live subscribers and inboxes get the new records at once; groups pull them in _pump_groups."""
+        first, last = envs[0].seq, envs[-1].seq
+        encoded: list[bytes] | None = None
+        for client in list(self.clients.values()):
+            for sub in client.subs.values():
+                if encoded is None:
+                    encoded = [msgspec.msgpack.encode(e) for e in envs]
+                picked = [_Raw(encoded[i]) for i, e in enumerate(envs) if matches_any(sub.patterns, e.topic)]
+                if not picked:
+                    continue
+                start = first if sub.gap else sub.covered + 1
+                if self._send(client.rid, P.LIVE, sub.sub_id, P.pack([start, last, picked])):
+                    sub.covered, sub.gap = last, False
+                else:
+                    sub.gap = True
+                    self.counters["live_dropped"] += len(picked)
+        for env in envs:
+            if env.recipient:
+                rid = self.inboxes.get(env.recipient)
+                if rid is not None:
+                    self._send(rid, P.INBOX, P.pack([env]))
+
+    # -- live subscriptions ----------------------------------------------------------------------
+
+    def _subscribe(self, client: Client, sub_id_b: bytes, body: dict[str, Any]) -> None:
+        patterns = tuple(check_pattern(str(p)) for p in body["patterns"])
+        if not patterns:
+            raise BusError("a subscription needs at least one pattern")
+        sub_id = P.unpack_id(sub_id_b)
+        sub = LiveSub(sub_id_b, patterns, covered=self.log.head)
+        client.subs[sub_id] = sub
+        # An empty range starting after the head: the client fills anything it wants before that from the log.
+        self._send(client.rid, P.LIVE, sub_id_b, P.pack([self.log.head + 1, self.log.head, []]))
+
+    # -- consumer groups -------------------------------------------------------------------------
+
+    def _join(self, client: Client, name: str, body: dict[str, Any]) -> None:
+        patterns = tuple(check_pattern(str(p)) for p in body.get("patterns", ()))
+        group = self.groups.get(name)
+        if group is None:
+            if not patterns:
+                raise BusError(f"group {name!r} does not exist; give patterns to create it", group=name)
+            start = body.get("from_seq")
+            next_seq = int(start) if start else 1
+            group = Group(name, patterns, next_seq, float(body.get("ack_timeout") or self.settings.ack_timeout_s),
+                          int(body.get("max_attempts") or self.settings.max_attempts))
+            self.groups[name] = group
+            self._groups_dirty = True
+            log.info("group.created", group=name, patterns=list(patterns), from_seq=next_seq)
+        elif patterns and patterns != group.patterns:
+            group.patterns = patterns
+            group.match_cache.clear()
+            self._groups_dirty = True
+        if body.get("ack_timeout"):
+            group.ack_timeout = float(body["ack_timeout"])
+        if body.get("max_attempts"):
+            group.max_attempts = int(body["max_attempts"])
+        group.members[client.rid] = max(1, int(body.get("credit", 100)))
+        client.groups.add(name)
+        log.info("group.joined", group=name, client=client.name, members=len(group.members))
+
+    def _leave(self, client: Client, name: str) -> None:
+        group = self.groups.get(name)
+        client.groups.discard(name)
+        if group is not None and client.rid in group.members:
+            del group.members[client.rid]
+            self._requeue_member(group, client.rid, "member left")
+
+    def _ack(self, client: Client, name: str, seqs: list[int]) -> None:
+        group = self.groups.get(name)
+        if group is None:
+            return
+        credit_back = 0
+        for seq in seqs:
+            infl = group.inflight.get(seq)
+            if infl is not None and infl.rid == client.rid:
+                del group.inflight[seq]
+                group.attempts.pop(seq, None)
+                credit_back += 1
+        if client.rid in group.members:
+            group.members[client.rid] += credit_back
+        self._groups_dirty = True
+
+    def _nack(self, client: Client, name: str, items: list[list[Any]]) -> None:
+        group = self.groups.get(name)
+        if group is None:
+            return
+        now = time.monotonic()
+        for item in items:
+            seq, reason = int(item[0]), str(item[1])
+            delay = float(item[2]) if len(item) > 2 else 0.0
+            infl = group.inflight.get(seq)
+            if infl is None or infl.rid != client.rid:
+                continue
+            del group.inflight[seq]
+            if client.rid in group.members:
+                group.members[client.rid] += 1
+            self._retry_or_dead_letter(group, seq, reason, now + delay)
+
+    def _retry_or_dead_letter(self, group: Group, seq: int, reason: str, due: float) -> None:
+        attempts = group.attempts.get(seq, 1)
+        if attempts >= group.max_attempts:
+            self._dead_letter(group, seq, attempts, reason)
+            return
+        heapq.heappush(group.redeliver, (due, seq))
+
+    def _dead_letter(self, group: Group, seq: int, attempts: int, reason: str) -> None:
+        group.attempts.pop(seq, None)
+        group.dead_letters += 1
+        self._groups_dirty = True
+        record = self.log.get(seq)
+        env = decode_envelope(record.body) if record else None
+        payload = {"group": group.name, "seq": seq, "topic": env.topic if env else "",
+                   "message_id": env.id if env else "", "attempts": attempts, "reason": reason}
+        cid = env.correlation_id if env else ""
+        log.warning("message.dead_lettered", group=group.name, seq=seq, topic=payload["topic"],
+                    correlation_id=cid, reason=reason)
+        self.publish_internal(P.DEAD_LETTER_TOPIC, payload, correlation_id=cid,
+                              causation_id=env.id if env else "")
+        if env is not None and env.reply_to and env.topic.endswith(".request"):
+            failed = reply_topics(env.topic)[1]
+            err = {"code": "dead_letter", "message": f"gave up after {attempts} attempts: {reason}",
+                   "fields": {"topic": env.topic, "group": group.name, "seq": seq}}
+            self.publish_internal(failed, err, correlation_id=env.correlation_id, recipient=env.reply_to,
+                                  causation_id=env.id)
+
+    def _requeue_member(self, group: Group, rid: bytes, reason: str) -> None:
+        now = time.monotonic()
+        for seq in [s for s, inf in group.inflight.items() if inf.rid == rid]:
+            del group.inflight[seq]
+            self._retry_or_dead_letter(group, seq, reason, now)
+
+    def _pump_groups(self) -> None:
+        for group in self.groups.values():
+            if group.members:
+                self._pump(group)
+
+    def _pump(self, group: Group) -> None:
+        credit = sum(group.members.values())
+        if credit <= 0:
+            return
+        now = time.monotonic()
+        picked: list[tuple[int, memoryview | bytes | None]] = []
+        while group.redeliver and group.redeliver[0][0] <= now and len(picked) < credit:
+            _, seq = heapq.heappop(group.redeliver)
+            picked.append((seq, None))
+        scanned = 0
+        if len(picked) < credit and group.next_seq <= self.log.head:
+            for seq, topic, raw in self.log.topic_scan(group.next_seq, _SCAN_BUDGET):
+                scanned += 1
+                group.next_seq = seq + 1
+                if group.matches(topic):
+                    picked.append((seq, self.log.body_of(seq, raw)))
+                    if len(picked) >= credit:
+                        break
+            if scanned:
+                self._groups_dirty = True
+        if not picked:
+            return
+        by_member: dict[bytes, list[Any]] = defaultdict(list)
+        members = [rid for rid, c in group.members.items() if c > 0]
+        mi = 0
+        for seq, body in picked:
+            if body is None:
+                rec = self.log.get(seq)
+                if rec is None:
+                    continue
+                body = rec.body
+            while group.members[members[mi % len(members)]] <= 0:
+                mi += 1
+            rid = members[mi % len(members)]
+            group.members[rid] -= 1
+            attempt = group.attempts.get(seq, 0) + 1
+            group.attempts[seq] = attempt
+            group.inflight[seq] = Inflight(rid, now + group.ack_timeout, attempt)
+            by_member[rid].append([attempt, _Raw(bytes(body))])
+            mi += 1
+        for rid, items in by_member.items():
+            group.delivered += len(items)
+            if not self._send(rid, P.DELIVER, group.name.encode(), P.pack(items)):
+                client = self.clients.get(rid)
+                if client is not None:
+                    self._drop_client(client, "delivery failed")
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        for client in list(self.clients.values()):
+            if now - client.last_seen > self.settings.client_timeout_s:
+                self._drop_client(client, "missed heartbeats")
+        for group in self.groups.values():
+            expired = [s for s, inf in group.inflight.items() if inf.deadline <= now]
+            for seq in expired:
+                inf = group.inflight.pop(seq)
+                if inf.rid in group.members:
+                    group.members[inf.rid] += 1
+                self._retry_or_dead_letter(group, seq, "ack timeout", now)
+        if self._groups_dirty:
+            self._save_groups()
+        self._coverage_heartbeat()
+
+    def _coverage_heartbeat(self) -> None:
+        head = self.log.head
+        for client in self.clients.values():
+            for sub in client.subs.values():
+                if sub.covered < head and not sub.gap and self._send(
+                        client.rid, P.LIVE, sub.sub_id, P.pack([sub.covered + 1, head, []])):
+                    sub.covered = head
+
+    def _dirty_group_states(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for g in self.groups.values():
+            if g.floor != g.saved_floor:
+                out[g.name] = g.state()
+        return out
+
+    def _save_groups(self, force: bool = False) -> None:
+        self._groups_dirty = False
+        states = {g.name: g.state() for g in self.groups.values()} if force else self._dirty_group_states()
+        if states:
+            self.log.save_groups(states)
+            for name, st in states.items():
+                self.groups[name].saved_floor = int(st["floor"])
+
+    def _drop_client(self, client: Client, reason: str) -> None:
+        self.clients.pop(client.rid, None)
+        if client.inbox and self.inboxes.get(client.inbox) == client.rid:
+            del self.inboxes[client.inbox]
+        for name in client.groups:
+            group = self.groups.get(name)
+            if group is not None and group.members.pop(client.rid, None) is not None:
+                self._requeue_member(group, client.rid, reason)
+        log.info("client.dropped", client=client.name, source=client.source, reason=reason)
+
+    # -- replay and status -----------------------------------------------------------------------
+
+    def _replay(self, client: Client, req_id: bytes, body: dict[str, Any]) -> None:
+        patterns = [check_pattern(str(p)) for p in body.get("patterns") or ()]
+        records, next_seq, done = self.log.read(
+            from_seq=int(body.get("from_seq") or 1), to_seq=body.get("to_seq"), patterns=patterns,
+            since_ns=body.get("since_ns"), until_ns=body.get("until_ns"),
+            correlation_id=str(body.get("correlation_id") or ""), limit=min(int(body.get("limit") or 1000), 5000))
+        self._send(client.rid, P.REPLAYED, req_id, P.pack([next_seq, done, [_raw(r) for r in records]]))
+
+    def status(self) -> dict[str, Any]:
+        head = self.log.head
+        groups = {}
+        for g in self.groups.values():
+            floor = g.floor
+            groups[g.name] = {"patterns": list(g.patterns), "acked": floor, "next": g.next_seq,
+                              "lag": head - floor, "inflight": len(g.inflight),
+                              "redelivery_pending": len(g.redeliver), "members": len(g.members),
+                              "delivered": g.delivered, "dead_letters": g.dead_letters}
+        clients = [{"name": c.name, "source": c.source, "subs": len(c.subs), "groups": sorted(c.groups),
+                    "idle_s": round(time.monotonic() - c.last_seen, 2)} for c in self.clients.values()]
+        counters = dict(self.counters)
+        counters["auth_rejected"] = self.auth.rejected
+        return {"broker": self.broker_id, "endpoint": self.endpoint, "pid": os.getpid(), "head": head,
+                "log": self.log.stats(), "groups": groups, "clients": clients, "counters": counters}
+
+
+def _raw(record: Record) -> msgspec.Raw:
+    return msgspec.Raw(record.body)
+
+
+def run(home: Path | str | None = None, *, settings: Settings | None = None) -> None:
+    """Runs a broker in this process until SIGTERM or SIGINT."""
+    broker = Broker(Home(home), settings)
+    broker.start()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("broker.signal", signal=signum)
+        broker.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        broker.serve_forever()
+    finally:
+        broker.close()

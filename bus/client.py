@@ -1,0 +1,340 @@
+"""The synchronous client: publish, request, subscribe, replay, consume.
+
+    from bus import Bus
+
+    with Bus.connect(module="notes") as bus:
+        seq = bus.publish("notes.note.changed", {"id": 1})
+        reply = bus.request("working.recent.request", {"conversation_id": "c1"}, timeout=2.0)
+        with bus.subscribe("notes.>") as sub:
+            for msg in sub: ...
+
+bus/aio.py is the asyncio twin with the same method names.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from bus import protocol as P
+from bus.connection import Connection, GroupState, LiveState, Pending, decode_replayed
+from bus.home import Home
+from bus.message import Delivery, Message
+from contracts.envelope import Envelope, encode_envelope, make_envelope
+from contracts.errors import BusError, ConnectionError, TimeoutError, error_from_wire
+from contracts.registry import encode_payload
+from contracts.topics import FAILED, check_pattern, check_topic
+
+log = structlog.get_logger("membus.client")
+_sub_ids = itertools.count(1)
+
+
+def _connection(home: Path | str | None, module: str, endpoint: str | None, server_key: bytes | None,
+                timeout: float) -> Connection:
+    h = Home(home)
+    public, secret = h.module_keys(module, create=True)
+
+    def resolve() -> str | None:
+        run = h.read_run_file()
+        return str(run["endpoint"]) if run else None
+
+    deadline = time.monotonic() + timeout
+    ep = endpoint or resolve()
+    while ep is None:
+        if time.monotonic() > deadline:
+            raise ConnectionError(f"no broker is running for {h.path} (start it with `membus up`)",
+                                  home=str(h.path))
+        time.sleep(0.05)
+        ep = resolve()
+    key = server_key or h.broker_public_key()
+    conn = Connection(endpoint=ep, server_key=key, public_key=public, secret_key=secret, name=module,
+                      resolve_endpoint=None if endpoint else resolve)
+    conn.start()
+    left = max(0.0, deadline - time.monotonic())
+    while not conn.connected.wait(min(0.05, left) if left > 0 else 0):
+        if conn.fatal is not None:
+            conn.close()
+            raise conn.fatal
+        if time.monotonic() > deadline:
+            conn.close()
+            raise ConnectionError(f"the broker at {ep} did not answer within {timeout} s", endpoint=ep)
+        left = max(0.0, deadline - time.monotonic())
+    return conn
+
+
+def build_request(topic: str, payload: Any, inbox: str, correlation_id: str, headers: dict[str, str] | None,
+                  message_id: str | None) -> Envelope:
+    check_topic(topic)
+    return make_envelope(topic, encode_payload(topic, payload), correlation_id=correlation_id, reply_to=inbox,
+                         headers=headers, message_id=message_id)
+
+
+def reply_message(env: Envelope) -> Message:
+    """A ``.complete`` reply as a Message; a ``.failed`` one raised as its typed error."""
+    msg = Message(env)
+    if env.topic.endswith("." + FAILED):
+        raise error_from_wire(msg.payload if isinstance(msg.payload, dict) else {"message": str(msg.payload)})
+    return msg
+
+
+def replay_body(*, topic: str | None, from_seq: int, to_seq: int | None, since: float | None,
+                until: float | None, correlation_id: str | None) -> dict[str, Any]:
+    return {
+        "from_seq": from_seq, "to_seq": to_seq,
+        "patterns": [check_pattern(topic)] if topic else [],
+        "since_ns": int(since * 1e9) if since is not None else None,
+        "until_ns": int(until * 1e9) if until is not None else None,
+        "correlation_id": correlation_id or "", "limit": 1000,
+    }
+
+
+class Bus:
+    """A connection to the broker. Thread-safe; one per process is plenty."""
+
+    def __init__(self, conn: Connection, home: Home) -> None:
+        self._conn = conn
+        self.home = home
+
+    @classmethod
+    def connect(cls, home: Path | str | None = None, *, module: str = "app", endpoint: str | None = None,
+                server_key: bytes | None = None, timeout: float = 10.0) -> Bus:
+        """Connects as ``module`` to the broker of ``home`` (``MEMBUS_HOME`` or the user data dir)."""
+        return cls(_connection(home, module, endpoint, server_key, timeout), Home(home))
+
+    @property
+    def source(self) -> str:
+        """The module identity the broker authenticated this client as."""
+        return str((self._conn.welcome or {}).get("source", ""))
+
+    @property
+    def inbox(self) -> str:
+        return self._conn.inbox
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- publish and request ---------------------------------------------------------------------
+
+    def publish_nowait(self, topic: str, payload: Any, *, correlation_id: str = "", causation_id: str = "",
+                       headers: dict[str, str] | None = None, message_id: str | None = None,
+                       timeout: float = 30.0) -> Pending:
+        """Queues a publish; ``.result()`` of what it returns is the seq once the message is durable."""
+        check_topic(topic)
+        env = make_envelope(topic, encode_payload(topic, payload), correlation_id=correlation_id,
+                            causation_id=causation_id, headers=headers, message_id=message_id)
+        return self._conn.submit_publish(encode_envelope(env), timeout)
+
+    def publish(self, topic: str, payload: Any, *, correlation_id: str = "", causation_id: str = "",
+                headers: dict[str, str] | None = None, message_id: str | None = None,
+                timeout: float = 10.0) -> int:
+        """Publishes and returns the message's sequence number once it is durably in the log."""
+        p = self.publish_nowait(topic, payload, correlation_id=correlation_id, causation_id=causation_id,
+                                headers=headers, message_id=message_id, timeout=timeout)
+        return int(p.result(timeout + 1.0))
+
+    def publish_raw(self, data: bytes, *, timeout: float = 10.0) -> Pending:
+        """Publishes an already encoded envelope (workers' outboxes use this)."""
+        return self._conn.submit_publish(data, timeout)
+
+    def request(self, topic: str, payload: Any, *, timeout: float = 10.0, correlation_id: str = "",
+                headers: dict[str, str] | None = None) -> Message:
+        """Publishes a request and waits for its ``.complete`` reply; a ``.failed`` reply raises its error."""
+        env = build_request(topic, payload, self._conn.inbox, correlation_id, headers, None)
+        waiter = self._conn.await_reply(env.id)
+        try:
+            self._conn.submit_publish(encode_envelope(env), timeout).result(timeout)
+            reply = waiter.result(timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no reply to {topic!r} within {timeout} s", topic=topic, timeout=timeout,
+                               correlation_id=env.correlation_id) from None
+        finally:
+            self._conn.forget_reply(env.id)
+        return reply_message(reply)
+
+    # -- subscriptions, replay, groups, status ---------------------------------------------------
+
+    def subscribe(self, *patterns: str, from_seq: int | None = None, max_queued: int = 10_000) -> Subscription:
+        """Follows live messages matching ``patterns`` (``*`` one segment, ``>`` the rest), in log order,
+        each exactly once; with ``from_seq``, first everything logged since then."""
+        return Subscription(self._conn, [check_pattern(p) for p in patterns], from_seq, max_queued)
+
+    def replay(self, *, topic: str | None = None, from_seq: int = 1, to_seq: int | None = None,
+               since: float | None = None, until: float | None = None, correlation_id: str | None = None,
+               timeout: float = 10.0) -> Iterator[Message]:
+        """Streams logged messages by seq range, time range (unix seconds), topic pattern, correlation id."""
+        body = replay_body(topic=topic, from_seq=from_seq, to_seq=to_seq, since=since, until=until,
+                           correlation_id=correlation_id)
+        while True:
+            raw = self._conn.request(lambda rid: [P.REPLAY, P.pack_id(rid), P.pack(body)]).result(timeout)
+            next_seq, done, envs = decode_replayed(raw)
+            for env in envs:
+                yield Message(env)
+            if done:
+                return
+            body["from_seq"] = next_seq
+            body["since_ns"] = None
+
+    def status(self, *, timeout: float = 5.0) -> dict[str, Any]:
+        raw = self._conn.request(lambda rid: [P.STATUS, P.pack_id(rid)]).result(timeout)
+        result: dict[str, Any] = P.unpack(raw)
+        return result
+
+    def consume(self, group: str, patterns: list[str] | tuple[str, ...] = (), *, credit: int = 500,
+                ack_timeout: float | None = None, max_attempts: int | None = None,
+                from_seq: int | None = None) -> Consumer:
+        """Joins a durable consumer group: every matching message, at least once, in log order."""
+        return Consumer(self._conn, group, [check_pattern(p) for p in patterns], credit, ack_timeout,
+                        max_attempts, from_seq)
+
+    @property
+    def head(self) -> int:
+        return self._conn.head
+
+
+class Subscription:
+    """An iterator over live messages; a context manager that unsubscribes on exit."""
+
+    def __init__(self, conn: Connection, patterns: list[str], from_seq: int | None, max_queued: int) -> None:
+        self._conn = conn
+        self._queue: collections.deque[Envelope] = collections.deque()
+        self._cond = threading.Condition()
+        self._max = max_queued
+        self._waiting_room = False
+        self.sub_id = next(_sub_ids)
+        self._state = LiveState(self.sub_id, patterns, self._deliver, self._room, start=from_seq)
+        self._closed = False
+        conn.add_sub(self._state)
+
+    def _room(self) -> bool:
+        room = len(self._queue) < self._max
+        if not room:
+            self._waiting_room = True
+        return room
+
+    def _deliver(self, envs: list[Envelope]) -> None:
+        with self._cond:
+            self._queue.extend(envs)
+            self._cond.notify_all()
+
+    def get(self, timeout: float | None = None) -> Message:
+        """The next message; raises TimeoutError when none arrives in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    raise ConnectionError("subscription closed")
+                if self._conn.fatal is not None:
+                    raise self._conn.fatal
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no message within {timeout} s", timeout=timeout)
+                self._cond.wait(0.1 if left is None else min(left, 0.1))
+            env = self._queue.popleft()
+            resume = self._waiting_room and len(self._queue) < self._max // 2
+        if resume:
+            self._waiting_room = False
+            self._conn.resume_sub(self.sub_id)
+        return Message(env)
+
+    def __iter__(self) -> Iterator[Message]:
+        while not self._closed:
+            yield self.get()
+
+    @property
+    def last_seq(self) -> int:
+        return self._state.last
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn.remove_sub(self.sub_id)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Consumer:
+    """A member of a durable consumer group, with credit-based flow control and explicit acks."""
+
+    def __init__(self, conn: Connection, group: str, patterns: list[str], credit: int,
+                 ack_timeout: float | None, max_attempts: int | None, from_seq: int | None) -> None:
+        if not group:
+            raise BusError("a consumer group needs a name")
+        self._conn = conn
+        self.group = group
+        self._queue: collections.deque[tuple[int, Envelope]] = collections.deque()
+        self._cond = threading.Condition()
+        body: dict[str, Any] = {"patterns": patterns, "credit": credit}
+        if ack_timeout:
+            body["ack_timeout"] = ack_timeout
+        if max_attempts:
+            body["max_attempts"] = max_attempts
+        if from_seq:
+            body["from_seq"] = from_seq
+        self._closed = False
+        conn.join(GroupState(group, body, self._deliver))
+
+    def _deliver(self, items: list[tuple[int, Envelope]]) -> None:
+        with self._cond:
+            self._queue.extend(items)
+            self._cond.notify_all()
+
+    def fetch(self, max_messages: int = 500, *, timeout: float | None = 1.0) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, waiting at most ``timeout`` for the first; [] if none."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._queue:
+                if self._conn.fatal is not None:
+                    raise self._conn.fatal
+                left = None if deadline is None else deadline - time.monotonic()
+                if self._closed or (left is not None and left <= 0):
+                    return []
+                self._cond.wait(0.1 if left is None else min(left, 0.1))
+            out = []
+            while self._queue and len(out) < max_messages:
+                attempt, env = self._queue.popleft()
+                out.append(Delivery(Message(env), attempt))
+        return out
+
+    def __iter__(self) -> Iterator[Delivery]:
+        while not self._closed:
+            yield from self.fetch(timeout=None if not self._closed else 0)
+
+    def ack(self, deliveries: list[Delivery] | list[int]) -> None:
+        seqs = [d if isinstance(d, int) else d.seq for d in deliveries]
+        if seqs:
+            self._conn.ack(self.group, seqs)
+
+    def nack(self, deliveries: list[Delivery] | list[int], reason: str, *, delay: float = 0.0) -> None:
+        """Hands messages back for redelivery after ``delay`` s; dead-lettered after the group's max attempts."""
+        items = [(d if isinstance(d, int) else d.seq, reason, delay) for d in deliveries]
+        if items:
+            self._conn.nack(self.group, items)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn.leave(self.group)
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

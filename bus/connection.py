@@ -1,0 +1,611 @@
+"""The client's connection: one I/O thread that owns the DEALER socket.
+
+Callers on any thread (or an asyncio loop) hand it work through a queue. It
+coalesces every publish that is waiting into one PUB frame while earlier
+batches are in flight (no added linger when idle), resends unacknowledged
+batches with the same message ids (the broker stores each once), keeps
+heartbeats both ways, re-establishes subscriptions and group memberships after
+the broker restarts, and fills live-subscription gaps from the log.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from bus import protocol as P
+from contracts.envelope import Envelope
+from contracts.errors import BusError, ConnectionError, NotAuthorized, TimeoutError, error_from_wire
+from contracts.ids import new_id
+
+log = structlog.get_logger("membus.client")
+
+MAX_BATCH = 1024
+MAX_BATCH_BYTES = 1 << 20
+MAX_INFLIGHT_BATCHES = 4
+RESEND_AFTER_S = 3.0
+
+_live_decoder = msgspec.msgpack.Decoder(tuple[int, int, list[Envelope]])
+_deliver_decoder = msgspec.msgpack.Decoder(list[tuple[int, Envelope]])
+_envs_decoder = msgspec.msgpack.Decoder(list[Envelope])
+_replayed_decoder = msgspec.msgpack.Decoder(tuple[int, bool, list[Envelope]])
+
+
+class Pending:
+    """A result that another thread waits for: a publish ack, a replay page, a reply.
+
+    Lighter than concurrent.futures.Future: every waiter shares the connection's condition.
+    """
+
+    __slots__ = ("_callbacks", "_cond", "done", "error", "value")
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self._cond = cond
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self._callbacks: list[Callable[[Pending], None]] | None = None
+
+    def _settle(self) -> None:
+        # called on the I/O thread with the condition held
+        self.done = True
+        if self._callbacks:
+            for cb in self._callbacks:
+                cb(self)
+
+    def add_done_callback(self, cb: Callable[[Pending], None]) -> None:
+        with self._cond:
+            if not self.done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(cb)
+                return
+        cb(self)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            with self._cond:
+                while not self.done:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"no answer within {timeout} s", timeout=timeout)
+                    self._cond.wait(left)
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@dataclass
+class _PubItem:
+    data: bytes
+    pending: Pending
+    deadline: float
+
+
+@dataclass
+class _Batch:
+    items: list[_PubItem]
+    frame: bytes
+    sent_at: float
+
+
+@dataclass
+class LiveState:
+    sub_id: int
+    patterns: list[str]
+    deliver: Callable[[list[Envelope]], None]
+    room: Callable[[], bool]
+    last: int = -1
+    """Every matching message up to ``last`` has been delivered (-1: not yet confirmed)."""
+    start: int | None = None
+    target: int = 0
+    catching_up: bool = False
+    replay_in_flight: bool = False
+
+
+@dataclass
+class GroupState:
+    name: str
+    body: dict[str, Any]
+    deliver: Callable[[list[tuple[int, Envelope]]], None]
+
+
+@dataclass
+class _Counters:
+    published: int = 0
+    resent: int = 0
+    gaps_filled: int = 0
+    reconnects: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 65536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+class Connection(threading.Thread):
+    def __init__(self, *, endpoint: str, server_key: bytes, public_key: bytes, secret_key: bytes,
+                 name: str, resolve_endpoint: Callable[[], str | None] | None = None,
+                 heartbeat_s: float = 1.0) -> None:
+        super().__init__(name=f"membus-io-{name}", daemon=True)
+        self.endpoint = endpoint
+        self._resolve_endpoint = resolve_endpoint
+        self.server_key, self.public_key, self.secret_key = server_key, public_key, secret_key
+        self.client_name = name
+        self.inbox = f"inbox.{new_id().lower()}"
+        self.heartbeat_s = heartbeat_s
+        self.cond = threading.Condition()
+        self._ops: collections.deque[Callable[[], None]] = collections.deque()
+        self._pubq: collections.deque[_PubItem] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_pending = False
+        self._closing = False
+        self._batches: dict[int, _Batch] = {}
+        self._next_id = 1
+        self._requests: dict[int, Pending] = {}
+        self._waiters: dict[str, Pending] = {}
+        self.subs: dict[int, LiveState] = {}
+        self.groups: dict[str, GroupState] = {}
+        self.welcome: dict[str, Any] | None = None
+        self.fatal: BusError | None = None
+        self.connected = threading.Event()
+        self.head = 0
+        self.counters = _Counters()
+        self._last_heard = 0.0
+        self._last_ping = 0.0
+        self._last_hello = 0.0
+        self._hello_backoff = 0.1
+
+    # -- called from any thread ------------------------------------------------------------------
+
+    def call(self, op: Callable[[], None]) -> None:
+        """Runs ``op`` on the I/O thread."""
+        self._ops.append(op)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._wake_w.send(b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    def submit_publish(self, data: bytes, timeout: float) -> Pending:
+        self._check_usable()
+        pending = Pending(self.cond)
+        self._pubq.append(_PubItem(data, pending, time.monotonic() + timeout))
+        self._wake()
+        return pending
+
+    def request(self, build: Callable[[int], list[bytes]]) -> Pending:
+        """Sends the frames ``build(request_id)`` returns and waits for the answer with that id."""
+        self._check_usable()
+        pending = Pending(self.cond)
+
+        def op() -> None:
+            rid = self._new_id()
+            self._requests[rid] = pending
+            self._send(build(rid))
+
+        self.call(op)
+        return pending
+
+    def await_reply(self, request_id: str) -> Pending:
+        pending = Pending(self.cond)
+        with self.cond:
+            self._waiters[request_id] = pending
+        return pending
+
+    def forget_reply(self, request_id: str) -> None:
+        with self.cond:
+            self._waiters.pop(request_id, None)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._closing = True
+        self._wake()
+        self.join(timeout)
+
+    def _check_usable(self) -> None:
+        if self.fatal is not None:
+            raise self.fatal
+        if self._closing:
+            raise ConnectionError("the bus connection is closed")
+
+    # -- the I/O thread --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        ctx = zmq.Context.instance()
+        self.sock = self._make_socket(ctx)
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self._hello()
+        try:
+            while not self._closing:
+                events = dict(poller.poll(100))
+                if self._wake_r.fileno() in events or self._wake_pending:
+                    self._wake_pending = False
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                if monitor in events:
+                    self._on_monitor(monitor)
+                if self.sock in events:
+                    self._drain()
+                while self._ops:
+                    self._ops.popleft()()
+                self._flush_publishes()
+                self._timers()
+        except Exception as exc:  # pragma: no cover - the thread must report, not vanish
+            log.exception("client.io_failed", error=repr(exc))
+            self._fail_all(ConnectionError(f"client I/O thread failed: {exc!r}"))
+        finally:
+            if not self._closing:
+                self._fail_all(ConnectionError("the bus connection is closed"))
+            try:
+                self.sock.send_multipart([P.BYE], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self.sock.disable_monitor()
+            monitor.close(linger=0)
+            self.sock.close(linger=0)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._fail_all(ConnectionError("the bus connection is closed"))
+
+    def _make_socket(self, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.curve_serverkey = self.server_key
+        sock.curve_publickey = self.public_key
+        sock.curve_secretkey = self.secret_key
+        sock.routing_id = os.urandom(12)
+        sock.linger = 0
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.endpoint)
+        return sock
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("client.send_dropped", command=frames[0].decode())
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _hello(self) -> None:
+        self._last_hello = time.monotonic()
+        self._send([P.HELLO, P.pack({"client": self.client_name, "inbox": self.inbox,
+                                     "proto": P.PROTOCOL_VERSION})])
+
+    def _on_monitor(self, monitor: zmq.Socket[Any]) -> None:
+        try:
+            while True:
+                evt = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+                if evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    err = NotAuthorized(
+                        f"the broker at {self.endpoint} refused this client's key (module {self.client_name!r} "
+                        "is not on its allow-list)", endpoint=self.endpoint, module=self.client_name)
+                    log.error("client.not_authorized", endpoint=self.endpoint)
+                    self.fatal = err
+                    self._fail_all(err)
+                    self._closing = True
+                elif evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                    log.warning("client.handshake_failed", endpoint=self.endpoint)
+        except zmq.Again:
+            pass
+
+    def _fail_all(self, err: BusError) -> None:
+        with self.cond:
+            items: list[Pending] = [i.pending for i in self._pubq]
+            self._pubq.clear()
+            for b in self._batches.values():
+                items.extend(i.pending for i in b.items)
+            self._batches.clear()
+            items.extend(self._requests.values())
+            self._requests.clear()
+            items.extend(self._waiters.values())
+            self._waiters.clear()
+            for p in items:
+                if not p.done:
+                    p.error = err
+                    p._settle()
+            self.cond.notify_all()
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def _flush_publishes(self) -> None:
+        while self._pubq and len(self._batches) < MAX_INFLIGHT_BATCHES and self.welcome is not None:
+            items: list[_PubItem] = []
+            size = 0
+            q = self._pubq
+            while q and len(items) < MAX_BATCH and size < MAX_BATCH_BYTES:
+                item = q.popleft()
+                items.append(item)
+                size += len(item.data)
+            frame = _array_header(len(items)) + b"".join(i.data for i in items)
+            bid = self._new_id()
+            self._batches[bid] = _Batch(items, frame, time.monotonic())
+            self._send([P.PUB, P.pack_id(bid), frame])
+
+    def _on_puback(self, bid: int, results: list[Any]) -> None:
+        batch = self._batches.pop(bid, None)
+        if batch is None:
+            return  # an answer to a resend we already had
+        with self.cond:
+            for item, r in zip(batch.items, results, strict=False):
+                if isinstance(r, int):
+                    item.pending.value = r
+                else:
+                    item.pending.error = error_from_wire({"code": r[0], "message": r[1]})
+                item.pending._settle()
+            self.cond.notify_all()
+        self.counters.published += len(batch.items)
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            try:
+                self._dispatch(frames)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, IndexError) as exc:
+                log.warning("client.bad_frame", error=str(exc))
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        cmd = frames[0]
+        if cmd == P.PUBACK:
+            self._on_puback(P.unpack_id(frames[1]), P.unpack(frames[2]))
+        elif cmd == P.DELIVER:
+            group = self.groups.get(frames[1].decode())
+            if group is not None:
+                group.deliver(_deliver_decoder.decode(frames[2]))
+        elif cmd == P.LIVE:
+            sub = self.subs.get(P.unpack_id(frames[1]))
+            if sub is not None:
+                first, last, envs = _live_decoder.decode(frames[2])
+                self._on_live(sub, first, last, envs)
+        elif cmd == P.INBOX:
+            self._on_inbox(_envs_decoder.decode(frames[1]))
+        elif cmd == P.PONG:
+            self.head = P.unpack_id(frames[1])
+        elif cmd == P.REPLAYED or cmd == P.STATUSR:
+            self._settle_request(P.unpack_id(frames[1]), frames[2], error=None)
+        elif cmd == P.WELCOME:
+            self._on_welcome(P.unpack(frames[1]))
+        elif cmd == P.ERROR:
+            self._on_error(frames[1], P.unpack(frames[2]))
+
+    def _settle_request(self, rid: int, value: Any, error: BusError | None) -> None:
+        pending = self._requests.pop(rid, None)
+        if pending is None:
+            return
+        with self.cond:
+            pending.value, pending.error = value, error
+            pending._settle()
+            self.cond.notify_all()
+
+    def _on_welcome(self, body: dict[str, Any]) -> None:
+        first = self.welcome is None
+        self.welcome = body
+        self.head = int(body.get("head", 0))
+        self._hello_backoff = 0.1
+        if not first:
+            self.counters.reconnects += 1
+            log.info("client.reconnected", broker=body.get("broker"))
+        for group in self.groups.values():
+            self._send([P.JOIN, group.name.encode(), P.pack(group.body)])
+        for sub in self.subs.values():
+            self._send([P.SUB, P.pack_id(sub.sub_id), P.pack({"patterns": sub.patterns})])
+        now = time.monotonic()
+        for bid, batch in list(self._batches.items()):
+            batch.sent_at = now
+            self._send([P.PUB, P.pack_id(bid), batch.frame])
+        self.connected.set()
+
+    def _on_error(self, ref: bytes, body: dict[str, Any]) -> None:
+        err = error_from_wire(body)
+        code = str(body.get("code"))
+        self.counters.errors[code] = self.counters.errors.get(code, 0) + 1
+        if code == "unknown_client":
+            if time.monotonic() - self._last_hello > 0.2:
+                self._hello()
+            return  # pending batches are resent on WELCOME
+        if len(ref) == 8:
+            rid = P.unpack_id(ref)
+            batch = self._batches.pop(rid, None)
+            if batch is not None:
+                with self.cond:
+                    for item in batch.items:
+                        item.pending.error = err
+                        item.pending._settle()
+                    self.cond.notify_all()
+                return
+            if rid in self._requests:
+                self._settle_request(rid, None, err)
+                return
+        log.warning("client.broker_error", code=code, error=err.message)
+
+    def _on_inbox(self, envs: list[Envelope]) -> None:
+        with self.cond:
+            for env in envs:
+                pending = self._waiters.pop(env.causation_id, None)
+                if pending is not None:
+                    pending.value = env
+                    pending._settle()
+            self.cond.notify_all()
+
+    # -- live subscriptions with gap fill --------------------------------------------------------
+
+    def add_sub(self, sub: LiveState) -> None:
+        def op() -> None:
+            self.subs[sub.sub_id] = sub
+            self._send([P.SUB, P.pack_id(sub.sub_id), P.pack({"patterns": sub.patterns})])
+        self.call(op)
+
+    def remove_sub(self, sub_id: int) -> None:
+        def op() -> None:
+            if self.subs.pop(sub_id, None) is not None:
+                self._send([P.UNSUB, P.pack_id(sub_id)])
+        self.call(op)
+
+    def resume_sub(self, sub_id: int) -> None:
+        """The subscriber made room: continue catching up from the log."""
+        def op() -> None:
+            sub = self.subs.get(sub_id)
+            if sub is not None and sub.catching_up:
+                self._catch_up(sub)
+        self.call(op)
+
+    def _on_live(self, sub: LiveState, first: int, last: int, envs: list[Envelope]) -> None:
+        if sub.last < 0:
+            sub.last = (sub.start - 1) if sub.start is not None else first - 1
+        if sub.catching_up or first > sub.last + 1 or not sub.room():
+            sub.target = max(sub.target, last)
+            if not sub.catching_up:
+                sub.catching_up = True
+                self.counters.gaps_filled += 1
+                log.info("subscription.gap", sub=sub.sub_id, after=sub.last, first=first)
+            self._catch_up(sub)
+            return
+        fresh = [e for e in envs if e.seq > sub.last]
+        if fresh:
+            sub.deliver(fresh)
+        sub.last = max(sub.last, last)
+
+    def _catch_up(self, sub: LiveState) -> None:
+        if sub.replay_in_flight or not sub.room():
+            return
+        if sub.last >= sub.target:
+            sub.catching_up = False
+            return
+        sub.replay_in_flight = True
+        rid = self._new_id()
+        pending = Pending(self.cond)
+        self._requests[rid] = pending
+        frm, to = sub.last + 1, sub.target
+
+        def on_page(p: Pending) -> None:
+            sub.replay_in_flight = False
+            if p.error is not None or self.subs.get(sub.sub_id) is not sub:
+                return
+            next_seq, _done, envs = _replayed_decoder.decode(p.value)
+            fresh = [e for e in envs if e.seq > sub.last]
+            if fresh:
+                sub.deliver(fresh)
+            sub.last = max(sub.last, min(next_seq - 1, to))
+            self._catch_up(sub)
+
+        pending._callbacks = [on_page]
+        self._send([P.REPLAY, P.pack_id(rid), P.pack({"from_seq": frm, "to_seq": to, "patterns": sub.patterns,
+                                                      "limit": 1000})])
+
+    # -- groups ----------------------------------------------------------------------------------
+
+    def join(self, group: GroupState) -> None:
+        def op() -> None:
+            self.groups[group.name] = group
+            self._send([P.JOIN, group.name.encode(), P.pack(group.body)])
+        self.call(op)
+
+    def leave(self, name: str) -> None:
+        def op() -> None:
+            if self.groups.pop(name, None) is not None:
+                self._send([P.LEAVE, name.encode()])
+        self.call(op)
+
+    def ack(self, name: str, seqs: list[int]) -> None:
+        self.call(lambda: self._send([P.ACK, name.encode(), P.pack(seqs)]))
+
+    def nack(self, name: str, items: list[tuple[int, str, float]]) -> None:
+        self.call(lambda: self._send([P.NACK, name.encode(), P.pack([list(i) for i in items])]))
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if now - self._last_ping >= self.heartbeat_s:
+            self._last_ping = now
+            self._send([P.PING])
+        silent = now - max(self._last_heard, self._last_hello)
+        if silent > 3 * self.heartbeat_s and now - self._last_hello > self._hello_backoff:
+            self._reconnect()
+        if self._batches:
+            for bid, batch in list(self._batches.items()):
+                live = [i for i in batch.items if i.deadline > now]
+                if len(live) < len(batch.items):
+                    with self.cond:
+                        for item in batch.items:
+                            if item.deadline <= now and not item.pending.done:
+                                item.pending.error = TimeoutError(
+                                    "publish not acknowledged in time (it may still be logged; publish again "
+                                    "with the same message_id to be sure)", message_id="")
+                                item.pending._settle()
+                        self.cond.notify_all()
+                    if not live:
+                        del self._batches[bid]
+                        continue
+                if now - batch.sent_at > RESEND_AFTER_S and self.welcome is not None:
+                    batch.sent_at = now
+                    self.counters.resent += len(batch.items)
+                    self._send([P.PUB, P.pack_id(bid), batch.frame])
+        if self._pubq and self._pubq[0].deadline <= now:
+            with self.cond:
+                while self._pubq and self._pubq[0].deadline <= now:
+                    item = self._pubq.popleft()
+                    item.pending.error = TimeoutError("publish not sent in time: no broker", message_id="")
+                    item.pending._settle()
+                self.cond.notify_all()
+
+    def _reconnect(self) -> None:
+        """The broker went quiet: find it again (it may have moved) and say HELLO with back-off."""
+        self.welcome = None
+        self.connected.clear()
+        self._hello_backoff = min(self._hello_backoff * 2, 2.0)
+        new = self._resolve_endpoint() if self._resolve_endpoint else None
+        if new and new != self.endpoint:
+            log.info("client.endpoint_changed", old=self.endpoint, new=new)
+            try:
+                self.sock.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass
+            self.endpoint = new
+            self.sock.connect(new)
+        self._hello()
+
+
+def decode_replayed(raw: bytes) -> tuple[int, bool, list[Envelope]]:
+    """A REPLAYED body: (next_seq, done, envelopes)."""
+    return _replayed_decoder.decode(raw)

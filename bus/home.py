@@ -1,0 +1,166 @@
+"""The home folder: settings, CurveZMQ keys, the log and the stores' data, in one place.
+
+    <home>/membus.toml          optional settings (see Settings); env MEMBUS_<NAME> overrides
+    <home>/keys/broker.key      the broker's public key; broker.key_secret (0600) its secret
+    <home>/keys/modules/NAME.key, NAME.key_secret
+                                one key pair per module; a module key in this folder is the ZAP allow-list
+    <home>/log/                 the event log (LMDB)
+    <home>/data/<worker>/       one folder per store worker
+    <home>/run/broker.json      where the running broker listens (endpoint, pid)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from contracts.errors import BusError
+
+_MODULE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+def default_home() -> Path:
+    env = os.environ.get("MEMBUS_HOME")
+    if env:
+        return Path(env).expanduser()
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif os.uname().sysname == "Darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "membus"
+
+
+@dataclass
+class Settings:
+    endpoint: str = "tcp://127.0.0.1:0"
+    """Where the broker binds; port 0 picks a free port, published in run/broker.json. Loopback by default."""
+    max_message_bytes: int = 1 << 20
+    heartbeat_s: float = 1.0
+    client_timeout_s: float = 5.0
+    """A client silent this long is dropped; its unacked group deliveries are redelivered."""
+    ack_timeout_s: float = 30.0
+    max_attempts: int = 5
+    live_hwm: int = 1000
+    """Frames queued per live subscriber before the broker drops (the client fills the gap from the log)."""
+    log_map_size: int = 1 << 30
+    workers: list[str] = field(default_factory=lambda: ["lmdb", "libsql", "chroma", "duckdb"])
+
+    @classmethod
+    def load(cls, home: Path) -> Settings:
+        values: dict[str, Any] = {}
+        path = home / "membus.toml"
+        if path.exists():
+            values.update(tomllib.loads(path.read_text()))
+        for f in fields(cls):
+            env = os.environ.get(f"MEMBUS_{f.name.upper()}")
+            if env is None:
+                continue
+            if f.type in ("int", int):
+                values[f.name] = int(env)
+            elif f.type in ("float", float):
+                values[f.name] = float(env)
+            elif f.name == "workers":
+                values[f.name] = [w for w in env.split(",") if w]
+            else:
+                values[f.name] = env
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise BusError(f"unknown settings in {path}: {sorted(unknown)}", path=str(path))
+        return cls(**values)
+
+
+class Home:
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.path = Path(path).expanduser() if path else default_home()
+
+    @property
+    def keys(self) -> Path:
+        return self.path / "keys"
+
+    @property
+    def modules(self) -> Path:
+        return self.keys / "modules"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path / "log"
+
+    def data_dir(self, worker: str) -> Path:
+        return self.path / "data" / worker
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / "run" / "broker.json"
+
+    def settings(self) -> Settings:
+        return Settings.load(self.path)
+
+    def ensure(self) -> None:
+        for d in (self.path, self.keys, self.modules, self.path / "run"):
+            d.mkdir(parents=True, exist_ok=True)
+            if os.name != "nt":
+                os.chmod(d, 0o700)
+
+    # -- CurveZMQ keys ---------------------------------------------------------------------------
+
+    def broker_keys(self, *, create: bool = False) -> tuple[bytes, bytes]:
+        return self._keypair(self.keys / "broker", create)
+
+    def broker_public_key(self) -> bytes:
+        path = self.keys / "broker.key"
+        if not path.exists():
+            raise BusError(f"no broker key in {self.keys}: start the broker once (`membus up`)",
+                           home=str(self.path))
+        return path.read_bytes().strip()
+
+    def module_keys(self, module: str, *, create: bool = True) -> tuple[bytes, bytes]:
+        if not _MODULE_NAME.match(module):
+            raise BusError(f"invalid module name {module!r}: lower-case letters, digits, - and _", module=module)
+        return self._keypair(self.modules / module, create)
+
+    def allowed_modules(self) -> dict[bytes, str]:
+        """Public key (z85) -> module name, read from keys/modules/*.key."""
+        out: dict[bytes, str] = {}
+        if self.modules.exists():
+            for p in self.modules.glob("*.key"):
+                out[p.read_bytes().strip()] = p.stem
+        return out
+
+    def _keypair(self, stem: Path, create: bool) -> tuple[bytes, bytes]:
+        public, secret = stem.with_suffix(".key"), stem.with_suffix(".key_secret")
+        if public.exists() and secret.exists():
+            return public.read_bytes().strip(), secret.read_bytes().strip()
+        if not create:
+            raise BusError(f"no key pair at {stem}", path=str(stem))
+        self.ensure()
+        pub, sec = zmq.curve_keypair()
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(sec)
+        public.write_bytes(pub)
+        return pub, sec
+
+    # -- where the broker is ---------------------------------------------------------------------
+
+    def write_run_file(self, endpoint: str) -> None:
+        self.run_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"endpoint": endpoint, "pid": os.getpid()}))
+        tmp.replace(self.run_file)
+
+    def read_run_file(self) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self.run_file.read_text())
+            return data
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None

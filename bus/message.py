@@ -1,0 +1,59 @@
+"""What the client library hands to application code: an envelope plus its decoded payload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from contracts.envelope import Envelope, envelope_dict
+from contracts.registry import decode_payload, to_builtins
+
+
+class Message:
+    """A logged message. ``payload`` is decoded (and validated) on first access."""
+
+    __slots__ = ("_payload", "envelope")
+
+    _UNSET: Any = object()
+
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+        self._payload: Any = Message._UNSET
+
+    @property
+    def payload(self) -> Any:
+        if self._payload is Message._UNSET:
+            self._payload = decode_payload(self.envelope.topic, self.envelope.payload)
+        return self._payload
+
+    seq = property(lambda self: self.envelope.seq)
+    topic = property(lambda self: self.envelope.topic)
+    id = property(lambda self: self.envelope.id)
+    ts = property(lambda self: self.envelope.ts)
+    source = property(lambda self: self.envelope.source)
+    correlation_id = property(lambda self: self.envelope.correlation_id)
+    causation_id = property(lambda self: self.envelope.causation_id)
+    headers = property(lambda self: self.envelope.headers)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = envelope_dict(self.envelope)
+        try:
+            out["payload"] = to_builtins(self.payload)
+        except Exception as exc:  # show what is there even when it does not match its contract
+            out["payload_error"] = str(exc)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Message(seq={self.seq}, topic={self.topic!r}, id={self.id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message handed to a consumer-group member; ack it (or nack it) when done."""
+
+    message: Message
+    attempt: int
+
+    @property
+    def seq(self) -> int:
+        return int(self.message.seq)

@@ -1,0 +1,100 @@
+"""The wire protocol between clients (DEALER) and the broker (ROUTER), frame by frame.
+
+Every message is a ZeroMQ multipart message whose first frame is a command.
+(The ROUTER socket adds the client's routing id in front; it is not listed.)
+Bodies are MessagePack. ``ENVS`` is a MessagePack array of envelopes
+(contracts/envelope.py); ``ID`` is an 8-byte big-endian request id chosen by
+the client and echoed back. Nothing else in the code hard-codes frame positions.
+
+Client -> broker
+    HELLO    [HELLO, body]          body {"client": name, "inbox": str, "proto": 1}
+    PUB      [PUB, ID, ENVS]        durable publish of a batch; answered by PUBACK
+    SUB      [SUB, ID, body]        live subscription ID: {"patterns": [...], "from_seq": int}
+    UNSUB    [UNSUB, ID]
+    JOIN     [JOIN, group, body]    {"patterns": [...], "credit": int, "ack_timeout": s, "max_attempts": int}
+    ACK      [ACK, group, seqs]     seqs: array of int; each ack also returns one credit
+    NACK     [NACK, group, items]   items: array of [seq, reason, delay_s]: redeliver (or dead-letter)
+    LEAVE    [LEAVE, group]
+    REPLAY   [REPLAY, ID, body]     {"from_seq", "to_seq", "since_ns", "until_ns", "patterns",
+                                     "correlation_id", "limit"}: one page, answered by REPLAYED
+    STATUS   [STATUS, ID]
+    PING     [PING]                 heartbeat
+    BYE      [BYE]
+
+Broker -> client
+    WELCOME  [WELCOME, body]        {"broker": id, "head": int, "heartbeat": s, "max_message": int, "source": str}
+    PUBACK   [PUBACK, ID, results]  one result per envelope, in order: seq (int), or [code, message]
+    LIVE     [LIVE, ID, body]       [first, last, ENVS]: every message matching subscription ID with
+                                    first <= seq <= last is in ENVS (so a gap shows as first > last seen + 1)
+    DELIVER  [DELIVER, group, body] array of [attempt, envelope]
+    INBOX    [INBOX, ENVS]          replies addressed to this client's inbox (envelope.recipient)
+    REPLAYED [REPLAYED, ID, body]   [next_seq, done, ENVS]
+    STATUSR  [STATUSR, ID, body]    the broker's status map
+    PONG     [PONG, head]           heartbeat; head: 8-byte big-endian log head
+    ERROR    [ERROR, ref, body]     {"code", "message", "fields"}; ref: the ID or group it answers, or b""
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+HELLO = b"HELLO"
+PUB = b"PUB"
+SUB = b"SUB"
+UNSUB = b"UNSUB"
+JOIN = b"JOIN"
+ACK = b"ACK"
+NACK = b"NACK"
+LEAVE = b"LEAVE"
+REPLAY = b"REPLAY"
+STATUS = b"STATUS"
+PING = b"PING"
+BYE = b"BYE"
+
+WELCOME = b"WELCOME"
+PUBACK = b"PUBACK"
+LIVE = b"LIVE"
+DELIVER = b"DELIVER"
+INBOX = b"INBOX"
+REPLAYED = b"REPLAYED"
+STATUSR = b"STATUSR"
+PONG = b"PONG"
+ERROR = b"ERROR"
+
+CLIENT_COMMANDS = {
+    HELLO: 2, PUB: 3, SUB: 3, UNSUB: 2, JOIN: 3, ACK: 3, NACK: 3, LEAVE: 2, REPLAY: 3, STATUS: 2, PING: 1, BYE: 1,
+}
+"""Command -> the exact number of frames it has."""
+
+DEAD_LETTER_TOPIC = "bus.deadletter"
+
+_u64 = struct.Struct(">Q")
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
+def pack_id(n: int) -> bytes:
+    return _u64.pack(n)
+
+
+def unpack_id(b: bytes) -> int:
+    if len(b) != 8:
+        raise ValueError("an id frame is 8 bytes")
+    return int(_u64.unpack(b)[0])
+
+
+def pack(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def unpack(data: bytes | memoryview) -> Any:
+    return _decoder.decode(data)
+
+
+def error_body(code: str, message: str, **fields: Any) -> bytes:
+    return pack({"code": code, "message": message, "fields": fields})

@@ -1,0 +1,166 @@
+"""An incremental BM25 keyword index kept in SQLite, so a query reads only the postings of its terms.
+
+Documents are added and removed one at a time; document frequencies and lengths are
+kept up to date, so scoring never scans the collection. The caller owns the
+transaction (the index writes through the connection it is given).
+
+Tokenization and the key a token is stored under live here and nowhere else:
+``token_key`` is the one place to change when tokens are to be stored as keyed hashes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+from collections import Counter
+from collections.abc import Iterable
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+STOPWORDS = frozenset(
+    "a an and are as at be but by for from has have he her his i in is it its me my of on or our she so "
+    "than that the their them then there these they this to was we were what when which who will with "
+    "you your".split()
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bm25_docs (
+    doc INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    user_id TEXT,
+    length INTEGER NOT NULL,
+    UNIQUE (collection, doc_id)
+);
+CREATE TABLE IF NOT EXISTS bm25_postings (
+    collection TEXT NOT NULL,
+    term TEXT NOT NULL,
+    doc INTEGER NOT NULL,
+    tf INTEGER NOT NULL,
+    PRIMARY KEY (collection, term, doc)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS bm25_postings_by_doc ON bm25_postings (doc);
+CREATE TABLE IF NOT EXISTS bm25_terms (
+    collection TEXT NOT NULL,
+    term TEXT NOT NULL,
+    df INTEGER NOT NULL,
+    PRIMARY KEY (collection, term)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bm25_stats (
+    collection TEXT PRIMARY KEY,
+    docs INTEGER NOT NULL,
+    total_length INTEGER NOT NULL
+);
+"""
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words without stopwords."""
+    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+
+
+def token_key(token: str) -> str:
+    """The key a token is indexed and looked up under."""
+    return token
+
+
+def terms(text: str) -> list[str]:
+    return [token_key(t) for t in tokenize(text)]
+
+
+class Bm25Index:
+    """Okapi BM25 (k1, b) over documents grouped in named collections."""
+
+    def __init__(self, conn: sqlite3.Connection, *, k1: float = 1.2, b: float = 0.75) -> None:
+        self.conn = conn
+        self.k1 = k1
+        self.b = b
+
+    def create(self) -> None:
+        self.conn.executescript(SCHEMA)
+
+    def add(self, collection: str, doc_id: str, text: str, user_id: str | None = None) -> None:
+        """Indexes ``text`` as ``doc_id``, replacing what was indexed under that id before."""
+        self.remove(collection, doc_id)
+        counts = Counter(terms(text))
+        length = sum(counts.values())
+        cur = self.conn.execute(
+            "INSERT INTO bm25_docs (collection, doc_id, user_id, length) VALUES (?, ?, ?, ?)",
+            (collection, doc_id, user_id, length),
+        )
+        doc = cur.lastrowid
+        self.conn.executemany(
+            "INSERT INTO bm25_postings (collection, term, doc, tf) VALUES (?, ?, ?, ?)",
+            [(collection, term, doc, tf) for term, tf in counts.items()],
+        )
+        self.conn.executemany(
+            "INSERT INTO bm25_terms (collection, term, df) VALUES (?, ?, 1) "
+            "ON CONFLICT (collection, term) DO UPDATE SET df = df + 1",
+            [(collection, term) for term in counts],
+        )
+        self._adjust_stats(collection, 1, length)
+
+    def remove(self, collection: str, doc_id: str) -> bool:
+        row = self.conn.execute(
+            "SELECT doc, length FROM bm25_docs WHERE collection = ? AND doc_id = ?", (collection, doc_id)
+        ).fetchone()
+        if row is None:
+            return False
+        doc, length = row
+        doc_terms = [t for (t,) in self.conn.execute("SELECT term FROM bm25_postings WHERE doc = ?", (doc,))]
+        self.conn.executemany(
+            "UPDATE bm25_terms SET df = df - 1 WHERE collection = ? AND term = ?",
+            [(collection, t) for t in doc_terms],
+        )
+        self.conn.execute("DELETE FROM bm25_terms WHERE collection = ? AND df <= 0", (collection,))
+        self.conn.execute("DELETE FROM bm25_postings WHERE doc = ?", (doc,))
+        self.conn.execute("DELETE FROM bm25_docs WHERE doc = ?", (doc,))
+        self._adjust_stats(collection, -1, -length)
+        return True
+
+    def _adjust_stats(self, collection: str, docs: int, length: int) -> None:
+        self.conn.execute(
+            "INSERT INTO bm25_stats (collection, docs, total_length) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection) DO UPDATE SET docs = docs + excluded.docs, "
+            "total_length = total_length + excluded.total_length",
+            (collection, docs, length),
+        )
+
+    def count(self, collection: str) -> int:
+        row = self.conn.execute("SELECT docs FROM bm25_stats WHERE collection = ?", (collection,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def search(self, collection: str, query: str, k: int = 10,
+               user_id: str | None = None) -> list[tuple[str, float]]:
+        """The ``k`` best (doc_id, score) pairs, best first; documents sharing no term are left out."""
+        stats = self.conn.execute(
+            "SELECT docs, total_length FROM bm25_stats WHERE collection = ?", (collection,)
+        ).fetchone()
+        if not stats or stats[0] <= 0:
+            return []
+        n_docs, total = int(stats[0]), int(stats[1])
+        avg_len = total / n_docs if total else 1.0
+        scores: dict[str, float] = {}
+        for term in _unique(terms(query)):
+            df_row = self.conn.execute(
+                "SELECT df FROM bm25_terms WHERE collection = ? AND term = ?", (collection, term)
+            ).fetchone()
+            if not df_row:
+                continue
+            df = int(df_row[0])
+            idf = math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+            sql = ("SELECT d.doc_id, p.tf, d.length FROM bm25_postings p JOIN bm25_docs d ON d.doc = p.doc "
+                   "WHERE p.collection = ? AND p.term = ?")
+            params: tuple[str, ...] = (collection, term)
+            if user_id is not None:
+                sql += " AND d.user_id = ?"
+                params += (user_id,)
+            for doc_id, tf, length in self.conn.execute(sql, params):
+                norm = tf + self.k1 * (1.0 - self.b + self.b * length / avg_len)
+                scores[doc_id] = scores.get(doc_id, 0.0) + idf * tf * (self.k1 + 1.0) / norm
+        ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+        return ranked[:k]
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))

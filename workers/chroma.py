@@ -1,0 +1,455 @@
+"""The semantic-memory worker: ChromaDB vectors plus a BM25 keyword index, fed by change events.
+
+Chroma has no transactions, so the worker's transaction is that of a small SQLite
+sidecar next to it (log position, outbox, BM25 index). Handlers queue Chroma writes
+on the transaction; at commit the texts of the whole batch are embedded in one call
+and upserted under deterministic ids, then the sidecar commits. A crash in between
+replays the batch, and the replay upserts the same ids again: at-least-once made
+safe by idempotence.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import msgspec
+import structlog
+
+import contracts.semantic as sem
+from contracts.errors import BusError, StoreError, ValidationError
+from workers.base import Backend, Context, handles
+from workers.bm25 import Bm25Index
+from workers.embedding import Embedder, MembusEmbeddingFunction, load_embedder
+
+log = structlog.get_logger("membus.chroma")
+
+COLLECTIONS = {"memory": "memory_facts", "conversation": "conversation_segments"}
+RRF_K = 60
+_msgpack = msgspec.msgpack.Encoder()
+_decode_items = msgspec.msgpack.Decoder(list[bytes])
+
+SIDECAR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS position (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, items BLOB NOT NULL);
+"""
+
+
+# Change events of the structured store, read leniently: unknown fields are ignored.
+
+class FactChanged(msgspec.Struct, kw_only=True):
+    fact_id: str
+    user_id: str | None = None
+    text: str = ""
+    fact_type: str | None = None
+    category: str | None = None
+    confidence: float | None = None
+    created_at: Any = None
+    updated_at: Any = None
+    version: int | None = None
+    superseded_by: str | None = None
+    metadata: dict[str, Any] | None = None
+    deleted: bool = False
+    is_active: bool | None = None
+    op: str | None = None
+
+
+class MessageChanged(msgspec.Struct, kw_only=True):
+    message_id: str
+    conversation_id: str | None = None
+    user_id: str | None = None
+    role: str | None = None
+    text: str = ""
+    created_at: Any = None
+    sentiment: float | None = None
+    deleted: bool = False
+    op: str | None = None
+
+
+_REMOVING_OPS = {"delete", "deleted", "remove", "removed"}
+
+
+def read_event(payload: Any, kind: type[Any], topic: str) -> Any:
+    try:
+        if isinstance(payload, msgspec.Struct):
+            return msgspec.convert(payload, kind, strict=False, from_attributes=True)
+        return msgspec.convert(payload, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValidationError(f"invalid payload for topic {topic!r}: {exc}", topic=topic,
+                              expected=kind.__name__) from None
+
+
+def metadata_value(value: Any) -> str | int | float | bool | None:
+    """A value Chroma can keep as metadata (scalars only; None is left out)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def timestamp(value: Any) -> float | None:
+    """Unix seconds from a number or an ISO-8601 string (for range filters on ``*_ts``)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
+    return None
+
+
+def clean_metadata(fields: dict[str, Any]) -> dict[str, str | int | float | bool]:
+    out: dict[str, str | int | float | bool] = {}
+    for key, value in fields.items():
+        converted = metadata_value(value)
+        if converted is not None:
+            out[key] = converted
+    return out
+
+
+@dataclass
+class Write:
+    op: Literal["upsert", "delete"]
+    collection: str
+    id: str
+    text: str = ""
+    metadata: dict[str, str | int | float | bool] = field(default_factory=dict)
+
+
+@dataclass
+class ChromaTxn:
+    """The sidecar transaction plus the Chroma writes queued by the batch's handlers."""
+
+    conn: sqlite3.Connection
+    writes: list[Write] = field(default_factory=list)
+    flushed: int = 0
+    savepoints: int = 0
+
+
+class ChromaBackend(Backend):
+    name = "chroma"
+    patterns: ClassVar[tuple[str, ...]] = (
+        "memory.fact.changed",
+        "conversation.message.changed",
+        "memory.search.semantic.request",
+        "memory.search.hybrid.request",
+        "semantic.index.request",
+        "semantic.remove.request",
+    )
+
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        super().__init__(data_dir, **settings)
+        self._conn: sqlite3.Connection | None = None
+        self._client: Any = None
+        self._collections: dict[str, Any] = {}
+        self.embedder: Embedder | None = settings.get("embedder")
+        self.bm25: Bm25Index | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        import chromadb
+        from chromadb.config import Settings
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.data_dir / "sidecar.sqlite3", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # a lost tail is replayed from the log, idempotently
+        conn.executescript(SIDECAR_SCHEMA)
+        self.bm25 = Bm25Index(conn)
+        self.bm25.create()
+        self._conn = conn
+        if self.embedder is None:
+            self.embedder = load_embedder(self.settings.get("embedding_model"),
+                                          self.settings.get("embedding_device"))
+        function = MembusEmbeddingFunction(self.embedder)
+        self._client = chromadb.PersistentClient(
+            path=str(self.data_dir / "chroma"),
+            settings=Settings(anonymized_telemetry=False, allow_reset=False),
+        )
+        for kind, name in COLLECTIONS.items():
+            self._collections[kind] = self._client.get_or_create_collection(
+                name, embedding_function=function, configuration={"hnsw": {"space": "cosine"}},
+            )
+        log.info("chroma.opened", path=str(self.data_dir), model=self.embedder.name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._collections.clear()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("the chroma worker's store is not open")
+        return self._conn
+
+    def collection(self, kind: str) -> Any:
+        return self._collections[kind]
+
+    # -- transactions ------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[ChromaTxn]:
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            txn = ChromaTxn(conn)
+            try:
+                yield txn
+                self.flush(txn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except BusError:
+            raise
+        except (sqlite3.Error, _chroma_error()) as exc:
+            raise StoreError(f"chroma store: {type(exc).__name__}: {exc}", store="chroma") from exc
+
+    @contextmanager
+    def savepoint(self, txn: ChromaTxn) -> Iterator[None]:
+        txn.savepoints += 1
+        name = f"sp{txn.savepoints}"
+        mark = len(txn.writes)
+        txn.conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            txn.conn.execute(f"ROLLBACK TO {name}")
+            txn.conn.execute(f"RELEASE {name}")
+            del txn.writes[max(mark, txn.flushed):]
+            raise
+        txn.conn.execute(f"RELEASE {name}")
+
+    def flush(self, txn: ChromaTxn) -> None:
+        """Embeds every text queued since the last flush in one call, then writes them to Chroma."""
+        final: dict[tuple[str, str], Write] = {}
+        for write in txn.writes[txn.flushed:]:
+            final[(write.collection, write.id)] = write  # the last write of an id wins
+        txn.flushed = len(txn.writes)
+        upserts = [w for w in final.values() if w.op == "upsert"]
+        assert self.embedder is not None
+        vectors = self.embedder.embed([w.text for w in upserts])
+        for kind in COLLECTIONS:
+            chosen = [(w, v) for w, v in zip(upserts, vectors, strict=True) if w.collection == kind]
+            if chosen:
+                self.collection(kind).upsert(
+                    ids=[w.id for w, _ in chosen],
+                    embeddings=[v for _, v in chosen],
+                    documents=[w.text for w, _ in chosen],
+                    metadatas=[w.metadata or None for w, _ in chosen],
+                )
+            gone = [w.id for w in final.values() if w.op == "delete" and w.collection == kind]
+            if gone:
+                self.collection(kind).delete(ids=gone)
+
+    # -- position and outbox -----------------------------------------------------------------
+
+    def load_position(self) -> int:
+        row = self.conn.execute("SELECT seq FROM position WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+
+    def save_position(self, txn: ChromaTxn, seq: int) -> None:
+        txn.conn.execute("INSERT INTO position (id, seq) VALUES (1, ?) "
+                         "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq", (seq,))
+
+    def outbox_add(self, txn: ChromaTxn, seq: int, items: list[bytes]) -> None:
+        txn.conn.execute("INSERT OR REPLACE INTO outbox (seq, items) VALUES (?, ?)", (seq, _msgpack.encode(items)))
+
+    def outbox_pending(self) -> list[tuple[int, list[bytes]]]:
+        rows = self.conn.execute("SELECT seq, items FROM outbox ORDER BY seq").fetchall()
+        return [(int(seq), _decode_items.decode(items)) for seq, items in rows]
+
+    def outbox_remove(self, seqs: list[int]) -> None:
+        with self.conn:
+            self.conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+
+    def stats(self) -> dict[str, Any]:
+        return {kind: self.collection(kind).count() for kind in COLLECTIONS} if self._collections else {}
+
+    # -- indexing ----------------------------------------------------------------------------
+
+    def index(self, txn: ChromaTxn, kind: str, doc_id: str, text: str,
+              metadata: dict[str, str | int | float | bool]) -> None:
+        assert self.bm25 is not None
+        user = metadata.get("user_id")
+        self.bm25.add(kind, doc_id, text, str(user) if user is not None else None)
+        txn.writes.append(Write("upsert", kind, doc_id, text, metadata))
+
+    def unindex(self, txn: ChromaTxn, kind: str, doc_id: str) -> None:
+        assert self.bm25 is not None
+        self.bm25.remove(kind, doc_id)
+        txn.writes.append(Write("delete", kind, doc_id))
+
+    @handles("memory.fact.changed")
+    def on_fact_changed(self, txn: ChromaTxn, payload: Any, ctx: Context) -> None:
+        fact: FactChanged = read_event(payload, FactChanged, ctx.envelope.topic)
+        if (fact.superseded_by or fact.deleted or fact.is_active is False
+                or (fact.op or "").lower() in _REMOVING_OPS or not fact.text.strip()):
+            self.unindex(txn, "memory", fact.fact_id)
+            return
+        extra = {f"meta_{k}": v for k, v in (fact.metadata or {}).items()}
+        metadata = clean_metadata({
+            **extra,
+            "kind": "fact",
+            "user_id": fact.user_id,
+            "fact_type": fact.fact_type or fact.category,
+            "confidence": fact.confidence,
+            "version": fact.version,
+            "created_at": fact.created_at,
+            "updated_at": fact.updated_at,
+            "created_ts": timestamp(fact.created_at),
+            "updated_ts": timestamp(fact.updated_at),
+        })
+        self.index(txn, "memory", fact.fact_id, fact.text, metadata)
+
+    @handles("conversation.message.changed")
+    def on_message_changed(self, txn: ChromaTxn, payload: Any, ctx: Context) -> None:
+        msg: MessageChanged = read_event(payload, MessageChanged, ctx.envelope.topic)
+        if msg.deleted or (msg.op or "").lower() in _REMOVING_OPS or not msg.text.strip():
+            self.unindex(txn, "conversation", msg.message_id)
+            return
+        metadata = clean_metadata({
+            "kind": "message",
+            "user_id": msg.user_id,
+            "conversation_id": msg.conversation_id,
+            "role": msg.role,
+            "sentiment": msg.sentiment,
+            "created_at": msg.created_at,
+            "created_ts": timestamp(msg.created_at),
+        })
+        self.index(txn, "conversation", msg.message_id, msg.text, metadata)
+
+    @handles("semantic.index.request")
+    def on_index(self, txn: ChromaTxn, req: sem.IndexText, ctx: Context) -> sem.Indexed:
+        metadata = clean_metadata({**req.metadata, "user_id": req.user_id})
+        self.index(txn, req.collection, req.id, req.text, metadata)
+        return sem.Indexed(id=req.id, collection=req.collection)
+
+    @handles("semantic.remove.request")
+    def on_remove(self, txn: ChromaTxn, req: sem.RemoveText, ctx: Context) -> sem.Indexed:
+        self.unindex(txn, req.collection, req.id)
+        return sem.Indexed(id=req.id, collection=req.collection)
+
+    # -- search ------------------------------------------------------------------------------
+
+    @handles("memory.search.semantic.request")
+    def on_semantic(self, txn: ChromaTxn, req: sem.SemanticSearch, ctx: Context) -> sem.SearchResult:
+        self.flush(txn)  # writes earlier in this batch are visible to its searches
+        return sem.SearchResult(hits=self.semantic_search(req))
+
+    @handles("memory.search.hybrid.request")
+    def on_hybrid(self, txn: ChromaTxn, req: sem.HybridSearch, ctx: Context) -> sem.SearchResult:
+        self.flush(txn)
+        return sem.SearchResult(hits=self.hybrid_search(req))
+
+    def _kinds(self, collection: str) -> list[str]:
+        return list(COLLECTIONS) if collection == "all" else [collection]
+
+    def _embed_query(self, text: str) -> list[float]:
+        assert self.embedder is not None
+        return self.embedder.embed([text])[0]
+
+    def semantic_search(self, req: sem.SemanticSearch, *, k: int | None = None,
+                        query_vector: list[float] | None = None) -> list[sem.SearchHit]:
+        k = k or req.k
+        vector = query_vector if query_vector is not None else self._embed_query(req.query)
+        where = chroma_where(req.user_id, req.where)
+        hits: list[sem.SearchHit] = []
+        for kind in self._kinds(req.collection):
+            coll = self.collection(kind)
+            size = coll.count()
+            if size == 0:
+                continue
+            found = coll.query(query_embeddings=[vector], n_results=min(k, size), where=where,
+                               include=["documents", "metadatas", "distances"])
+            for doc_id, text, meta, dist in zip(found["ids"][0], found["documents"][0], found["metadatas"][0],
+                                                found["distances"][0], strict=True):
+                relevance = 1.0 - float(dist)
+                if relevance >= req.min_relevance:
+                    hits.append(sem.SearchHit(id=doc_id, collection=kind, text=text or "", score=relevance,
+                                              semantic=relevance, metadata=dict(meta or {})))
+        hits.sort(key=lambda h: (-h.score, h.id))
+        return hits[:k]
+
+    def hybrid_search(self, req: sem.HybridSearch) -> list[sem.SearchHit]:
+        assert self.bm25 is not None
+        vector = self._embed_query(req.query)
+        semantic = self.semantic_search(req, k=req.candidates, query_vector=vector)
+        fused: dict[tuple[str, str], float] = {}
+        hits: dict[tuple[str, str], sem.SearchHit] = {}
+        for rank, hit in enumerate(semantic):
+            key = (hit.collection, hit.id)
+            fused[key] = 1.0 / (RRF_K + rank + 1)
+            hits[key] = hit
+        keyword: list[tuple[str, str, float]] = []
+        for kind in self._kinds(req.collection):
+            keyword += [(kind, doc_id, score) for doc_id, score in
+                        self.bm25.search(kind, req.query, req.candidates, req.user_id)]
+        keyword.sort(key=lambda item: (-item[2], item[1]))
+        self._fetch_missing(req, vector, [(c, d) for c, d, _ in keyword if (c, d) not in hits], hits)
+        rank = 0
+        for kind, doc_id, score in keyword[:req.candidates]:
+            key = (kind, doc_id)
+            if key not in hits:
+                continue  # filtered out by ``where`` or below the relevance threshold
+            hits[key].bm25 = score
+            fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + rank + 1)
+            rank += 1
+        best = sorted(fused, key=lambda key: (-fused[key], key[1]))[: req.k]
+        out = []
+        for key in best:
+            hit = hits[key]
+            hit.score = fused[key]
+            out.append(hit)
+        return out
+
+    def _fetch_missing(self, req: sem.HybridSearch, vector: list[float], keys: list[tuple[str, str]],
+                       hits: dict[tuple[str, str], sem.SearchHit]) -> None:
+        """Texts, metadata and semantic relevance of keyword-only hits, with ``where`` applied."""
+        where = chroma_where(req.user_id, req.where)
+        for kind in COLLECTIONS:
+            ids = [doc_id for c, doc_id in keys if c == kind]
+            if not ids:
+                continue
+            got = self.collection(kind).get(ids=ids, where=where,
+                                            include=["documents", "metadatas", "embeddings"])
+            for doc_id, text, meta, emb in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"],
+                                               strict=True):
+                relevance = float(sum(a * b for a, b in zip(vector, emb, strict=True)))
+                if relevance >= req.min_relevance:
+                    hits[(kind, doc_id)] = sem.SearchHit(id=doc_id, collection=kind, text=text or "", score=0.0,
+                                                         semantic=relevance, metadata=dict(meta or {}))
+
+
+def chroma_where(user_id: str | None, fields: dict[str, Any]) -> dict[str, Any] | None:
+    clauses = [{key: value} for key, value in fields.items()]
+    if user_id is not None:
+        clauses.append({"user_id": user_id})
+    if not clauses:
+        return None
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def _chroma_error() -> type[Exception]:
+    from chromadb.errors import ChromaError
+
+    return ChromaError
