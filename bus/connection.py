@@ -25,7 +25,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from bus import protocol as P
-from contracts.envelope import Envelope
+from contracts.envelope import DECODE_ERRORS, Envelope
 from contracts.errors import BusError, ConnectionError, NotAuthorized, TimeoutError, error_from_wire
 from contracts.ids import new_id
 
@@ -381,7 +381,7 @@ class Connection(threading.Thread):
             self._last_heard = time.monotonic()
             try:
                 self._dispatch(frames)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, IndexError) as exc:
+            except (*DECODE_ERRORS, ValueError, IndexError) as exc:
                 log.warning("client.bad_frame", error=str(exc))
 
     def _dispatch(self, frames: list[bytes]) -> None:

@@ -342,7 +342,7 @@ def _candidates(meta: dict[str, Any], home: Path) -> Iterator[tuple[KeySource, b
     if backend is None:
         log.warning("keys.no_secure_keyring", backend=backend_name(), home_id=home_id)
     else:
-        stored = backend.get_password(KEYRING_SERVICE, home_id)
+        stored = _keyring_get(backend, home_id)
         if stored is not None:
             yield KeySource.KEYRING, _unb64(stored)
     if params is not None:
@@ -359,6 +359,15 @@ def _candidates(meta: dict[str, Any], home: Path) -> Iterator[tuple[KeySource, b
     if path.exists():
         log.warning("keys.fallback", source=str(KeySource.KEY_FILE), path=str(path))
         yield KeySource.KEY_FILE, _unb64(_read_private(path, ENV_KEY_FILE).strip())
+
+
+def _keyring_get(backend: keyring.backend.KeyringBackend, home_id: str) -> str | None:
+    """The stored unlock key; a keyring that fails (locked, no D-Bus session) counts as empty."""
+    try:
+        return backend.get_password(KEYRING_SERVICE, home_id)
+    except keyring.errors.KeyringError as exc:
+        log.warning("keys.keyring_read_failed", backend=backend_name(backend), error=str(exc))
+        return None
 
 
 def _strip_newline(text: str) -> str:
@@ -379,27 +388,33 @@ def _unlock(home: Path, meta: dict[str, Any]) -> tuple[bytes, MasterKey]:
     raise NotFound(f"no key source for {home}: no keyring entry, no passphrase, no key file; {hint}")
 
 
-def _remember(home: Path, home_id: str, unlock: bytes, *, key_file: bool) -> KeySource | None:
-    """Keeps the unlock key in the secure keyring, else (if asked) in a 0600 key file outside home."""
+def _remember(home: Path, home_id: str, unlock: bytes, *, key_file: bool, fallback: bool) -> KeySource | None:
+    """Keeps the unlock key in the secure keyring; in a 0600 key file outside home when ``key_file``, or
+    when ``fallback`` and no keyring took it."""
+    kept = None
     backend = secure_backend()
     if backend is not None:
-        with contextlib.suppress(keyring.errors.KeyringError):
+        try:
             backend.set_password(KEYRING_SERVICE, home_id, _b64(unlock))
-            return KeySource.KEYRING
-        log.warning("keys.keyring_write_failed", backend=backend_name(backend), home_id=home_id)
-    if not key_file:
-        return None
-    path = _checked_key_file(home, home_id)
-    _write_private(path, (_b64(unlock) + "\n").encode())
-    log.warning("keys.fallback", source=str(KeySource.KEY_FILE), path=str(path), reason="no secure keyring")
-    return KeySource.KEY_FILE
+            kept = KeySource.KEYRING
+        except keyring.errors.KeyringError as exc:
+            log.warning("keys.keyring_write_failed", backend=backend_name(backend), error=str(exc))
+    if key_file or (fallback and kept is None):
+        path = _checked_key_file(home, home_id)
+        _write_private(path, (_b64(unlock) + "\n").encode())
+        log.warning("keys.fallback", source=str(KeySource.KEY_FILE), path=str(path), keyring=kept is not None)
+        kept = kept or KeySource.KEY_FILE
+    return kept
 
 
 def _re_remember(home: Path, home_id: str, unlock: bytes) -> None:
     """After a passphrase change, updates every place that kept the old unlock key."""
     backend = secure_backend()
-    if backend is not None and backend.get_password(KEYRING_SERVICE, home_id) is not None:
-        backend.set_password(KEYRING_SERVICE, home_id, _b64(unlock))
+    if backend is not None and _keyring_get(backend, home_id) is not None:
+        try:
+            backend.set_password(KEYRING_SERVICE, home_id, _b64(unlock))
+        except keyring.errors.KeyringError as exc:  # the new passphrase still unlocks the home
+            log.warning("keys.keyring_write_failed", backend=backend_name(backend), error=str(exc))
     path = _checked_key_file(home, home_id)
     if path.exists():
         _write_private(path, (_b64(unlock) + "\n").encode())
@@ -437,7 +452,7 @@ def init(
     meta = {"format": METADATA_FORMAT, "home_id": home_id, "kdf": kdf, "generations": [entry]}
     kept = None
     if remember is not False:
-        kept = _remember(home, home_id, unlock, key_file=passphrase is None or remember is True)
+        kept = _remember(home, home_id, unlock, key_file=remember is True, fallback=passphrase is None)
     if passphrase is None and kept is None:
         raise ValidationError("nowhere to keep the key: no secure keyring and no key file", field="remember")
     _write_meta(home, meta)
@@ -507,8 +522,8 @@ def change_passphrase(
     unlock = params.derive(new, salt)
     meta["kdf"] = {"name": "argon2id", "version": ARGON2_VERSION, "salt": _b64(salt), **_params_json(params)}
     meta["generations"] = [_wrap(unlock, meta["home_id"], m.generation, m.key) for m in _all(master)]
+    _write_meta(home, meta)  # first: if what follows fails, the new passphrase still unlocks the home
     _re_remember(home, meta["home_id"], unlock)
-    _write_meta(home, meta)
     log.info("keys.passphrase_changed", home_id=meta["home_id"], key_id=master.key_id)
     return MasterKey(master.key, master.key_id, master.generation, KeySource.PASSPHRASE, master.retired)
 

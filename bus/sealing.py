@@ -33,7 +33,7 @@ def seal(key: DerivedKey, plaintext: bytes, aad: bytes) -> bytes:
     return header + nonce + key.aead.encrypt(nonce, plaintext, header + aad)
 
 
-def open_sealed(keyring: KeyRing, blob: bytes, aad: bytes) -> bytes:
+def open_sealed(keyring: KeyRing, blob: bytes | memoryview, aad: bytes) -> bytes:
     """The plaintext of ``blob``, or IntegrityError naming the check that failed (``check`` field)."""
     if len(blob) < OVERHEAD:
         raise IntegrityError(
@@ -41,7 +41,8 @@ def open_sealed(keyring: KeyRing, blob: bytes, aad: bytes) -> bytes:
         )
     if blob[0] != VERSION:
         raise IntegrityError(f"sealed record has unknown version {blob[0]}", check="version", version=blob[0])
-    key_id = bytes(blob[1:_HEADER_LEN])
+    header = bytes(blob[:_HEADER_LEN])
+    key_id = header[1:]
     key = keyring.get(key_id)
     if key is None:
         raise IntegrityError(
@@ -52,7 +53,7 @@ def open_sealed(keyring: KeyRing, blob: bytes, aad: bytes) -> bytes:
         )
     nonce = blob[_HEADER_LEN : _HEADER_LEN + NONCE_LEN]
     try:
-        return key.aead.decrypt(nonce, blob[_HEADER_LEN + NONCE_LEN :], blob[:_HEADER_LEN] + aad)
+        return key.aead.decrypt(nonce, blob[_HEADER_LEN + NONCE_LEN :], header + aad)
     except InvalidTag:
         raise IntegrityError(
             "sealed record failed authentication: altered bytes or wrong associated data",
@@ -60,3 +61,25 @@ def open_sealed(keyring: KeyRing, blob: bytes, aad: bytes) -> bytes:
             key_id=key_id.hex(),
             label=keyring.label,
         ) from None
+
+
+class KeyRingCipher:
+    """bus/log.py's ``RecordCipher`` over a keyring: the log's 16-bit key id is the key generation (>= 1)."""
+
+    def __init__(self, keyring: KeyRing) -> None:
+        self.keyring = keyring
+        self.key_id = keyring.current.generation
+
+    def seal(self, body: bytes, aad: bytes) -> bytes:
+        return seal(self.keyring.current, body, aad)
+
+    def open(self, key_id: int, blob: bytes | memoryview, aad: bytes) -> bytes:
+        body = open_sealed(self.keyring, blob, aad)
+        generation = self.keyring[bytes(blob[1:_HEADER_LEN])].generation
+        if generation != key_id:
+            raise IntegrityError(
+                f"record header says key generation {key_id}, the sealed body {generation}",
+                check="generation",
+                key_id=key_id,
+            )
+        return body

@@ -39,6 +39,9 @@ class Envelope(msgspec.Struct, array_like=True, omit_defaults=False):
     """Small string map; carries W3C trace context (``traceparent``, ``tracestate``)."""
 
 
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
+"""What decoding untrusted bytes can raise (msgspec reports bad UTF-8 as UnicodeDecodeError)."""
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Envelope)
 _batch_decoder = msgspec.msgpack.Decoder(list[Envelope])

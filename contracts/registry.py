@@ -59,7 +59,7 @@ def all_specs() -> list[TopicSpec]:
 _FIELD_RE = re.compile(r"at `\$((?:\.[^`\[]+|\[\d+\])*)`")
 
 
-def _validation_error(topic: str, exc: msgspec.MsgspecError) -> ValidationError:
+def _validation_error(topic: str, exc: Exception) -> ValidationError:
     text = str(exc)
     m = _FIELD_RE.search(text)
     field = m.group(1).lstrip(".") if m else ""
@@ -94,7 +94,7 @@ def decode_payload(topic: str, data: bytes | memoryview, *, strict: bool = False
         decoder = _any_decoder
     try:
         return decoder.decode(data)
-    except msgspec.MsgspecError as exc:
+    except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
         raise _validation_error(topic, exc) from None
 
 

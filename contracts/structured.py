@@ -109,10 +109,19 @@ class Message(Reply):
 
 
 class MessageChanged(Reply):
-    """A message was stored (action ``created``)."""
+    """A message was stored (``op`` created): the stored message, flat, plus ``created_at`` in unix seconds."""
 
-    action: str
-    message: Message
+    op: Literal["created"]
+    message_id: str
+    conversation_id: str
+    user_id: str
+    role: str
+    text: str
+    timestamp: str
+    created_at: float
+    """``timestamp`` as unix seconds, for readers that keep numeric times."""
+    sentiment: float | None = None
+    metadata: Metadata = {}
 
 
 class ConversationHistory(Request):
@@ -194,11 +203,13 @@ class FactList(Reply):
     facts: list[Fact]
 
 
-class FactChanged(Reply):
-    """A fact was stored (``created``) or replaced by a newer version (``superseded``)."""
+class FactChanged(Fact):
+    """A fact was stored (``op`` created) or replaced by a newer version (``op`` superseded, with
+    ``superseded_by`` set): the fact's fields, flat."""
 
-    action: Literal["created", "superseded"]
-    fact: Fact
+    op: Literal["created", "superseded"]
+    updated_at: str
+    """The same as ``last_updated``, under the name the semantic and analytics readers use."""
 
 
 # -- full-text search ----------------------------------------------------------------------------------------
@@ -210,7 +221,7 @@ class TextSearch(Request):
     query: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
     user_id: OptionalId = ""
     conversation_id: OptionalId = ""
-    sources: list[Literal["messages", "facts"]] = ["messages", "facts"]
+    sources: list[Literal["messages", "facts"]] = msgspec.field(default_factory=lambda: ["messages", "facts"])
     match: Literal["all", "any"] = "all"
     limit: Limit = 20
 
@@ -378,8 +389,11 @@ def _request(topic: str, payload: type[Any], reply: type[Any]) -> None:
 
 
 def _event(topic: str, payload: type[Any]) -> None:
-    register(topic, payload, description=f"Change event published by the {WORKER} worker: "
-                                         f"{(payload.__doc__ or '').strip()}")
+    register(
+        topic,
+        payload,
+        description=f"Change event published by the {WORKER} worker: {(payload.__doc__ or '').strip()}",
+    )
 
 
 _request("user.create.request", UserCreate, User)

@@ -109,15 +109,18 @@ class SchemaRegistry:
     def __init__(self) -> None:
         self._components: dict[str, ComponentSchema] = {}
 
-    def register(self, component: str, versions: Iterable[SchemaVersion], *, kind: str = "core",
-                 priority: int = 100) -> ComponentSchema:
+    def register(
+        self, component: str, versions: Iterable[SchemaVersion], *, kind: str = "core", priority: int = 100
+    ) -> ComponentSchema:
         if not _COMPONENT_RE.match(component):
             raise ValueError(f"invalid schema component name {component!r}")
         if kind not in ("core", "plugin"):
             raise ValueError(f"schema kind must be 'core' or 'plugin', not {kind!r}")
         by_number = {v.version: v for v in versions}
         if sorted(by_number) != list(range(1, len(by_number) + 1)):
-            raise ValueError(f"versions of {component!r} must be numbered 1..N without gaps: {sorted(by_number)}")
+            raise ValueError(
+                f"versions of {component!r} must be numbered 1..N without gaps: {sorted(by_number)}"
+            )
         schema = ComponentSchema(component, kind, priority, by_number)
         self._components[component] = schema
         return schema
@@ -129,8 +132,11 @@ class SchemaRegistry:
         try:
             return self._components[component]
         except KeyError:
-            raise SchemaError(f"no schema component {component!r} is registered", component=component,
-                              known=sorted(self._components)) from None
+            raise SchemaError(
+                f"no schema component {component!r} is registered",
+                component=component,
+                known=sorted(self._components),
+            ) from None
 
     def components(self) -> list[ComponentSchema]:
         """In application order: priority, then name."""
@@ -169,24 +175,33 @@ def _now() -> str:
 
 
 def _tracking_exists(conn: Connection) -> bool:
-    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_applied'").fetchone()
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_applied'"
+    ).fetchone()
     return row is not None
 
 
 def _applied(conn: Connection, component: str) -> dict[int, str]:
     if not _tracking_exists(conn):
         return {}
-    rows = conn.execute("SELECT version, checksum FROM schema_applied WHERE component = ?", (component,)).fetchall()
+    rows = conn.execute(
+        "SELECT version, checksum FROM schema_applied WHERE component = ?", (component,)
+    ).fetchall()
     return {int(v): str(c) for v, c in rows}
 
 
 def _status_of(schema: ComponentSchema, applied: dict[int, str]) -> ComponentStatus:
     current = max(applied, default=0)
     return ComponentStatus(
-        component=schema.component, kind=schema.kind, priority=schema.priority, current=current,
+        component=schema.component,
+        kind=schema.kind,
+        priority=schema.priority,
+        current=current,
         latest=schema.latest,
         pending=[v for v in sorted(schema.versions) if v not in applied],
-        drift=[v for v in sorted(applied) if v in schema.versions and schema.versions[v].checksum != applied[v]],
+        drift=[
+            v for v in sorted(applied) if v in schema.versions and schema.versions[v].checksum != applied[v]
+        ],
         unknown=[v for v in sorted(applied) if v not in schema.versions],
     )
 
@@ -202,11 +217,18 @@ def _check(st: ComponentStatus) -> None:
         raise SchemaDrift(
             f"schema drift: component {st.component!r} version {st.drift[0]} was applied with other "
             "statements than the ones registered now; restore them or add a new version",
-            component=st.component, version=st.drift[0], versions=st.drift)
+            component=st.component,
+            version=st.drift[0],
+            versions=st.drift,
+        )
     if st.unknown:
         raise SchemaError(
             f"component {st.component!r} is at version {st.current} in the database but this code only "
-            f"knows up to {st.latest}", component=st.component, version=st.current, latest=st.latest)
+            f"knows up to {st.latest}",
+            component=st.component,
+            version=st.current,
+            latest=st.latest,
+        )
 
 
 class _Transaction:
@@ -230,8 +252,13 @@ class _Transaction:
             self.conn.execute("ROLLBACK")
 
 
-def _run(conn: Connection, schema: ComponentSchema, version: SchemaVersion, statements: tuple[str, ...],
-         action: str) -> None:
+def _run(
+    conn: Connection,
+    schema: ComponentSchema,
+    version: SchemaVersion,
+    statements: tuple[str, ...],
+    action: str,
+) -> None:
     for index, sql in enumerate(statements):
         try:
             conn.execute(sql)
@@ -239,31 +266,48 @@ def _run(conn: Connection, schema: ComponentSchema, version: SchemaVersion, stat
             verb = "applying" if action == "applied" else "rolling back"
             raise MigrationFailed(
                 f"{verb} component {schema.component!r} version {version.version} ({version.name}) failed at "
-                f"statement {index + 1}: {exc}", component=schema.component, version=version.version,
-                statement=index + 1, error=str(exc)) from exc
+                f"statement {index + 1}: {exc}",
+                component=schema.component,
+                version=version.version,
+                statement=index + 1,
+                error=str(exc),
+            ) from exc
     now = _now()
     if action == "applied":
-        conn.execute("INSERT INTO schema_applied (component, version, checksum, applied_at) VALUES (?, ?, ?, ?)",
-                     (schema.component, version.version, version.checksum, now))
+        conn.execute(
+            "INSERT INTO schema_applied (component, version, checksum, applied_at) VALUES (?, ?, ?, ?)",
+            (schema.component, version.version, version.checksum, now),
+        )
     else:
-        conn.execute("DELETE FROM schema_applied WHERE component = ? AND version = ?",
-                     (schema.component, version.version))
-    conn.execute("INSERT INTO schema_history (component, version, action, checksum, at) VALUES (?, ?, ?, ?, ?)",
-                 (schema.component, version.version, action, version.checksum, now))
+        conn.execute(
+            "DELETE FROM schema_applied WHERE component = ? AND version = ?",
+            (schema.component, version.version),
+        )
+    conn.execute(
+        "INSERT INTO schema_history (component, version, action, checksum, at) VALUES (?, ?, ?, ?, ?)",
+        (schema.component, version.version, action, version.checksum, now),
+    )
     log.info(f"schema.{action}", component=schema.component, version=version.version, name=version.name)
 
 
 def _upgrade(conn: Connection, schema: ComponentSchema, to: int | None) -> list[int]:
     target = schema.latest if to is None else to
     if not 0 <= target <= schema.latest:
-        raise SchemaError(f"component {schema.component!r} has versions 1..{schema.latest}, not {target}",
-                          component=schema.component, version=target)
+        raise SchemaError(
+            f"component {schema.component!r} has versions 1..{schema.latest}, not {target}",
+            component=schema.component,
+            version=target,
+        )
     with _Transaction(conn):
         st = _status_of(schema, _applied(conn, schema.component))
         _check(st)
         if target < st.current:
-            raise SchemaError(f"component {schema.component!r} is at version {st.current}; use rollback to go "
-                              f"down to {target}", component=schema.component, version=target)
+            raise SchemaError(
+                f"component {schema.component!r} is at version {st.current}; use rollback to go "
+                f"down to {target}",
+                component=schema.component,
+                version=target,
+            )
         done = []
         for number in st.pending:
             if number > target:
@@ -273,8 +317,12 @@ def _upgrade(conn: Connection, schema: ComponentSchema, to: int | None) -> list[
     return done
 
 
-def up(conn: Connection, component: str | None = None, to: int | None = None,
-       registry: SchemaRegistry | None = None) -> dict[str, list[int]]:
+def up(
+    conn: Connection,
+    component: str | None = None,
+    to: int | None = None,
+    registry: SchemaRegistry | None = None,
+) -> dict[str, list[int]]:
     """Applies pending versions (all components, or one up to ``to``); returns what was applied."""
     reg = registry or default_registry()
     if to is not None and component is None:
@@ -299,14 +347,20 @@ def rollback(conn: Connection, component: str, to: int, registry: SchemaRegistry
         if st.unknown:
             _check(st)
         if not 0 <= to <= st.current:
-            raise SchemaError(f"component {component!r} is at version {st.current}; cannot roll back to {to}",
-                              component=component, version=to)
+            raise SchemaError(
+                f"component {component!r} is at version {st.current}; cannot roll back to {to}",
+                component=component,
+                version=to,
+            )
         undone = []
         for number in sorted((v for v in _applied(conn, component) if v > to), reverse=True):
             version = schema.versions[number]
             if not version.rollback:
-                raise SchemaError(f"component {component!r} version {number} has no rollback statements",
-                                  component=component, version=number)
+                raise SchemaError(
+                    f"component {component!r} version {number} has no rollback statements",
+                    component=component,
+                    version=number,
+                )
             _run(conn, schema, version, version.rollback, "rolled_back")
             undone.append(number)
     return undone

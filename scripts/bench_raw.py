@@ -173,7 +173,9 @@ def _zmq_sender(port: int, count: int, size: int, start: Any, results: Any) -> N
         ctx.term()
 
 
-def zmq_push_pull(count: int = 200_000, *, size: int = PAYLOAD_BYTES, time_limit: float = 120.0) -> dict[str, Any]:
+def zmq_push_pull(
+    count: int = 200_000, *, size: int = PAYLOAD_BYTES, time_limit: float = 120.0
+) -> dict[str, Any]:
     """One PUSH sender process -> one PULL receiver process over tcp loopback, default high-water marks."""
     ctx = spawn_context()
     results = ctx.Queue()

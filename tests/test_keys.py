@@ -13,6 +13,7 @@ import keyring
 import keyring.backend
 import keyring.backends.chainer
 import keyring.backends.fail
+import keyring.errors
 import pytest
 from structlog.testing import capture_logs
 
@@ -119,6 +120,13 @@ def test_init_keeps_the_unlock_key_in_a_secure_keyring(home: Path, os_keyring: M
     assert (loaded.key, loaded.key_id, loaded.generation) == (created.key, created.key_id, 1)
     assert loaded.source is KeySource.KEYRING
     assert not keys.key_file_path(home_id(home)).exists()
+
+
+def test_remember_writes_the_key_file_as_well(home: Path, os_keyring: MemoryKeyring) -> None:
+    created = init(home, "p", params=CHEAP, remember=True)
+    assert created.source is KeySource.KEYRING and keys.key_file_path(home_id(home)).exists()
+    os_keyring.entries.clear()
+    assert load_master_key(home).source is KeySource.KEY_FILE
 
 
 def test_nothing_secret_is_written_in_the_home(home: Path, os_keyring: MemoryKeyring) -> None:
@@ -375,3 +383,16 @@ def test_status(home: Path, os_keyring: MemoryKeyring) -> None:
     os_keyring.entries.clear()
     report = status(home)
     assert report["source"] is None and "MEMBUS_PASSPHRASE" in report["error"]
+
+
+def test_a_failing_keyring_falls_back(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class LockedKeyring(MemoryKeyring):
+        def get_password(self, service: str, username: str) -> str | None:
+            raise keyring.errors.KeyringLocked("locked")
+
+    init(home, "p", params=CHEAP)
+    keyring.set_keyring(LockedKeyring())
+    monkeypatch.setenv(keys.ENV_PASSPHRASE, "p")
+    with capture_logs() as logs:
+        assert load_master_key(home).source is KeySource.ENV_PASSPHRASE
+    assert any(e["event"] == "keys.keyring_read_failed" for e in logs)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bus import keys
 from bus.keys import Argon2Params, DerivedKey, KeyRing, KeySource, MasterKey, init, load_master_key, rotate
-from bus.sealing import OVERHEAD, VERSION, open_sealed, seal
+from bus.sealing import OVERHEAD, VERSION, KeyRingCipher, open_sealed, seal
 from contracts.errors import IntegrityError
 
 CHEAP = Argon2Params(memory_kib=64, time_cost=1, parallelism=1)
@@ -48,6 +48,11 @@ def test_round_trip(ring: KeyRing) -> None:
     assert len(blob) == len(b"a memory") + OVERHEAD
     assert blob[0] == VERSION and blob[1:9] == ring.current.key_id
     assert b"a memory" not in blob
+
+
+def test_opens_from_a_zero_copy_buffer(ring: KeyRing) -> None:
+    blob = seal(ring.current, b"from lmdb", AAD)
+    assert open_sealed(ring, memoryview(bytearray(blob)), AAD) == b"from lmdb"
 
 
 def test_empty_plaintext_and_empty_aad(ring: KeyRing) -> None:
@@ -130,3 +135,17 @@ def test_arbitrary_bytes_raise_integrity_error_only(ring: KeyRing, data: bytes, 
     blob = (bytes([VERSION]) + ring.current.key_id + data) if with_header else data
     with pytest.raises(IntegrityError):
         open_sealed(ring, blob, AAD)
+
+
+def test_the_log_cipher_adapter_checks_the_generation_in_the_header() -> None:
+    old = random_master(1)
+    new = random_master(2)
+    new = MasterKey(new.key, new.key_id, 2, new.source, (old,))
+    before, after = KeyRingCipher(old.keyring("log")), KeyRingCipher(new.keyring("log"))
+    assert (before.key_id, after.key_id) == (1, 2)
+    blob = before.seal(b"body", AAD)
+    assert after.open(1, blob, AAD) == b"body"
+    with pytest.raises(IntegrityError) as err:
+        after.open(2, blob, AAD)
+    assert err.value.fields["check"] == "generation"
+    assert after.open(2, after.seal(b"new body", AAD), AAD) == b"new body"

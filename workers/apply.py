@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from bus.protocol import DEAD_LETTER_TOPIC
 from contracts.envelope import Envelope, encode_envelope, make_envelope
 from contracts.errors import BusError, HandlerError, UnknownTopic
 from contracts.registry import decode_payload, encode_payload, to_builtins
@@ -49,6 +50,12 @@ def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
     for i, (topic, payload) in enumerate(outcome.events):
         out.append(make_envelope(topic, encode_payload(topic, payload), correlation_id=env.correlation_id,
                                  causation_id=env.id, message_id=derived_id(worker, env.seq, i)))
+    if outcome.status == "failed" and isinstance(outcome.error, HandlerError):
+        dead = {"group": worker, "seq": env.seq, "topic": env.topic, "message_id": env.id,
+                "attempts": outcome.error.fields.get("attempts", 0), "reason": outcome.error.message}
+        out.append(make_envelope(DEAD_LETTER_TOPIC, encode_payload(DEAD_LETTER_TOPIC, dead),
+                                 correlation_id=env.correlation_id, causation_id=env.id,
+                                 message_id=derived_id(worker, env.seq, 999)))
     if env.reply_to and outcome.status in ("applied", "failed"):
         complete, failed = reply_topics(env.topic)
         if outcome.status == "applied":

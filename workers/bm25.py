@@ -17,11 +17,11 @@ from collections import Counter
 from collections.abc import Iterable
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-STOPWORDS = frozenset(
-    "a an and are as at be but by for from has have he her his i in is it its me my of on or our she so "
-    "than that the their them then there these they this to was we were what when which who will with "
-    "you your".split()
-)
+_STOPWORD_TEXT = """
+a an and are as at be but by for from has have he her his i in is it its me my of on or our she so
+than that the their them then there these they this to was we were what when which who will with you your
+"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bm25_docs (

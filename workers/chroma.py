@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import msgspec
+import numpy as np
 import structlog
+from numpy.typing import NDArray
 
 import contracts.semantic as sem
-from contracts.errors import BusError, StoreError, ValidationError
+from contracts.errors import BusError, StoreError
 from workers.base import Backend, Context, handles
 from workers.bm25 import Bm25Index
+from workers.change_events import FactChanged, MessageChanged, read_event, timestamp
 from workers.embedding import Embedder, MembusEmbeddingFunction, load_embedder
 
 log = structlog.get_logger("membus.chroma")
@@ -41,50 +44,6 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, items BLOB NOT NULL)
 """
 
 
-# Change events of the structured store, read leniently: unknown fields are ignored.
-
-class FactChanged(msgspec.Struct, kw_only=True):
-    fact_id: str
-    user_id: str | None = None
-    text: str = ""
-    fact_type: str | None = None
-    category: str | None = None
-    confidence: float | None = None
-    created_at: Any = None
-    updated_at: Any = None
-    version: int | None = None
-    superseded_by: str | None = None
-    metadata: dict[str, Any] | None = None
-    deleted: bool = False
-    is_active: bool | None = None
-    op: str | None = None
-
-
-class MessageChanged(msgspec.Struct, kw_only=True):
-    message_id: str
-    conversation_id: str | None = None
-    user_id: str | None = None
-    role: str | None = None
-    text: str = ""
-    created_at: Any = None
-    sentiment: float | None = None
-    deleted: bool = False
-    op: str | None = None
-
-
-_REMOVING_OPS = {"delete", "deleted", "remove", "removed"}
-
-
-def read_event(payload: Any, kind: type[Any], topic: str) -> Any:
-    try:
-        if isinstance(payload, msgspec.Struct):
-            return msgspec.convert(payload, kind, strict=False, from_attributes=True)
-        return msgspec.convert(payload, kind, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ValidationError(f"invalid payload for topic {topic!r}: {exc}", topic=topic,
-                              expected=kind.__name__) from None
-
-
 def metadata_value(value: Any) -> str | int | float | bool | None:
     """A value Chroma can keep as metadata (scalars only; None is left out)."""
     if value is None or isinstance(value, str | int | float | bool):
@@ -92,23 +51,6 @@ def metadata_value(value: Any) -> str | int | float | bool | None:
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
     return json.dumps(value, default=str, sort_keys=True)
-
-
-def timestamp(value: Any) -> float | None:
-    """Unix seconds from a number or an ISO-8601 string (for range filters on ``*_ts``)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, dt.datetime):
-        return value.timestamp()
-    if isinstance(value, str):
-        try:
-            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
-    return None
 
 
 def clean_metadata(fields: dict[str, Any]) -> dict[str, str | int | float | bool]:
@@ -249,13 +191,14 @@ class ChromaBackend(Backend):
         assert self.embedder is not None
         vectors = self.embedder.embed([w.text for w in upserts])
         for kind in COLLECTIONS:
-            chosen = [(w, v) for w, v in zip(upserts, vectors, strict=True) if w.collection == kind]
-            if chosen:
+            rows = [i for i, w in enumerate(upserts) if w.collection == kind]
+            if rows:
+                chosen = [upserts[i] for i in rows]
                 self.collection(kind).upsert(
-                    ids=[w.id for w, _ in chosen],
-                    embeddings=[v for _, v in chosen],
-                    documents=[w.text for w, _ in chosen],
-                    metadatas=[w.metadata or None for w, _ in chosen],
+                    ids=[w.id for w in chosen],
+                    embeddings=vectors[rows] if len(rows) < len(upserts) else vectors,
+                    documents=[w.text for w in chosen],
+                    metadatas=[w.metadata or None for w in chosen],
                 )
             gone = [w.id for w in final.values() if w.op == "delete" and w.collection == kind]
             if gone:
@@ -272,7 +215,8 @@ class ChromaBackend(Backend):
                          "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq", (seq,))
 
     def outbox_add(self, txn: ChromaTxn, seq: int, items: list[bytes]) -> None:
-        txn.conn.execute("INSERT OR REPLACE INTO outbox (seq, items) VALUES (?, ?)", (seq, _msgpack.encode(items)))
+        txn.conn.execute("INSERT OR REPLACE INTO outbox (seq, items) VALUES (?, ?)",
+                         (seq, _msgpack.encode(items)))
 
     def outbox_pending(self) -> list[tuple[int, list[bytes]]]:
         rows = self.conn.execute("SELECT seq, items FROM outbox ORDER BY seq").fetchall()
@@ -301,9 +245,8 @@ class ChromaBackend(Backend):
 
     @handles("memory.fact.changed")
     def on_fact_changed(self, txn: ChromaTxn, payload: Any, ctx: Context) -> None:
-        fact: FactChanged = read_event(payload, FactChanged, ctx.envelope.topic)
-        if (fact.superseded_by or fact.deleted or fact.is_active is False
-                or (fact.op or "").lower() in _REMOVING_OPS or not fact.text.strip()):
+        fact = read_event(payload, FactChanged, ctx.envelope.topic)
+        if fact.removed or not fact.text.strip():
             self.unindex(txn, "memory", fact.fact_id)
             return
         extra = {f"meta_{k}": v for k, v in (fact.metadata or {}).items()}
@@ -323,8 +266,8 @@ class ChromaBackend(Backend):
 
     @handles("conversation.message.changed")
     def on_message_changed(self, txn: ChromaTxn, payload: Any, ctx: Context) -> None:
-        msg: MessageChanged = read_event(payload, MessageChanged, ctx.envelope.topic)
-        if msg.deleted or (msg.op or "").lower() in _REMOVING_OPS or not msg.text.strip():
+        msg = read_event(payload, MessageChanged, ctx.envelope.topic)
+        if msg.removed or not msg.text.strip():
             self.unindex(txn, "conversation", msg.message_id)
             return
         metadata = clean_metadata({
@@ -364,12 +307,13 @@ class ChromaBackend(Backend):
     def _kinds(self, collection: str) -> list[str]:
         return list(COLLECTIONS) if collection == "all" else [collection]
 
-    def _embed_query(self, text: str) -> list[float]:
+    def _embed_query(self, text: str) -> NDArray[np.float32]:
         assert self.embedder is not None
-        return self.embedder.embed([text])[0]
+        vector: NDArray[np.float32] = self.embedder.embed([text])[0]
+        return vector
 
     def semantic_search(self, req: sem.SemanticSearch, *, k: int | None = None,
-                        query_vector: list[float] | None = None) -> list[sem.SearchHit]:
+                        query_vector: NDArray[np.float32] | None = None) -> list[sem.SearchHit]:
         k = k or req.k
         vector = query_vector if query_vector is not None else self._embed_query(req.query)
         where = chroma_where(req.user_id, req.where)
@@ -422,7 +366,7 @@ class ChromaBackend(Backend):
             out.append(hit)
         return out
 
-    def _fetch_missing(self, req: sem.HybridSearch, vector: list[float], keys: list[tuple[str, str]],
+    def _fetch_missing(self, req: sem.HybridSearch, vector: NDArray[np.float32], keys: list[tuple[str, str]],
                        hits: dict[tuple[str, str], sem.SearchHit]) -> None:
         """Texts, metadata and semantic relevance of keyword-only hits, with ``where`` applied."""
         where = chroma_where(req.user_id, req.where)
@@ -432,12 +376,13 @@ class ChromaBackend(Backend):
                 continue
             got = self.collection(kind).get(ids=ids, where=where,
                                             include=["documents", "metadatas", "embeddings"])
-            for doc_id, text, meta, emb in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"],
-                                               strict=True):
-                relevance = float(sum(a * b for a, b in zip(vector, emb, strict=True)))
+            rows = zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"], strict=True)
+            for doc_id, text, meta, emb in rows:
+                relevance = float(np.dot(vector, np.asarray(emb, dtype=np.float32)))
                 if relevance >= req.min_relevance:
-                    hits[(kind, doc_id)] = sem.SearchHit(id=doc_id, collection=kind, text=text or "", score=0.0,
-                                                         semantic=relevance, metadata=dict(meta or {}))
+                    hits[(kind, doc_id)] = sem.SearchHit(
+                        id=doc_id, collection=kind, text=text or "", score=0.0, semantic=relevance,
+                        metadata=dict(meta or {}))
 
 
 def chroma_where(user_id: str | None, fields: dict[str, Any]) -> dict[str, Any] | None:

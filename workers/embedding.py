@@ -10,14 +10,15 @@ and ``hash`` selects the small deterministic :class:`HashEmbedder` used by logic
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import structlog
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Space
+from numpy.typing import NDArray
 
 log = structlog.get_logger("membus.embedding")
 
@@ -30,8 +31,8 @@ class Embedder(Protocol):
     name: str
     dimensions: int
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        """Unit-length vectors, one per text, in order."""
+    def embed(self, texts: list[str]) -> NDArray[np.float32]:
+        """Unit-length vectors, one row per text, in order."""
         ...
 
 
@@ -74,13 +75,12 @@ class SentenceEmbedder:
         self.dimensions = int(dims or len(self.embed(["probe"])[0]))
         log.info("embedding.loaded", model=self.name, device=self.device, dimensions=self.dimensions)
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def embed(self, texts: list[str]) -> NDArray[np.float32]:
         if not texts:
-            return []
+            return np.zeros((0, self.dimensions), dtype=np.float32)
         vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                                     convert_to_numpy=True, show_progress_bar=False)
-        result: list[list[float]] = vectors.tolist()
-        return result
+        return np.asarray(vectors, dtype=np.float32)
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -93,19 +93,17 @@ class HashEmbedder:
         self.name = f"hash-{dimensions}"
         self.dimensions = dimensions
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        return [self._one(text) for text in texts]
-
-    def _one(self, text: str) -> list[float]:
-        vector = [0.0] * self.dimensions
-        for word in _WORD.findall(text.lower()):
-            digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
-            slot = int.from_bytes(digest[:4], "little") % self.dimensions
-            vector[slot] += 1.0 if digest[4] & 1 else -1.0
-        norm = math.sqrt(sum(v * v for v in vector))
-        if norm == 0.0:
-            vector[0] = norm = 1.0  # a text without words still gets a valid unit vector
-        return [v / norm for v in vector]
+    def embed(self, texts: list[str]) -> NDArray[np.float32]:
+        out = np.zeros((len(texts), self.dimensions), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in _WORD.findall(text.lower()):
+                digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+                slot = int.from_bytes(digest[:4], "little") % self.dimensions
+                out[row, slot] += 1.0 if digest[4] & 1 else -1.0
+            if not out[row].any():
+                out[row, 0] = 1.0  # a text without words still gets a valid unit vector
+        normalized: NDArray[np.float32] = out / np.linalg.norm(out, axis=1, keepdims=True)
+        return normalized
 
 
 def load_embedder(model: str | None = None, device: str | None = None) -> Embedder:
@@ -136,10 +134,8 @@ class MembusEmbeddingFunction(EmbeddingFunction[Documents]):
             self._embedder = load_embedder(self._model)
         return self._embedder
 
-    def __call__(self, input: Documents) -> Embeddings:  # noqa: A002 - Chroma's parameter name
-        import numpy as np
-
-        return [np.asarray(v, dtype=np.float32) for v in self.embedder.embed(list(input))]
+    def __call__(self, input: Documents) -> Embeddings:
+        return list(self.embedder.embed(list(input)))
 
     @staticmethod
     def name() -> str:

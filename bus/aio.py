@@ -1,0 +1,182 @@
+"""The asyncio twin of bus/client.py: the same method names, awaited.
+
+    from bus.aio import AsyncBus
+
+    async with await AsyncBus.connect(module="notes") as bus:
+        seq = await bus.publish("notes.note.changed", {"id": 1})
+        async with bus.subscribe("notes.>") as sub:
+            async for msg in sub: ...
+
+It shares the sync client's I/O thread (bus/connection.py); results cross into
+the event loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from bus import protocol as P
+from bus.client import Bus, Consumer, Subscription, build_request, replay_body, reply_message
+from bus.connection import Pending, decode_replayed
+from bus.message import Delivery, Message
+from contracts.envelope import encode_envelope
+from contracts.errors import TimeoutError
+
+
+def _future(loop: asyncio.AbstractEventLoop, pending: Pending) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(p: Pending) -> None:
+        def apply() -> None:
+            if fut.done():
+                return
+            if p.error is not None:
+                fut.set_exception(p.error)
+            else:
+                fut.set_result(p.value)
+
+        loop.call_soon_threadsafe(apply)
+
+    pending.add_done_callback(settle)
+    return fut
+
+
+async def _wait(fut: asyncio.Future[Any], timeout: float, what: str) -> Any:
+    try:
+        return await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{what}: no answer within {timeout} s", timeout=timeout) from None
+
+
+class AsyncBus:
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._conn = bus._conn
+
+    @classmethod
+    async def connect(cls, home: Path | str | None = None, *, module: str = "app", endpoint: str | None = None,
+                      server_key: bytes | None = None, timeout: float = 10.0) -> AsyncBus:
+        bus = await asyncio.to_thread(Bus.connect, home, module=module, endpoint=endpoint, server_key=server_key,
+                                      timeout=timeout)
+        return cls(bus)
+
+    @property
+    def source(self) -> str:
+        return self._bus.source
+
+    @property
+    def head(self) -> int:
+        return self._bus.head
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._bus.close)
+
+    async def __aenter__(self) -> AsyncBus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def publish_nowait(self, topic: str, payload: Any, **kw: Any) -> asyncio.Future[Any]:
+        """A future of the seq; lets one task keep many publishes in flight."""
+        pending = self._bus.publish_nowait(topic, payload, **kw)
+        return _future(asyncio.get_running_loop(), pending)
+
+    async def publish(self, topic: str, payload: Any, *, correlation_id: str = "", causation_id: str = "",
+                      headers: dict[str, str] | None = None, message_id: str | None = None,
+                      timeout: float = 10.0) -> int:
+        fut = self.publish_nowait(topic, payload, correlation_id=correlation_id, causation_id=causation_id,
+                                  headers=headers, message_id=message_id, timeout=timeout)
+        return int(await _wait(fut, timeout + 1.0, f"publish {topic!r}"))
+
+    async def request(self, topic: str, payload: Any, *, timeout: float = 10.0, correlation_id: str = "",
+                      headers: dict[str, str] | None = None) -> Message:
+        loop = asyncio.get_running_loop()
+        env = build_request(topic, payload, self._conn.inbox, correlation_id, headers, None)
+        waiter = _future(loop, self._conn.await_reply(env.id))
+        try:
+            await _wait(_future(loop, self._conn.submit_publish(encode_envelope(env), timeout)), timeout, topic)
+            reply = await _wait(waiter, timeout, f"request {topic!r}")
+        finally:
+            self._conn.forget_reply(env.id)
+        return reply_message(reply)
+
+    async def status(self, *, timeout: float = 5.0) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        raw = await _wait(_future(loop, self._conn.request(lambda rid: [P.STATUS, P.pack_id(rid)])), timeout,
+                          "status")
+        result: dict[str, Any] = P.unpack(raw)
+        return result
+
+    async def replay(self, *, topic: str | None = None, from_seq: int = 1, to_seq: int | None = None,
+                     since: float | None = None, until: float | None = None, correlation_id: str | None = None,
+                     timeout: float = 10.0) -> AsyncIterator[Message]:
+        loop = asyncio.get_running_loop()
+        body = replay_body(topic=topic, from_seq=from_seq, to_seq=to_seq, since=since, until=until,
+                           correlation_id=correlation_id)
+        while True:
+            page = self._conn.request(lambda rid: [P.REPLAY, P.pack_id(rid), P.pack(body)])
+            next_seq, done, envs = decode_replayed(await _wait(_future(loop, page), timeout, "replay"))
+            for env in envs:
+                yield Message(env)
+            if done:
+                return
+            body["from_seq"] = next_seq
+            body["since_ns"] = None
+
+    def subscribe(self, *patterns: str, from_seq: int | None = None, max_queued: int = 10_000) -> AsyncSubscription:
+        return AsyncSubscription(self._bus.subscribe(*patterns, from_seq=from_seq, max_queued=max_queued))
+
+    def consume(self, group: str, patterns: list[str] | tuple[str, ...] = (), **kw: Any) -> AsyncConsumer:
+        return AsyncConsumer(self._bus.consume(group, patterns, **kw))
+
+
+class AsyncSubscription:
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+
+    async def get(self, timeout: float | None = None) -> Message:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self._sub.get(timeout=0)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"no message within {timeout} s", timeout=timeout) from None
+                await asyncio.sleep(0.005)
+
+    def __aiter__(self) -> AsyncSubscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self.get()
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sub.close()
+
+
+class AsyncConsumer:
+    def __init__(self, consumer: Consumer) -> None:
+        self._c = consumer
+
+    async def fetch(self, max_messages: int = 500, *, timeout: float | None = 1.0) -> list[Delivery]:
+        return await asyncio.to_thread(self._c.fetch, max_messages, timeout=timeout)
+
+    async def ack(self, deliveries: list[Delivery] | list[int]) -> None:
+        self._c.ack(deliveries)
+
+    async def nack(self, deliveries: list[Delivery] | list[int], reason: str, *, delay: float = 0.0) -> None:
+        self._c.nack(deliveries, reason, delay=delay)
+
+    async def __aenter__(self) -> AsyncConsumer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._c.close()

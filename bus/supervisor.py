@@ -1,0 +1,109 @@
+"""`membus up`: runs the broker and every worker as child processes and keeps them running.
+
+A child that dies is restarted with exponential back-off (reset once it has run
+for a minute). Ctrl-C or SIGTERM stops the workers first (they finish their
+batch), then the broker.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from bus.home import Home
+
+log = structlog.get_logger("membus.supervisor")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    backoff: float = 0.5
+    restart_at: float = 0.0
+    restarts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv)
+        self.started = time.monotonic()
+        log.info("child.started", child=self.name, pid=self.proc.pid)
+
+
+class Supervisor:
+    def __init__(self, home: Home, workers: list[str]) -> None:
+        self.home = home
+        base = [sys.executable, "-m", "bus"]
+        h = ["--home", str(home.path)]
+        self.broker = Child("broker", [*base, "broker", *h])
+        self.workers = [Child(w, [*base, "worker", w, *h]) for w in workers]
+        self._stop = False
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def run(self, *, ready_timeout: float = 60.0) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self.home.ensure()
+        self.home.run_file.unlink(missing_ok=True)
+        self.broker.start()
+        deadline = time.monotonic() + ready_timeout
+        while not self._stop:
+            run = self.home.read_run_file()
+            if run and self.broker.proc and run.get("pid") == self.broker.proc.pid:
+                log.info("broker.ready", endpoint=run["endpoint"])
+                break
+            if self.broker.proc and self.broker.proc.poll() is not None:
+                raise SystemExit(f"the broker exited with code {self.broker.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit("the broker did not start in time")
+            time.sleep(0.05)
+        for w in self.workers:
+            w.start()
+        try:
+            while not self._stop:
+                for child in [self.broker, *self.workers]:
+                    self._watch(child)
+                time.sleep(0.2)
+        finally:
+            self._shutdown()
+
+    def _watch(self, child: Child) -> None:
+        now = time.monotonic()
+        proc = child.proc
+        if proc is not None and proc.poll() is None:
+            if now - child.started > 60:
+                child.backoff = 0.5
+            return
+        if proc is not None:
+            log.warning("child.exited", child=child.name, code=proc.returncode, restart_in=child.backoff)
+            child.proc = None
+            child.restart_at = now + child.backoff
+            child.backoff = min(child.backoff * 2, 30.0)
+            return
+        if now >= child.restart_at:
+            child.restarts += 1
+            child.start()
+
+    def _shutdown(self) -> None:
+        for group in (self.workers, [self.broker]):
+            for c in group:
+                if c.proc and c.proc.poll() is None:
+                    c.proc.send_signal(signal.SIGTERM)
+            for c in group:
+                if c.proc:
+                    try:
+                        c.proc.wait(15)
+                    except subprocess.TimeoutExpired:
+                        c.proc.kill()
+                        c.proc.wait(5)
+        log.info("membus.stopped")

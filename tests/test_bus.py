@@ -1,0 +1,221 @@
+"""The bus end to end: a real broker process, real CurveZMQ sockets, real LMDB log."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from bus.aio import AsyncBus
+from bus.client import Bus
+from contracts.errors import BusError, NotAuthorized, ValidationError
+from contracts.errors import TimeoutError as BusTimeout
+from tests.conftest import BrokerProcess, wait_until
+
+
+def test_publish_is_acknowledged_with_increasing_sequence_numbers(bus: Bus) -> None:
+    seqs = [bus.publish("test.item.changed", {"n": i}) for i in range(20)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 20
+    logged = list(bus.replay(topic="test.item.changed"))
+    assert [m.payload["n"] for m in logged] == list(range(20))
+    assert all(m.source == "test" for m in logged)
+
+
+def test_a_retried_publish_with_the_same_id_is_stored_once(bus: Bus) -> None:
+    first = bus.publish("test.item.changed", {"n": 1}, message_id="01JRETRY0000000000000000AA")
+    again = bus.publish("test.item.changed", {"n": 1}, message_id="01JRETRY0000000000000000AA")
+    assert first == again
+    assert len([m for m in bus.replay() if m.id == "01JRETRY0000000000000000AA"]) == 1
+
+
+def test_many_publishes_in_flight_are_all_logged_in_order(bus: Bus) -> None:
+    pendings = [bus.publish_nowait("test.burst.changed", {"i": i}) for i in range(5000)]
+    seqs = [p.result(30) for p in pendings]
+    assert seqs == sorted(seqs)
+    assert [m.payload["i"] for m in bus.replay(topic="test.burst.changed")] == list(range(5000))
+
+
+def test_source_is_set_by_the_broker_from_the_authenticated_key(broker: BrokerProcess) -> None:
+    with Bus.connect(broker.home.path, module="alice") as alice:
+        seq = alice.publish("test.who.changed", {"claimed_source": "bob"})
+        assert alice.source == "alice"
+        (msg,) = list(alice.replay(from_seq=seq, to_seq=seq))
+        assert msg.source == "alice"
+
+
+def test_live_subscription_sees_matching_messages_once_and_in_order(bus: Bus) -> None:
+    with bus.subscribe("test.*.changed") as sub:
+        for i in range(50):
+            bus.publish_nowait("test.live.changed", {"i": i})
+            bus.publish_nowait("other.live.changed", {"i": i})
+            bus.publish_nowait("test.live.deep.changed", {"i": i})
+        got = [sub.get(timeout=10) for _ in range(50)]
+        assert [m.payload["i"] for m in got] == list(range(50))
+        assert {m.topic for m in got} == {"test.live.changed"}
+        with pytest.raises(BusTimeout):
+            sub.get(timeout=0.3)
+
+
+def test_subscribe_from_a_past_seq_replays_then_follows(bus: Bus) -> None:
+    first = bus.publish("test.hist.changed", {"i": 0})
+    bus.publish("test.hist.changed", {"i": 1})
+    with bus.subscribe("test.hist.changed", from_seq=first) as sub:
+        bus.publish("test.hist.changed", {"i": 2})
+        assert [sub.get(timeout=10).payload["i"] for _ in range(3)] == [0, 1, 2]
+
+
+def test_request_gets_the_correlated_reply(bus: Bus, broker: BrokerProcess) -> None:
+    stop = threading.Event()
+
+    def responder() -> None:
+        with Bus.connect(broker.home.path, module="echo") as b, b.consume("echo", ["test.echo.request"]) as c:
+            while not stop.is_set():
+                for d in c.fetch(timeout=0.2):
+                    env = d.message.envelope
+                    b.publish_raw(_reply(env, {"echo": d.message.payload})).result(5)
+                    c.ack([d])
+
+    t = threading.Thread(target=responder, daemon=True)
+    t.start()
+    try:
+        reply = bus.request("test.echo.request", {"hello": "world"}, timeout=20)
+        assert reply.payload == {"echo": {"hello": "world"}}
+        assert reply.topic == "test.echo.complete"
+        trace = list(bus.replay(correlation_id=reply.correlation_id))
+        assert [m.topic for m in trace] == ["test.echo.request", "test.echo.complete"]
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def _reply(env, payload) -> bytes:  # type: ignore[no-untyped-def]
+    from contracts.envelope import encode_envelope, make_envelope
+    from contracts.registry import encode_payload
+
+    out = make_envelope("test.echo.complete", encode_payload("test.echo.complete", payload),
+                        correlation_id=env.correlation_id, causation_id=env.id, recipient=env.reply_to)
+    return encode_envelope(out)
+
+
+def test_request_without_a_handler_times_out_with_a_typed_error(bus: Bus) -> None:
+    with pytest.raises(BusTimeout) as info:
+        bus.request("test.nobody.request", {}, timeout=0.5)
+    assert isinstance(info.value, TimeoutError)
+
+
+def test_replay_filters_by_seq_time_topic_and_correlation(bus: Bus) -> None:
+    a = bus.publish("test.a.changed", {"i": 1}, correlation_id="trace-1")
+    time.sleep(0.05)
+    mark = time.time()
+    b = bus.publish("test.b.changed", {"i": 2}, correlation_id="trace-1")
+    c = bus.publish("test.a.changed", {"i": 3})
+    assert [m.seq for m in bus.replay(from_seq=b, to_seq=c)] == [b, c]
+    assert [m.seq for m in bus.replay(topic="test.a.*")] == [a, c]
+    assert [m.seq for m in bus.replay(since=mark)] == [b, c]
+    assert [m.seq for m in bus.replay(correlation_id="trace-1")] == [a, b]
+
+
+def test_group_consumer_gets_every_message_and_resumes_after_restart(bus: Bus, broker: BrokerProcess) -> None:
+    for i in range(30):
+        bus.publish_nowait("test.work.request", {"i": i})
+    bus.publish("test.work.request", {"i": 30})
+    with bus.consume("workers", ["test.work.*"], credit=10) as c:
+        got = []
+        while len(got) < 20:
+            batch = c.fetch(10, timeout=5)
+            assert batch
+            got += batch
+            c.ack(batch)
+        assert [d.message.payload["i"] for d in got] == list(range(20))
+    wait_until(lambda: bus.status()["groups"]["workers"]["inflight"] == 0, what="acks processed")
+    broker.stop()
+    broker.start()
+    with Bus.connect(broker.home.path, module="test2") as b2, b2.consume("workers", credit=100) as c2:
+        rest = []
+        while len(rest) < 11:
+            batch = c2.fetch(100, timeout=10)
+            assert batch
+            rest += batch
+            c2.ack(batch)
+        assert [d.message.payload["i"] for d in rest] == list(range(20, 31))
+
+
+def test_status_reports_head_groups_and_clients(bus: Bus) -> None:
+    bus.publish("test.s.changed", {})
+    with bus.consume("stat", ["test.>"], credit=5):
+        st = wait_until(lambda: (s := bus.status()) and s["groups"].get("stat", {}).get("members") and s,
+                        what="group joined")
+    assert st["head"] >= 1
+    assert st["groups"]["stat"]["lag"] >= 0
+    assert any(c["source"] == "test" for c in st["clients"])
+
+
+def test_payload_is_validated_before_it_leaves_the_client(bus: Bus) -> None:
+    import msgspec
+
+    from contracts.registry import register
+
+    class Strict(msgspec.Struct):
+        n: int
+
+    register("test.strict.changed", Strict)
+    with pytest.raises(ValidationError) as info:
+        bus.publish("test.strict.changed", {"n": "x"})
+    assert info.value.topic == "test.strict.changed" and info.value.field == "n"
+    with pytest.raises(ValidationError):
+        bus.publish("Bad Topic", {})
+
+
+def test_unknown_key_gets_a_clear_error_not_silence(broker: BrokerProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import zmq
+
+    from bus.home import Home
+
+    outsider = Home(tmp_path / "elsewhere")
+    public, secret = outsider.module_keys("intruder")
+    from bus.connection import Connection
+
+    conn = Connection(endpoint=broker.endpoint, server_key=broker.home.broker_public_key(), public_key=public,
+                      secret_key=secret, name="intruder")
+    conn.start()
+    try:
+        wait_until(lambda: conn.fatal is not None, timeout=10, what="rejection")
+        assert isinstance(conn.fatal, NotAuthorized)
+        with pytest.raises(NotAuthorized):
+            conn.submit_publish(b"x", 1.0)
+    finally:
+        conn.close()
+    assert zmq  # the broker counted and logged it
+    with Bus.connect(broker.home.path, module="test") as ok:
+        assert ok.status()["counters"]["auth_rejected"] >= 1
+    assert "auth.rejected" in broker.log_path.read_text()
+
+
+def test_asyncio_twin_has_the_same_methods(broker: BrokerProcess) -> None:
+    async def main() -> None:
+        async with await AsyncBus.connect(broker.home.path, module="aio") as abus:
+            async with abus.subscribe("aio.>") as sub:
+                seq = await abus.publish("aio.thing.changed", {"x": 1})
+                msg = await sub.get(timeout=10)
+                assert msg.seq == seq and msg.payload == {"x": 1}
+            seqs = await asyncio.gather(*[abus.publish("aio.many.changed", {"i": i}) for i in range(200)])
+            assert sorted(seqs) == seqs or len(set(seqs)) == 200
+            replayed = [m async for m in abus.replay(topic="aio.many.changed")]
+            assert len(replayed) == 200
+            assert (await abus.status())["head"] >= 201
+            with pytest.raises(BusTimeout):
+                await abus.request("aio.none.request", {}, timeout=0.3)
+            async with abus.consume("aio-group", ["aio.thing.*"]) as c:
+                batch = await c.fetch(10, timeout=5)
+                assert [d.seq for d in batch] == [seq]
+                await c.ack(batch)
+
+    asyncio.run(main())
+
+
+def test_publish_to_a_reserved_topic_is_refused(bus: Bus) -> None:
+    with pytest.raises(BusError) as info:
+        bus.publish("bus.deadletter", {"fake": True})
+    assert info.value.code == "not_authorized"

@@ -1,0 +1,143 @@
+"""Contracts: envelopes and payloads round-trip; bad bytes and bad payloads get typed errors."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts.envelope import DECODE_ERRORS, decode_batch, decode_envelope, encode_batch, encode_envelope, make_envelope
+from contracts.errors import UnknownTopic, ValidationError, error_from_wire
+from contracts.ids import id_time_ms, new_id
+from contracts.registry import decode_payload, encode_payload, register
+from contracts.topics import check_pattern, check_topic, matches, reply_topics
+
+
+class Sample(msgspec.Struct, forbid_unknown_fields=True):
+    """A sample contract for these tests."""
+
+    user_id: str
+    count: int
+    tags: list[str] = []
+
+
+class SampleReply(msgspec.Struct):
+    ok: bool
+
+
+register("test.sample.request", Sample, reply=SampleReply, handled_by="tests")
+
+topic_segment = st.from_regex(r"[a-z0-9_-]{1,12}", fullmatch=True)
+topics = st.lists(topic_segment, min_size=2, max_size=5).map(".".join)
+headers = st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=4)
+plain_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=30) | st.binary(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(topic=topics, payload=plain_values, hdrs=headers, corr=st.text(max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_envelope_round_trips(topic: str, payload: object, hdrs: dict[str, str], corr: str) -> None:
+    env = make_envelope(topic, encode_payload(topic, payload), correlation_id=corr, headers=hdrs)
+    env.seq = 42
+    back = decode_envelope(encode_envelope(env))
+    assert back == env
+    assert decode_payload(back.topic, back.payload) == payload
+
+
+@given(payloads=st.lists(plain_values, min_size=1, max_size=20))
+@settings(max_examples=50, deadline=None)
+def test_batch_round_trips(payloads: list[object]) -> None:
+    envs = [make_envelope("a.b.c", encode_payload("a.b.c", p)) for p in payloads]
+    assert decode_batch(encode_batch(envs)) == envs
+
+
+@given(user=st.text(max_size=20), count=st.integers(-(2**63), 2**63 - 1), tags=st.lists(st.text(max_size=10)))
+@settings(max_examples=100, deadline=None)
+def test_typed_contract_round_trips(user: str, count: int, tags: list[str]) -> None:
+    data = encode_payload("test.sample.request", {"user_id": user, "count": count, "tags": tags})
+    assert decode_payload("test.sample.request", data) == Sample(user, count, tags)
+
+
+@given(junk=st.binary(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bytes_are_rejected_with_a_typed_error(junk: bytes) -> None:
+    try:
+        decode_payload("test.sample.request", junk)
+    except ValidationError as exc:
+        assert exc.topic == "test.sample.request"
+    else:  # only a valid encoding of the contract may pass
+        assert isinstance(decode_payload("test.sample.request", junk), Sample)
+
+
+@given(junk=st.binary(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bytes_never_decode_as_an_envelope_by_accident(junk: bytes) -> None:
+    try:
+        env = decode_envelope(junk)
+    except DECODE_ERRORS:
+        return
+    assert isinstance(env.topic, str) and isinstance(env.id, str)
+
+
+def test_validation_error_names_topic_field_and_expectation() -> None:
+    with pytest.raises(ValidationError) as info:
+        encode_payload("test.sample.request", {"user_id": "u1", "count": "many"})
+    assert info.value.topic == "test.sample.request"
+    assert info.value.field == "count"
+    assert "int" in info.value.expected
+    with pytest.raises(ValidationError) as missing:
+        decode_payload("test.sample.request", msgspec.msgpack.encode({"count": 1}))
+    assert "user_id" in missing.value.message
+    with pytest.raises(ValidationError) as nested:
+        decode_payload("test.sample.request", msgspec.msgpack.encode({"user_id": "u", "count": 1, "tags": [1]}))
+    assert nested.value.field == "tags[0]"
+
+
+def test_unknown_topic_is_typed_when_strict() -> None:
+    with pytest.raises(UnknownTopic):
+        decode_payload("nobody.knows.this", b"\x01", strict=True)
+
+
+def test_errors_survive_the_wire() -> None:
+    err = ValidationError("bad", topic="t.a.b", field="x", expected="int")
+    back = error_from_wire(err.to_wire())
+    assert isinstance(back, ValidationError) and back.field == "x" and back.topic == "t.a.b"
+    from contracts.errors import TimeoutError as BusTimeout
+
+    t = error_from_wire(BusTimeout("slow").to_wire())
+    assert isinstance(t, TimeoutError)  # the builtin catches it too
+
+
+@pytest.mark.parametrize(("pattern", "topic", "hit"), [
+    ("memory.*.request", "memory.store.request", True),
+    ("memory.*.request", "memory.store.complete", False),
+    ("memory.*", "memory.store.request", False),
+    ("memory.>", "memory.store.request", True),
+    ("memory.>", "memory", False),
+    (">", "a.b", True),
+    ("conversation.*", "conversation.message", True),
+    ("a.b.c", "a.b.c", True),
+    ("a.b.c", "a.b.c.d", False),
+])
+def test_pattern_matching_is_by_segment_not_prefix(pattern: str, topic: str, hit: bool) -> None:
+    assert matches(pattern, topic) is hit
+
+
+def test_bad_topics_and_patterns_are_rejected() -> None:
+    for bad in ("", "nodots", "Upper.case", "a..b", "a.b.", "a b.c"):
+        with pytest.raises(ValidationError):
+            check_topic(bad)
+    for bad in ("a.>.b", "a.b*", ""):
+        with pytest.raises(ValidationError):
+            check_pattern(bad)
+    assert reply_topics("memory.store.request") == ("memory.store.complete", "memory.store.failed")
+
+
+def test_ids_sort_by_creation() -> None:
+    ids = [new_id() for _ in range(2000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert abs(id_time_ms(ids[0]) - id_time_ms(ids[-1])) < 5000

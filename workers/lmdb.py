@@ -1,0 +1,677 @@
+"""The LMDB working-memory worker: recent messages per conversation and session context, with a TTL.
+
+One LMDB environment per process, opened in ``open()``, with one named database per kind of data:
+
+==========  ===============================================  ==============================================
+database    key                                              value
+==========  ===============================================  ==============================================
+messages    conversation + ts (us) + log seq, big-endian     expires_at (ms) + WorkingMessage
+msgids      message id                                       key in ``messages`` (idempotent appends)
+convs       conversation                                     number of messages held
+context     session + context key                            expires_at (ms) + value
+expiry      expires_at (ms) + kind + key of the item         (empty)
+tracking    b"position"                                      last applied log seq
+outbox      log seq                                          encoded envelopes to publish
+==========  ===============================================  ==============================================
+
+Conversations and sessions are length-prefixed in keys, so a conversation's messages are one
+contiguous range, newest last: recent messages are one backwards cursor scan. The expiry time sits in
+front of every stored value, so a read skips expired items without decoding them, and the expiry index
+is ordered by time, so expiring visits only what has expired (plus one entry).
+
+The map grows when full: every write of a batch goes through ``_Batch``, which journals it, so on
+``lmdb.MapFullError`` the transaction is aborted, the map doubled (up to ``max_map_size``) and the
+journal replayed; the failed step then runs again. At the cap, writes that add data are refused with
+``StoreFull``; the last eighth of the cap stays free for deletes, replies and the position.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import lmdb
+import msgspec
+import structlog
+
+from contracts.errors import StoreError, StoreFull, ValidationError
+from contracts.working import (
+    APPEND,
+    CONTEXT_CHANGED,
+    CONTEXT_CLEAR,
+    CONTEXT_GET,
+    CONTEXT_SET,
+    CONVERSATION_CLEAR,
+    RECENT,
+    AppendMessage,
+    AppendReply,
+    ContextChanged,
+    ContextClear,
+    ContextClearReply,
+    ContextGet,
+    ContextGetReply,
+    ContextSet,
+    ContextSetReply,
+    ConversationClear,
+    ConversationClearReply,
+    RecentReply,
+    RecentRequest,
+    WorkingMessage,
+)
+from workers.base import Backend, Context, handles
+
+log = structlog.get_logger("membus.lmdb")
+
+MESSAGE_CHANGED = "conversation.message.changed"
+"""Published by the libSQL worker when it stores a message (its contract lives in contracts/structured.py)."""
+
+MiB = 1024 * 1024
+_U64 = struct.Struct(">Q")
+_U16 = struct.Struct(">H")
+_POSITION = b"position"
+_KIND_MESSAGE, _KIND_CONTEXT = b"m", b"c"
+_ID_MAX_BYTES = 240
+"""Two ids and the framing stay under LMDB's 511-byte key limit."""
+_DATABASES = ("messages", "msgids", "convs", "context", "expiry", "tracking", "outbox")
+
+
+class LmdbSettings(msgspec.Struct, frozen=True):
+    ttl_seconds: float = 24 * 3600.0
+    map_size: int = 64 * MiB
+    max_map_size: int = 1024 * MiB
+    max_messages: int = 200
+    """Messages kept per conversation; the oldest are dropped."""
+    expire_per_batch: int = 256
+    """Expired items removed at the start of every batch (0: only ``expire()`` removes them)."""
+    encryption: Any = None
+    """Placeholder: values will be sealed with AES-GCM in ValueCodec; nothing is done with it yet."""
+
+
+class MessageChanged(msgspec.Struct, frozen=True):
+    """The fields of ``conversation.message.changed`` this worker follows; other fields are ignored."""
+
+    message_id: str
+    conversation_id: str
+    user_id: str
+    role: str
+    text: str
+    created_at: float
+
+
+class ValueCodec:
+    """Every stored value is encoded and decoded here: the one place where sealing will be added."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+
+    def encode(self, value: Any) -> bytes:
+        return self._encoder.encode(value)
+
+    def decode(self, data: bytes | memoryview, type_: Any = Any) -> Any:
+        decoder = self._decoders.get(type_)
+        if decoder is None:
+            decoder = self._decoders[type_] = msgspec.msgpack.Decoder(type_)
+        return decoder.decode(data)
+
+
+def _u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def _expires_ms(stored: bytes | memoryview) -> int:
+    """The expiry time in front of a stored value."""
+    return int(_U64.unpack_from(stored)[0])
+
+
+def _id_bytes(value: str, topic: str, field: str) -> bytes:
+    raw = value.encode()
+    if not raw or len(raw) > _ID_MAX_BYTES:
+        raise ValidationError(f"invalid payload for topic {topic!r} field {field!r}: expected 1 to "
+                              f"{_ID_MAX_BYTES} bytes of UTF-8, got {len(raw)}", topic=topic, field=field,
+                              expected=f"1..{_ID_MAX_BYTES} bytes")
+    return raw
+
+
+def _prefix(raw_id: bytes) -> bytes:
+    return _U16.pack(len(raw_id)) + raw_id
+
+
+def _now(ctx: Context) -> float:
+    """A handler's clock: the request's creation time, so replaying the log gives the same answers."""
+    return ctx.envelope.ts / 1e9 if ctx.envelope.ts else time.time()
+
+
+Write = tuple[Any, bytes, bytes | None]
+"""A journalled write: (database, key, value); value None is a delete."""
+
+
+class _Batch:
+    """The write transaction handed to handlers: LMDB's (nested) write transactions plus a journal
+    of every write, so the whole transaction can be replayed into a bigger map after MapFullError."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self._env = env
+        self._levels: list[lmdb.Transaction] = [env.begin(write=True)]
+        self._marks: list[int] = [0]
+        """Journal length when each level (root, then savepoints) began."""
+        self.journal: list[Write] = []
+
+    @property
+    def current(self) -> lmdb.Transaction:
+        """The innermost open transaction: read from it, write through put/delete."""
+        return self._levels[-1]
+
+    def get(self, db: Any, key: bytes) -> bytes | None:
+        value = self.current.get(key, db=db)
+        return None if value is None else bytes(value)
+
+    def put(self, db: Any, key: bytes, value: bytes) -> None:
+        self.current.put(key, value, db=db)
+        self.journal.append((db, key, value))
+
+    def delete(self, db: Any, key: bytes) -> bool:
+        found = bool(self.current.delete(key, db=db))
+        if found:
+            self.journal.append((db, key, None))
+        return found
+
+    def begin_savepoint(self) -> None:
+        self._levels.append(self._env.begin(write=True, parent=self.current))
+        self._marks.append(len(self.journal))
+
+    def release_savepoint(self) -> None:
+        txn, mark = self._levels.pop(), self._marks.pop()
+        try:
+            txn.commit()
+        except BaseException:
+            del self.journal[mark:]
+            raise
+
+    def rollback_savepoint(self) -> None:
+        txn, mark = self._levels.pop(), self._marks.pop()
+        txn.abort()
+        del self.journal[mark:]
+
+    def commit(self) -> None:
+        self._levels.pop().commit()
+
+    def abort(self) -> None:
+        while self._levels:
+            self._levels.pop().abort()
+
+    def replay(self, keep: int) -> None:
+        """Aborts everything, then replays the first ``keep`` writes, reopening each savepoint where it
+        began. Raises MapFullError if they do not fit."""
+        self.abort()
+        del self.journal[keep:]
+        ends = [*self._marks[1:], keep]
+        start = 0
+        for end in ends:
+            parent = self._levels[-1] if self._levels else None
+            txn = self._env.begin(write=True, parent=parent)
+            self._levels.append(txn)
+            for db, key, value in self.journal[start:end]:
+                if value is None:
+                    txn.delete(key, db=db)
+                else:
+                    txn.put(key, value, db=db)
+            start = end
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _writes(*, adds_data: bool) -> Callable[[F], F]:
+    """Runs a handler again in a bigger map when LMDB reports the map full.
+
+    ``adds_data`` handlers are refused with StoreFull once the store nears ``max_map_size``.
+    """
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(self: LmdbBackend, txn: _Batch, payload: Any, ctx: Context) -> Any:
+            emitted = len(ctx.events)
+
+            def attempt() -> Any:
+                del ctx.events[emitted:]
+                return fn(self, txn, payload, ctx)
+
+            return self._with_growth(txn, attempt, adds_data=adds_data, topic=ctx.envelope.topic)
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+_opened: set[Path] = set()
+"""Environments open in this process: LMDB forbids opening one twice."""
+
+
+class LmdbBackend(Backend):
+    """Working memory: recent messages per conversation and session context, expiring after a TTL."""
+
+    name: ClassVar[str] = "lmdb"
+    patterns: ClassVar[tuple[str, ...]] = (APPEND, MESSAGE_CHANGED, RECENT, CONVERSATION_CLEAR, CONTEXT_SET,
+                                           CONTEXT_GET, CONTEXT_CLEAR)
+
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        super().__init__(data_dir, **settings)
+        try:
+            self.cfg = msgspec.convert(settings, LmdbSettings)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(f"invalid lmdb settings: {exc}", field="settings",
+                                  expected=str(exc)) from None
+        if self.cfg.map_size > self.cfg.max_map_size:
+            raise ValidationError("lmdb setting map_size exceeds max_map_size", field="map_size",
+                                  expected=f"<= {self.cfg.max_map_size}")
+        unknown = sorted(set(settings) - set(LmdbSettings.__struct_fields__))
+        if unknown:
+            log.warning("lmdb.unknown_settings", names=unknown)
+        self.codec = ValueCodec()
+        self.env: lmdb.Environment | None = None
+        self._db: dict[str, Any] = {}
+        self._pid = 0
+        self._page_size = 4096
+        self.counters = {"expiry_visited": 0, "expired": 0, "map_grown": 0}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        path = self.data_dir.resolve()
+        if path in _opened:
+            raise StoreError(f"LMDB environment {path} is already open in this process", path=str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        data_file = path / "data.mdb"
+        used = data_file.stat().st_size if data_file.exists() else 0
+        map_size = max(self.cfg.map_size, min(self.cfg.max_map_size, 2 * used))
+        try:
+            env = lmdb.open(str(path), map_size=map_size, max_dbs=len(_DATABASES), subdir=True)
+            self._db = {name: env.open_db(name.encode()) for name in _DATABASES}
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open LMDB environment {path}: {exc}", path=str(path)) from exc
+        self.env, self._pid = env, os.getpid()
+        self._page_size = int(env.stat()["psize"])
+        _opened.add(path)
+        log.info("lmdb.opened", path=str(path), map_size=env.info()["map_size"])
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            _opened.discard(self.data_dir.resolve())
+            self.env = None
+
+    def _env(self) -> lmdb.Environment:
+        if self.env is None:
+            raise StoreError("the LMDB store is not open", worker=self.name)
+        if self._pid != os.getpid():
+            raise StoreError("the LMDB environment was opened before fork; open it in the worker process",
+                             worker=self.name)
+        return self.env
+
+    @property
+    def map_size(self) -> int:
+        return int(self._env().info()["map_size"])
+
+    # -- transactions ------------------------------------------------------------------------------
+
+    def transaction(self) -> AbstractContextManager[_Batch]:
+        return self._write(expire_step=True)
+
+    @contextmanager
+    def _write(self, *, expire_step: bool) -> Iterator[_Batch]:
+        env = self._env()
+        try:
+            txn = _Batch(env)
+        except lmdb.Error as exc:
+            raise StoreError(f"lmdb: {exc}") from exc
+        try:
+            if expire_step and self.cfg.expire_per_batch:
+                self._with_growth(txn, lambda: self._expire_some(txn, time.time(), self.cfg.expire_per_batch),
+                                  adds_data=False)
+            yield txn
+            while True:
+                try:
+                    txn.commit()
+                    break
+                except lmdb.MapFullError:
+                    self._grow(txn, keep=len(txn.journal))
+        except BaseException as exc:
+            txn.abort()
+            if isinstance(exc, lmdb.Error):
+                raise StoreError(f"lmdb: {exc}", exception=type(exc).__name__) from exc
+            raise
+
+    @contextmanager
+    def savepoint(self, txn: _Batch) -> Iterator[None]:
+        txn.begin_savepoint()
+        try:
+            yield
+        except BaseException:
+            txn.rollback_savepoint()
+            raise
+        txn.release_savepoint()
+
+    def _with_growth(self, txn: _Batch, step: Callable[[], Any], *, adds_data: bool, topic: str = "") -> Any:
+        """Runs ``step`` (which writes through ``txn``); when the map is full, grows it and runs it again."""
+        while True:
+            mark = len(txn.journal)
+            try:
+                if adds_data:
+                    self._check_budget(txn, topic)
+                return step()
+            except lmdb.MapFullError:
+                self._grow(txn, keep=mark, topic=topic)
+
+    def _grow(self, txn: _Batch, *, keep: int, topic: str = "") -> None:
+        """Doubles the map (up to max_map_size) and replays the transaction's first ``keep`` writes."""
+        env = self._env()
+        while True:
+            size = int(env.info()["map_size"])
+            if size >= self.cfg.max_map_size:
+                log.warning("lmdb.store_full", map_size=size, topic=topic)
+                raise StoreFull(f"working memory is full: the LMDB map reached max_map_size ({size} bytes)",
+                                topic=topic, map_size=size, max_map_size=self.cfg.max_map_size)
+            new_size = min(2 * size, self.cfg.max_map_size)
+            txn.abort()
+            env.set_mapsize(new_size)
+            self.counters["map_grown"] += 1
+            log.info("lmdb.map_grown", old=size, new=new_size)
+            try:
+                txn.replay(keep)
+                return
+            except lmdb.MapFullError:
+                continue
+
+    def _check_budget(self, txn: _Batch, topic: str) -> None:
+        """Refuses new data once the live pages pass 7/8 of max_map_size, keeping room for deletes,
+        replies and the position so a full store still answers and can be cleared."""
+        pages = 0
+        for db in self._db.values():
+            st = txn.current.stat(db)
+            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        used = pages * self._page_size
+        budget = self.cfg.max_map_size - self.cfg.max_map_size // 8
+        if used >= budget:
+            log.warning("lmdb.store_full", used=used, budget=budget, topic=topic)
+            raise StoreFull(f"working memory is full: {used} bytes in use of a {budget}-byte budget "
+                            f"(max_map_size {self.cfg.max_map_size})", topic=topic, used=used,
+                            max_map_size=self.cfg.max_map_size)
+
+    # -- position and outbox -----------------------------------------------------------------------
+
+    def load_position(self) -> int:
+        with self._read() as r:
+            raw = r.get(_POSITION, db=self._db["tracking"])
+            return int(_U64.unpack(raw)[0]) if raw is not None else 0
+
+    def save_position(self, txn: _Batch, seq: int) -> None:
+        self._with_growth(txn, lambda: txn.put(self._db["tracking"], _POSITION, _u64(seq)), adds_data=False)
+
+    def outbox_add(self, txn: _Batch, seq: int, items: list[bytes]) -> None:
+        body = self.codec.encode(items)
+        self._with_growth(txn, lambda: txn.put(self._db["outbox"], _u64(seq), body), adds_data=False)
+
+    def outbox_pending(self) -> list[tuple[int, list[bytes]]]:
+        with self._read() as r:
+            return [(int(_U64.unpack(key)[0]), self.codec.decode(value, list[bytes]))
+                    for key, value in r.cursor(db=self._db["outbox"])]
+
+    def outbox_remove(self, seqs: list[int]) -> None:
+        outbox = self._db["outbox"]
+        with self._write(expire_step=False) as txn:
+            for seq in seqs:
+                self._with_growth(txn, functools.partial(txn.delete, outbox, _u64(seq)), adds_data=False)
+
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        try:
+            with self._env().begin(buffers=True) as r:
+                yield r
+        except lmdb.Error as exc:
+            raise StoreError(f"lmdb: {exc}", exception=type(exc).__name__) from exc
+
+    # -- expiry ------------------------------------------------------------------------------------
+
+    def expire(self, now: float | None = None, limit: int = 10_000) -> int:
+        """Removes up to ``limit`` items expired at ``now`` (unix seconds); returns how many.
+
+        Visits only expired index entries, plus the first one still alive.
+        """
+        removed = 0
+        with self._write(expire_step=False) as txn:
+            at = time.time() if now is None else now
+            removed = self._with_growth(txn, lambda: self._expire_some(txn, at, limit), adds_data=False)
+        return int(removed)
+
+    def _expire_some(self, txn: _Batch, now: float, limit: int) -> int:
+        now_ms = int(now * 1000)
+        due: list[bytes] = []
+        cursor = txn.current.cursor(db=self._db["expiry"])
+        for key in cursor.iternext(keys=True, values=False):
+            self.counters["expiry_visited"] += 1
+            if _expires_ms(key) > now_ms or len(due) >= limit:
+                break
+            due.append(bytes(key))
+        cursor.close()
+        for key in due:
+            expires = key[:8]
+            kind, target = key[8:9], key[9:]
+            db = self._db["messages"] if kind == _KIND_MESSAGE else self._db["context"]
+            stored = txn.get(db, target)
+            # An item rewritten with a later expiry keeps its new index entry; this one is just stale.
+            if stored is not None and stored[:8] == expires:
+                if kind == _KIND_MESSAGE:
+                    self._drop_message(txn, target, stored, index=False)
+                else:
+                    txn.delete(db, target)
+            txn.delete(self._db["expiry"], key)
+        self.counters["expired"] += len(due)
+        if due:
+            log.debug("lmdb.expired", count=len(due))
+        return len(due)
+
+    # -- messages ----------------------------------------------------------------------------------
+
+    @handles(APPEND)
+    @_writes(adds_data=True)
+    def append(self, txn: _Batch, payload: AppendMessage, ctx: Context) -> AppendReply:
+        message = WorkingMessage(message_id=payload.message_id or ctx.envelope.id, user_id=payload.user_id,
+                                 role=payload.role, text=payload.text,
+                                 ts=payload.ts if payload.ts is not None else _now(ctx))
+        return self._append(txn, payload.conversation_id, message, payload.ttl, ctx)
+
+    @handles(MESSAGE_CHANGED)
+    @_writes(adds_data=True)
+    def follow_message(self, txn: _Batch, payload: Any, ctx: Context) -> AppendReply:
+        """Keeps every message the libSQL worker stores in working memory too."""
+        try:
+            event = msgspec.convert(msgspec.to_builtins(payload), MessageChanged)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(f"invalid payload for topic {MESSAGE_CHANGED!r}: {exc}",
+                                  topic=MESSAGE_CHANGED, field="", expected=str(exc)) from None
+        message = WorkingMessage(message_id=event.message_id, user_id=event.user_id, role=event.role,
+                                 text=event.text, ts=event.created_at)
+        return self._append(txn, event.conversation_id, message, None, ctx)
+
+    def _append(self, txn: _Batch, conversation_id: str, message: WorkingMessage, ttl: float | None,
+                ctx: Context) -> AppendReply:
+        topic = ctx.envelope.topic
+        conv = _prefix(_id_bytes(conversation_id, topic, "conversation_id"))
+        msgid = _id_bytes(message.message_id, topic, "message_id")
+        count = self._count(txn, conv)
+        expires_at = message.ts + (ttl or self.cfg.ttl_seconds)
+        if txn.get(self._db["msgids"], msgid) is not None or expires_at <= _now(ctx):
+            return AppendReply(conversation_id, message.message_id, count, stored=False)
+        key = conv + _u64(int(message.ts * 1_000_000)) + _u64(ctx.seq)
+        expires = _u64(int(expires_at * 1000))
+        txn.put(self._db["messages"], key, expires + self.codec.encode(message))
+        txn.put(self._db["msgids"], msgid, key)
+        txn.put(self._db["expiry"], expires + _KIND_MESSAGE + key, b"")
+        count += 1
+        while count > self.cfg.max_messages:
+            oldest = self._first_key(txn, conv)
+            stored = txn.get(self._db["messages"], oldest)
+            assert stored is not None
+            self._drop_message(txn, oldest, stored, count=False)
+            count -= 1
+        txn.put(self._db["convs"], conv, _u64(count))
+        return AppendReply(conversation_id, message.message_id, count, stored=True)
+
+    def _count(self, txn: _Batch, conv: bytes) -> int:
+        raw = txn.get(self._db["convs"], conv)
+        return int(_U64.unpack(raw)[0]) if raw is not None else 0
+
+    def _first_key(self, txn: _Batch, conv: bytes) -> bytes:
+        cursor = txn.current.cursor(db=self._db["messages"])
+        found = cursor.set_range(conv)
+        key = bytes(cursor.key())
+        cursor.close()
+        if not found or not key.startswith(conv):
+            raise StoreError("conversation count and messages disagree", conversation=conv[2:].decode())
+        return key
+
+    def _drop_message(self, txn: _Batch, key: bytes, stored: bytes, *, index: bool = True,
+                      count: bool = True) -> None:
+        """Deletes a message with its id entry, and (unless the caller does) its expiry entry and count."""
+        message: WorkingMessage = self.codec.decode(stored[8:], WorkingMessage)
+        txn.delete(self._db["messages"], key)
+        txn.delete(self._db["msgids"], message.message_id.encode())
+        if index:
+            txn.delete(self._db["expiry"], stored[:8] + _KIND_MESSAGE + key)
+        if count:
+            conv = key[:-16]
+            left = self._count(txn, conv) - 1
+            if left > 0:
+                txn.put(self._db["convs"], conv, _u64(left))
+            else:
+                txn.delete(self._db["convs"], conv)
+
+    @handles(RECENT)
+    def recent(self, txn: _Batch, payload: RecentRequest, ctx: Context) -> RecentReply:
+        conv = _prefix(_id_bytes(payload.conversation_id, ctx.envelope.topic, "conversation_id"))
+        messages = self._recent(txn.current, conv, payload.limit, _now(ctx))
+        return RecentReply(payload.conversation_id, messages)
+
+    def read_recent(self, conversation_id: str, limit: int = 20, *,
+                    now: float | None = None) -> list[WorkingMessage]:
+        """The most recent messages, oldest first, from a read-only transaction (no write lock)."""
+        conv = _prefix(_id_bytes(conversation_id, RECENT, "conversation_id"))
+        with self._read() as r:
+            return self._recent(r, conv, limit, time.time() if now is None else now)
+
+    def _recent(self, r: lmdb.Transaction, conv: bytes, limit: int, now: float) -> list[WorkingMessage]:
+        now_ms = int(now * 1000)
+        picked: list[bytes | memoryview] = []
+        cursor = r.cursor(db=self._db["messages"])
+        # Start past the conversation's last key and walk backwards: newest first, decode only what is kept.
+        positioned = cursor.prev() if cursor.set_range(conv + b"\xff" * 16) else cursor.last()
+        while positioned and len(picked) < limit:
+            if bytes(cursor.key()[: len(conv)]) != conv:
+                break
+            stored = cursor.value()
+            if _expires_ms(stored) > now_ms:
+                picked.append(stored)
+            positioned = cursor.prev()
+        cursor.close()
+        return [self.codec.decode(stored[8:], WorkingMessage) for stored in reversed(picked)]
+
+    @handles(CONVERSATION_CLEAR)
+    @_writes(adds_data=False)
+    def clear_conversation(self, txn: _Batch, payload: ConversationClear,
+                           ctx: Context) -> ConversationClearReply:
+        conv = _prefix(_id_bytes(payload.conversation_id, ctx.envelope.topic, "conversation_id"))
+        held = self._range(txn, self._db["messages"], conv)
+        for key, stored in held:
+            self._drop_message(txn, key, stored, count=False)
+        txn.delete(self._db["convs"], conv)
+        return ConversationClearReply(payload.conversation_id, len(held))
+
+    def _range(self, txn: _Batch, db: Any, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) under ``prefix``, copied out before the caller writes."""
+        out: list[tuple[bytes, bytes]] = []
+        cursor = txn.current.cursor(db=db)
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not bytes(key).startswith(prefix):
+                    break
+                out.append((bytes(key), bytes(value)))
+        cursor.close()
+        return out
+
+    # -- session context ---------------------------------------------------------------------------
+
+    @handles(CONTEXT_SET)
+    @_writes(adds_data=True)
+    def context_set(self, txn: _Batch, payload: ContextSet, ctx: Context) -> ContextSetReply:
+        key = self._context_key(payload.session_id, payload.key, ctx.envelope.topic)
+        expires_at = _now(ctx) + (payload.ttl or self.cfg.ttl_seconds)
+        expires = _u64(int(expires_at * 1000))
+        old = txn.get(self._db["context"], key)
+        if old is not None:
+            txn.delete(self._db["expiry"], old[:8] + _KIND_CONTEXT + key)
+        txn.put(self._db["context"], key, expires + self.codec.encode(payload.value))
+        txn.put(self._db["expiry"], expires + _KIND_CONTEXT + key, b"")
+        ctx.emit(CONTEXT_CHANGED, ContextChanged(payload.session_id, "set", [payload.key]))
+        return ContextSetReply(payload.session_id, payload.key, expires_at)
+
+    @handles(CONTEXT_GET)
+    def context_get(self, txn: _Batch, payload: ContextGet, ctx: Context) -> ContextGetReply:
+        session = _prefix(_id_bytes(payload.session_id, ctx.envelope.topic, "session_id"))
+        return ContextGetReply(payload.session_id, self._context(txn.current, session, _now(ctx)))
+
+    def read_context(self, session_id: str, *, now: float | None = None) -> dict[str, Any]:
+        """A session's context from a read-only transaction."""
+        session = _prefix(_id_bytes(session_id, CONTEXT_GET, "session_id"))
+        with self._read() as r:
+            return self._context(r, session, time.time() if now is None else now)
+
+    def _context(self, r: lmdb.Transaction, session: bytes, now: float) -> dict[str, Any]:
+        now_ms = int(now * 1000)
+        values: dict[str, Any] = {}
+        cursor = r.cursor(db=self._db["context"])
+        if cursor.set_range(session):
+            for key, stored in cursor:
+                if bytes(key[: len(session)]) != session:
+                    break
+                if _expires_ms(stored) > now_ms:
+                    values[bytes(key[len(session):]).decode()] = self.codec.decode(stored[8:])
+        cursor.close()
+        return values
+
+    @handles(CONTEXT_CLEAR)
+    @_writes(adds_data=False)
+    def context_clear(self, txn: _Batch, payload: ContextClear, ctx: Context) -> ContextClearReply:
+        topic = ctx.envelope.topic
+        session = _prefix(_id_bytes(payload.session_id, topic, "session_id"))
+        if payload.key is None:
+            held = self._range(txn, self._db["context"], session)
+        else:
+            key = self._context_key(payload.session_id, payload.key, topic)
+            stored = txn.get(self._db["context"], key)
+            held = [] if stored is None else [(key, stored)]
+        for key, stored in held:
+            txn.delete(self._db["context"], key)
+            txn.delete(self._db["expiry"], stored[:8] + _KIND_CONTEXT + key)
+        if held:
+            keys = [key[len(session):].decode() for key, _ in held]
+            ctx.emit(CONTEXT_CHANGED, ContextChanged(payload.session_id, "clear", keys))
+        return ContextClearReply(payload.session_id, len(held))
+
+    @staticmethod
+    def _context_key(session_id: str, key: str, topic: str) -> bytes:
+        return _prefix(_id_bytes(session_id, topic, "session_id")) + _id_bytes(key, topic, "key")
+
+    # -- introspection -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        env = self._env()
+        with self._read() as r:
+            entries = {name: int(r.stat(db)["entries"]) for name, db in self._db.items()}
+        return {"map_size": int(env.info()["map_size"]), "entries": entries, **self.counters}

@@ -1,0 +1,169 @@
+"""The worker process: joins its consumer group and applies what the log delivers, exactly once.
+
+    membus worker lmdb --home DIR
+
+It opens its store inside this process, publishes anything its outbox still
+holds from before a crash, then consumes in batches: apply (workers/apply.py),
+publish the outbox, ack. A transient handler error is retried here, in order,
+with back-off; after ``max_attempts`` the message is answered ``.failed`` and
+dead-lettered, and the worker goes on. SIGTERM finishes the current batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from bus.client import Bus
+from bus.home import Home
+from bus.message import Delivery
+from contracts.envelope import Envelope
+from contracts.errors import BusError
+from workers.apply import Outcome, apply_batch
+from workers.base import Backend
+from workers.registry import load
+
+log = structlog.get_logger("membus.worker")
+
+
+class WorkerRuntime:
+    def __init__(self, name: str, home: Home, *, batch_size: int = 500, max_attempts: int = 5,
+                 retry_backoff_s: float = 0.2, **settings: Any) -> None:
+        self.name = name
+        self.home = home
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.retry_backoff_s = retry_backoff_s
+        self.backend: Backend = load(name)(home.data_dir(name), **settings)
+        self._stop = False
+        self.stats: dict[str, Any] = {"worker": name, "pid": os.getpid(), "applied": 0, "failed": 0,
+                                      "skipped": 0, "retried": 0, "dead_lettered": 0, "batches": 0,
+                                      "last_batch": 0, "max_batch": 0, "position": 0, "errors": 0}
+        self._last_status = 0.0
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self) -> None:
+        structlog.contextvars.bind_contextvars(worker=self.name)
+        self.backend.open()
+        try:
+            with Bus.connect(self.home.path, module=f"worker-{self.name}", timeout=30.0) as bus:
+                self._flush_outbox(bus)
+                position = self.backend.load_position()
+                self.stats["position"] = position
+                log.info("worker.started", position=position, patterns=list(self.backend.patterns))
+                with bus.consume(self.name, list(self.backend.patterns), credit=2 * self.batch_size,
+                                 from_seq=position + 1) as consumer:
+                    while not self._stop:
+                        batch = consumer.fetch(self.batch_size, timeout=0.5)
+                        if batch:
+                            position = self._process(bus, consumer, batch, position)
+                        else:
+                            self._idle()
+                        self._write_status(bus.head)
+        finally:
+            self.backend.close()
+            log.info("worker.stopped", position=self.stats["position"])
+
+    def _process(self, bus: Bus, consumer: Any, batch: list[Delivery], position: int) -> int:
+        pending = [d.message.envelope for d in batch]
+        attempt = 1
+        while pending:
+            final = {e.seq for e in pending} if attempt >= self.max_attempts else set()
+            outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final)
+            self._flush_outbox(bus)
+            done = [o for o in outcomes if o.status != "retry"]
+            consumer.ack([o.seq for o in done])
+            self._count(outcomes)
+            retry_seqs = {o.seq for o in outcomes if o.status == "retry"}
+            pending = [e for e in pending if e.seq in retry_seqs]
+            if pending:
+                if self._stop:
+                    break  # not acked: the broker redelivers them to the next run
+                attempt += 1
+                self.stats["retried"] += 1
+                time.sleep(min(self.retry_backoff_s * 2 ** (attempt - 2), 5.0))
+        self.stats["position"] = position
+        return position
+
+    def _count(self, outcomes: list[Outcome]) -> None:
+        n = len(outcomes)
+        self.stats["batches"] += 1
+        self.stats["last_batch"] = n
+        self.stats["max_batch"] = max(self.stats["max_batch"], n)
+        for o in outcomes:
+            if o.status in ("applied", "failed", "skipped"):
+                self.stats[o.status] += 1
+            if o.status == "failed" and o.error is not None and o.error.code == "handler":
+                self.stats["dead_lettered"] += 1
+
+    def _flush_outbox(self, bus: Bus) -> None:
+        pending = self.backend.outbox_pending()
+        if not pending:
+            return
+        waits = [(seq, [bus.publish_raw(item, timeout=30.0) for item in items]) for seq, items in pending]
+        done: list[int] = []
+        for seq, ps in waits:
+            try:
+                for p in ps:
+                    p.result(35.0)
+                done.append(seq)
+            except BusError as exc:
+                self.stats["errors"] += 1
+                log.warning("outbox.publish_failed", seq=seq, error=exc.message)
+                break
+        if done:
+            self.backend.outbox_remove(done)
+
+    def _idle(self) -> None:
+        expire = getattr(self.backend, "expire", None)
+        if callable(expire):
+            try:
+                expire(time.time())
+            except BusError as exc:
+                log.warning("worker.expire_failed", error=exc.message)
+
+    def _write_status(self, head: int) -> None:
+        now = time.monotonic()
+        if now - self._last_status < 1.0:
+            return
+        self._last_status = now
+        path = self.home.path / "run" / f"worker-{self.name}.json"
+        status = dict(self.stats, head=head, lag=max(0, head - int(self.stats["position"])), updated=time.time(),
+                      store=self.backend.stats())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status, default=str))
+        tmp.replace(path)
+
+
+def read_worker_status(home: Home) -> dict[str, dict[str, Any]]:
+    out = {}
+    for p in sorted((home.path / "run").glob("worker-*.json")):
+        try:
+            out[p.stem.removeprefix("worker-")] = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def run(name: str, home: Path | str | None = None) -> None:
+    runtime = WorkerRuntime(name, Home(home))
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("worker.signal", signal=signum)
+        runtime.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    runtime.run()
+
+
+def envelopes(batch: list[Delivery]) -> list[Envelope]:
+    return [d.message.envelope for d in batch]
