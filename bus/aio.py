@@ -14,6 +14,7 @@ the event loop with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,7 +49,7 @@ def _future(loop: asyncio.AbstractEventLoop, pending: Pending) -> asyncio.Future
 async def _wait(fut: asyncio.Future[Any], timeout: float, what: str) -> Any:
     try:
         return await asyncio.wait_for(fut, timeout)
-    except asyncio.TimeoutError:
+    except builtins.TimeoutError:
         raise TimeoutError(f"{what}: no answer within {timeout} s", timeout=timeout) from None
 
 

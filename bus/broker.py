@@ -11,6 +11,7 @@ the backlog stays in the log.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import signal
@@ -139,24 +140,34 @@ class Broker:
         sock.curve_secretkey = secret
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_frame)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, self.settings.live_hwm)  # per client; past it sends fail and are counted
+        sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.linger = 0
-        sock.bind(self.settings.endpoint)
+        self._bind(sock)
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock = sock
         self.home.write_run_file(self.endpoint)
         log.info("broker.started", endpoint=self.endpoint, head=self.log.head, groups=len(self.groups),
                  pid=os.getpid())
 
+    def _bind(self, sock: zmq.Socket[Any]) -> None:
+        """Binds the configured endpoint; with port 0, the port of the last run first, so clients find it again."""
+        wanted = self.settings.endpoint
+        last = (self.home.read_run_file() or {}).get("endpoint", "")
+        if wanted.endswith(":0") and last.startswith(wanted[:-1]):
+            try:
+                sock.bind(last)
+                return
+            except zmq.ZMQError:
+                log.info("broker.port_taken", endpoint=last)
+        sock.bind(wanted)
+
     def stop(self) -> None:
         self._stop = True
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BusError):
             self._save_groups(force=True)
-        except BusError:
-            pass
         self.sock.close(linger=0)
         self.auth.stop()
         self.ctx.term()
@@ -173,7 +184,7 @@ class Broker:
         while not self._stop:
             now = time.monotonic()
             timeout = max(0.0, min(next_tick - now, 0.1))
-            if poller.poll(timeout * 1000):
+            if poller.poll(int(timeout * 1000)):
                 self._drain()
             self._pump_groups()
             now = time.monotonic()
@@ -227,9 +238,9 @@ class Broker:
             elif cmd == P.PING:
                 self._send(rid, P.PONG, P.pack_id(self.log.head))
             elif cmd == P.ACK:
-                self._ack(client, frames[2].bytes.decode(), P.unpack(frames[3].buffer))
+                self._ack(client, frames[2].bytes.decode(), P.ack_body.decode(frames[3].buffer))
             elif cmd == P.NACK:
-                self._nack(client, frames[2].bytes.decode(), P.unpack(frames[3].buffer))
+                self._nack(client, frames[2].bytes.decode(), P.nack_body.decode(frames[3].buffer))
             elif cmd == P.SUB:
                 self._subscribe(client, frames[2].bytes, P.unpack(frames[3].buffer))
             elif cmd == P.UNSUB:
@@ -259,7 +270,7 @@ class Broker:
         except (*DECODE_ERRORS, AttributeError) as exc:
             self._malformed(rid, b"", f"bad HELLO body: {exc}")
             return
-        source = frames[1].get("User-Id") or "unknown"
+        source = str(frames[1].get("User-Id") or "unknown")
         old = self.clients.get(rid)
         if old is not None:
             self._drop_client(old, "re-hello")
@@ -304,7 +315,7 @@ class Broker:
         except DECODE_ERRORS as exc:
             self._malformed(client.rid, batch_id, f"PUB body is not an array of envelopes: {exc}")
             return
-        source = frames[1].get("User-Id") or client.source
+        source = str(frames[1].get("User-Id") or client.source)
         for env in envs:
             env.source = source
         pubs.append((client, batch_id, envs))
@@ -448,14 +459,12 @@ class Broker:
             group.members[client.rid] += credit_back
         self._groups_dirty = True
 
-    def _nack(self, client: Client, name: str, items: list[list[Any]]) -> None:
+    def _nack(self, client: Client, name: str, items: list[tuple[int, str, float]]) -> None:
         group = self.groups.get(name)
         if group is None:
             return
         now = time.monotonic()
-        for item in items:
-            seq, reason = int(item[0]), str(item[1])
-            delay = float(item[2]) if len(item) > 2 else 0.0
+        for seq, reason, delay in items:
             infl = group.inflight.get(seq)
             if infl is None or infl.rid != client.rid:
                 continue
@@ -545,9 +554,7 @@ class Broker:
         for rid, items in by_member.items():
             group.delivered += len(items)
             if not self._send(rid, P.DELIVER, group.name.encode(), P.pack(items)):
-                client = self.clients.get(rid)
-                if client is not None:
-                    self._drop_client(client, "delivery failed")
+                self._requeue_member(group, rid, "member's queue is full")
 
     # -- timers ----------------------------------------------------------------------------------
 
@@ -570,9 +577,12 @@ class Broker:
         head = self.log.head
         for client in self.clients.values():
             for sub in client.subs.values():
-                if sub.covered < head and not sub.gap and self._send(
-                        client.rid, P.LIVE, sub.sub_id, P.pack([sub.covered + 1, head, []])):
-                    sub.covered = head
+                if sub.covered >= head and not sub.gap:
+                    continue
+                # After a drop, an empty range that starts past the head tells the client where its gap ends.
+                first = head + 1 if sub.gap else sub.covered + 1
+                if self._send(client.rid, P.LIVE, sub.sub_id, P.pack([first, head, []])):
+                    sub.covered, sub.gap = head, False
 
     def _dirty_group_states(self) -> dict[str, dict[str, Any]]:
         out = {}

@@ -289,7 +289,7 @@ class Consumer:
         if from_seq:
             body["from_seq"] = from_seq
         self._closed = False
-        conn.join(GroupState(group, body, self._deliver))
+        conn.join_group(GroupState(group, body, self._deliver))
 
     def _deliver(self, items: list[tuple[int, Envelope]]) -> None:
         with self._cond:
@@ -307,7 +307,7 @@ class Consumer:
                 if self._closed or (left is not None and left <= 0):
                     return []
                 self._cond.wait(0.1 if left is None else min(left, 0.1))
-            out = []
+            out: list[Delivery] = []
             while self._queue and len(out) < max_messages:
                 attempt, env = self._queue.popleft()
                 out.append(Delivery(Message(env), attempt))
@@ -331,7 +331,7 @@ class Consumer:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._conn.leave(self.group)
+            self._conn.leave_group(self.group)
 
     def __enter__(self) -> Consumer:
         return self

@@ -11,6 +11,7 @@ the broker restarts, and fills live-subscription gaps from the log.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import socket
 import threading
@@ -184,10 +185,8 @@ class Connection(threading.Thread):
     def _wake(self) -> None:
         if not self._wake_pending:
             self._wake_pending = True
-            try:
+            with contextlib.suppress(BlockingIOError, OSError):
                 self._wake_w.send(b"x")
-            except (BlockingIOError, OSError):
-                pass
 
     def submit_publish(self, data: bytes, timeout: float) -> Pending:
         self._check_usable()
@@ -233,7 +232,7 @@ class Connection(threading.Thread):
     # -- the I/O thread --------------------------------------------------------------------------
 
     def run(self) -> None:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock = self._make_socket(ctx)
         monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
                                                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
@@ -266,10 +265,8 @@ class Connection(threading.Thread):
         finally:
             if not self._closing:
                 self._fail_all(ConnectionError("the bus connection is closed"))
-            try:
+            with contextlib.suppress(zmq.ZMQError):
                 self.sock.send_multipart([P.BYE], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
             self.sock.disable_monitor()
             monitor.close(linger=0)
             self.sock.close(linger=0)
@@ -289,7 +286,7 @@ class Connection(threading.Thread):
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(self.endpoint)
-        return sock
+        return sock  # type: ignore[no-any-return]
 
     def _send(self, frames: list[bytes]) -> None:
         try:
@@ -534,13 +531,13 @@ class Connection(threading.Thread):
 
     # -- groups ----------------------------------------------------------------------------------
 
-    def join(self, group: GroupState) -> None:
+    def join_group(self, group: GroupState) -> None:
         def op() -> None:
             self.groups[group.name] = group
             self._send([P.JOIN, group.name.encode(), P.pack(group.body)])
         self.call(op)
 
-    def leave(self, name: str) -> None:
+    def leave_group(self, name: str) -> None:
         def op() -> None:
             if self.groups.pop(name, None) is not None:
                 self._send([P.LEAVE, name.encode()])
@@ -597,10 +594,8 @@ class Connection(threading.Thread):
         new = self._resolve_endpoint() if self._resolve_endpoint else None
         if new and new != self.endpoint:
             log.info("client.endpoint_changed", old=self.endpoint, new=new)
-            try:
+            with contextlib.suppress(zmq.ZMQError):
                 self.sock.disconnect(self.endpoint)
-            except zmq.ZMQError:
-                pass
             self.endpoint = new
             self.sock.connect(new)
         self._hello()

@@ -193,7 +193,7 @@ class EventLog:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def _decode(self, key: bytes, raw: bytes | memoryview) -> Record:
+    def _decode(self, key: bytes, raw: bytes | memoryview[int]) -> Record:
         version, key_id, logged_ns, tlen = _HEADER.unpack_from(raw)
         if version != RECORD_VERSION:
             raise IntegrityError(f"log record {_SEQ.unpack(key)[0]} has unknown format {version}")
@@ -222,11 +222,9 @@ class EventLog:
             cur = txn.cursor(db=self._log)
             if not cur.set_range(_SEQ.pack(max(from_seq, 1))):
                 return
-            n = 0
-            for key, raw in cur:
+            for n, (key, raw) in enumerate(cur, 1):
                 tlen = raw[_HEADER.size - 1]
                 yield _SEQ.unpack(key)[0], bytes(raw[_HEADER.size:_HEADER.size + tlen]).decode(), raw
-                n += 1
                 if n >= limit:
                     return
 
@@ -274,7 +272,7 @@ class EventLog:
                 tlen = raw[_HEADER.size - 1]
                 topic = bytes(raw[_HEADER.size:_HEADER.size + tlen]).decode()
                 if not pats or matches_any(pats, topic):
-                    out.append(self._decode(key, raw))
+                    out.append(self._decode(bytes(key), raw))
                     if len(out) >= limit:
                         return out, seq + 1, seq >= to_seq
                 if scanned >= budget:

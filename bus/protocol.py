@@ -78,6 +78,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
 
+ack_body = msgspec.msgpack.Decoder(list[int])
+nack_body = msgspec.msgpack.Decoder(list[tuple[int, str, float]])
+
+
 def pack_id(n: int) -> bytes:
     return _u64.pack(n)
 

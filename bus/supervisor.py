@@ -54,7 +54,6 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self.home.ensure()
-        self.home.run_file.unlink(missing_ok=True)
         self.broker.start()
         deadline = time.monotonic() + ready_timeout
         while not self._stop:

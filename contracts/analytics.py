@@ -104,7 +104,8 @@ class ExportResult(msgspec.Struct, kw_only=True):
     rows: int
 
 
-register("analytics.messages_per_day.request", MessagesPerDay, reply=MessagesPerDayResult, handled_by="duckdb")
+register("analytics.messages_per_day.request", MessagesPerDay, reply=MessagesPerDayResult,
+         handled_by="duckdb")
 register("analytics.sentiment.request", SentimentQuery, reply=SentimentResult, handled_by="duckdb")
 register("analytics.latency.request", LatencyQuery, reply=LatencyResult, handled_by="duckdb")
 register("analytics.throughput.request", ThroughputQuery, reply=ThroughputResult, handled_by="duckdb")

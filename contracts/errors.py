@@ -27,13 +27,13 @@ class BusError(Exception):
         return (_rebuild, (self.code, self.message, self.fields))
 
 
-class TimeoutError(BusError, builtins.TimeoutError):  # noqa: A001 - also a builtin TimeoutError on purpose
+class TimeoutError(BusError, builtins.TimeoutError):
     """No answer in time; ``except TimeoutError`` (the builtin) catches it too."""
 
     code = "timeout"
 
 
-class ConnectionError(BusError, builtins.ConnectionError):  # noqa: A001
+class ConnectionError(BusError, builtins.ConnectionError):
     """The broker cannot be reached, or the connection was closed."""
 
     code = "connection"

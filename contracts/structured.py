@@ -109,7 +109,7 @@ class Message(Reply):
 
 
 class MessageChanged(Reply):
-    """A message was stored (``op`` created): the stored message, flat, plus ``created_at`` in unix seconds."""
+    """A message was stored (``op`` created): the stored message, flat, and ``created_at`` in unix seconds."""
 
     op: Literal["created"]
     message_id: str
@@ -203,7 +203,7 @@ class FactList(Reply):
     facts: list[Fact]
 
 
-class FactChanged(Fact):
+class FactChanged(Fact, kw_only=True):
     """A fact was stored (``op`` created) or replaced by a newer version (``op`` superseded, with
     ``superseded_by`` set): the fact's fields, flat."""
 

@@ -55,6 +55,9 @@ class Connection(Protocol):
     def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
 
 
+_PUNCTUATION_SPACE = re.compile(r"\s*([(),;=])\s*")
+
+
 @dataclass(frozen=True)
 class SchemaVersion:
     version: int
@@ -66,7 +69,7 @@ class SchemaVersion:
     @property
     def checksum(self) -> str:
         """Hash of the forward statements with whitespace normalised (reformatting is not drift)."""
-        normalised = "\n".join(" ".join(s.split()) for s in self.statements)
+        normalised = "\n".join(_PUNCTUATION_SPACE.sub(r"\1", " ".join(s.split())) for s in self.statements)
         return hashlib.sha256(normalised.encode()).hexdigest()
 
 

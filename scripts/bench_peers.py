@@ -26,6 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 SEND_CHUNK = 500
 """Requests the Redis requester pipelines per round trip (and the worker's batch cap)."""
+PACE_TICK_S = 0.001
+"""Paced requesters send whatever is due, then sleep at least this long (the delay counts as latency)."""
 LMDB_MAP_SIZE = 4 << 30
 ID_BYTES = 8
 """Each pipeline request carries an 8-byte request id next to its 256-byte payload."""
@@ -444,7 +447,8 @@ class Offered:
             return {"mode": "max_throughput", "requests": self.requests, "window": self.window,
                     "latency_from": "actual send time"}
         return {"mode": "fixed_rate", "offered_per_s": self.rate, "requests": self.requests,
-                "latency_from": "scheduled send time (open loop: sending delays count)"}
+                "latency_from": "scheduled send time (open loop: sending delays count)",
+                "pacing": f"requests due are sent every >= {PACE_TICK_S * 1000:g} ms"}
 
 
 def _open_lmdb(path: str) -> Any:
@@ -522,42 +526,61 @@ def _redis_worker(kwargs: dict[str, Any], lmdb_dir: str, batch: int, ready: Any,
 
 
 def _redis_requester(kwargs: dict[str, Any], offered: Offered, ready: Any, results: Any) -> None:
+    """A sender thread (paced or windowed) and a reader thread blocked on the completion stream."""
     import redis
 
-    client: Any = redis.Redis(**kwargs)
+    sender: Any = redis.Redis(**kwargs)
     body = payload(offered.size)
+    total = offered.requests
+    window = threading.Semaphore(offered.window if offered.rate is None else total)
     ready.wait(READY_TIMEOUT_S * 2)
     book = _LatencyBook(offered)
-    total = offered.requests
-    sent = completed = 0
-    last_id = b"0-0"
-    while completed < total:
+    reader = threading.Thread(target=_read_completions, args=(kwargs, book, window), daemon=True)
+    reader.start()
+    sent = 0
+    while sent < total:
         now = time.monotonic()
         if now > book.deadline:
-            raise BusTimeoutError("redis requester ran out of time", sent=sent, completed=completed)
-        room = total if offered.rate is not None else offered.window - (sent - completed)
-        upto = min(book.due(now), sent + room, sent + SEND_CHUNK)
-        if upto > sent:
-            pipe = client.pipeline(transaction=False)
-            for i in range(sent, upto):
-                pipe.xadd("req", {"i": i.to_bytes(ID_BYTES, "big"), "p": body})
-                book.sent_at[i] = now if offered.rate is None else book.scheduled(i)
-            if sent == 0:
-                book.first_send = book.sent_at[0]
-            pipe.execute()
-            sent = upto
-        # Block for completions only when there is nothing to send now (1 ms ticks when paced).
-        idle = sent == total or (offered.rate is None and sent - completed >= offered.window)
-        block = 100 if idle else (1 if offered.rate is not None else None)
-        reply = client.xread({"done": last_id}, count=5000, block=block)
-        if reply:
-            now = time.monotonic()
-            for entry_id, fields in reply[0][1]:
-                book.done(int.from_bytes(fields[b"i"], "big"), now)
-                last_id = entry_id
-                completed += 1
+            raise BusTimeoutError("redis requester ran out of time", sent=sent)
+        if offered.rate is not None:
+            upto = min(book.due(now), sent + SEND_CHUNK)
+            if upto == sent:
+                time.sleep(max(PACE_TICK_S, book.scheduled(sent) - now))
+                continue
+        else:
+            if not window.acquire(timeout=max(0.0, book.deadline - now)):
+                continue
+            upto = sent + 1
+            while upto < min(total, sent + SEND_CHUNK) and window.acquire(blocking=False):
+                upto += 1
+        pipe = sender.pipeline(transaction=False)
+        for i in range(sent, upto):
+            pipe.xadd("req", {"i": i.to_bytes(ID_BYTES, "big"), "p": body})
+            book.sent_at[i] = now if offered.rate is None else book.scheduled(i)
+        if sent == 0:
+            book.first_send = book.sent_at[0]
+        pipe.execute()
+        sent = upto
+    reader.join(max(0.0, book.deadline - time.monotonic()))
+    if len(book.latencies) < total:
+        raise BusTimeoutError("redis requester: completions missing", completed=len(book.latencies))
     results.put(book.report())
-    client.close()
+    sender.close()
+
+
+def _read_completions(kwargs: dict[str, Any], book: _LatencyBook, window: threading.Semaphore) -> None:
+    import redis
+
+    reader: Any = redis.Redis(**kwargs)
+    last_id = b"0-0"
+    while len(book.latencies) < book.offered.requests and time.monotonic() < book.deadline:
+        reply = reader.xread({"done": last_id}, count=5000, block=100)
+        now = time.monotonic()
+        for entry_id, fields in reply[0][1] if reply else ():
+            book.done(int.from_bytes(fields[b"i"], "big"), now)
+            last_id = entry_id
+            window.release()
+    reader.close()
 
 
 def _pipeline_result(peer_settings: dict[str, Any], method: dict[str, str], offered: Offered,
@@ -573,6 +596,7 @@ def _pipeline_result(peer_settings: dict[str, Any], method: dict[str, str], offe
         "worker_batch_max": batch,
         "lmdb": "one synced transaction per batch (sync=True, metasync=True)",
         "req_per_s": requester["req_per_s"],
+        "kept_up": offered.rate is None or requester["req_per_s"] >= 0.95 * offered.rate,
         "latency": requester["latency"],
         "completed": requester["completed"],
         "seconds": requester["seconds"],
@@ -622,7 +646,7 @@ def redis_pipeline(
                                 _redis_requester, (peer.client_kwargs(),), offered)
     method = {
         "method": "requests XADDed (pipelined <=500), worker XREADGROUP COUNT 500 BLOCK 100 -> LMDB -> "
-        "completion XADD + XACK pipelined, requester XREAD BLOCK on the completion stream",
+        "completion XADD + XACK pipelined; the requester's reader thread XREAD BLOCKs on the completions",
         "completions_via": "redis stream (durable, AOF)",
     }
     return _pipeline_result(peer.settings(), method, offered, reports, batch)
@@ -705,7 +729,7 @@ async def _jetstream_request(url: str, offered: Offered, ready: Any, results: An
             future.add_done_callback(on_ack)
             sent += 1
         if offered.rate is not None:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(PACE_TICK_S)
     await asyncio.wait_for(finished.wait(), max(1.0, book.deadline - time.monotonic()))
     await js.publish_async_completed()
     report = book.report()
@@ -908,6 +932,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts (about a minute)")
     parser.add_argument("--tmp-root", default=None, help="where servers keep their data (default: TMPDIR)")
     args = parser.parse_args(argv)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout carries the JSON
     json.dump(run_all(quick=args.quick, tmp_root=args.tmp_root), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.envelope import DECODE_ERRORS, decode_batch, decode_envelope, encode_batch, encode_envelope, make_envelope
+from contracts.envelope import (
+    DECODE_ERRORS,
+    decode_batch,
+    decode_envelope,
+    encode_batch,
+    encode_envelope,
+    make_envelope,
+)
 from contracts.errors import UnknownTopic, ValidationError, error_from_wire
 from contracts.ids import id_time_ms, new_id
 from contracts.registry import decode_payload, encode_payload, register

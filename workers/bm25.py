@@ -18,8 +18,12 @@ from collections.abc import Iterable
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _STOPWORD_TEXT = """
-a an and are as at be but by for from has have he her his i in is it its me my of on or our she so
-than that the their them then there these they this to was we were what when which who will with you your
+a about above after again against all am an and any are as at be because been before being below between
+both but by can could did do does doing down during each few for from further had has have having he her
+here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not
+now of off on once only or other our ours ourselves out over own same she should so some such than that the
+their theirs them themselves then there these they this those through to too under until up very was we
+were what when where which while who whom why will with would you your yours yourself yourselves
 """
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 

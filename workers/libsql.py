@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import libsql
 import msgspec
@@ -154,7 +154,7 @@ def insert_once(txn: Txn, ctx: Context, table: repo.Table, item: S, same: Sequen
     return existing, False
 
 
-def fact_event(op: str, fact: c.Fact) -> c.FactChanged:
+def fact_event(op: Literal["created", "superseded"], fact: c.Fact) -> c.FactChanged:
     return c.FactChanged(op=op, updated_at=fact.last_updated, **msgspec.structs.asdict(fact))
 
 
@@ -175,7 +175,11 @@ class LibsqlBackend(Backend):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         synchronous = str(self.settings.get("synchronous", "FULL")).upper()
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+            raise ValidationError(
+                f"invalid libsql setting synchronous={synchronous!r}",
+                field="synchronous",
+                expected="OFF, NORMAL, FULL or EXTRA",
+            )
         conn = connect(self.path, self.settings.get("encryption_key"))
         try:
             run(conn, "PRAGMA journal_mode = WAL").fetchall()
@@ -257,21 +261,20 @@ class LibsqlBackend(Backend):
             run(conn, f"DELETE FROM outbox WHERE seq IN ({', '.join('?' * len(chunk))})", chunk)
 
     def stats(self) -> dict[str, Any]:
+        """Cheap figures only (the runtime asks every second): no full-table counts."""
         conn = self._open_conn()
-        tables = (
-            "users",
-            "conversations",
-            "messages",
-            "semantic_facts",
-            "feedback_events",
-            "logs",
-            "tasks",
-            "session_metadata",
-            "outbox",
-        )
-        counts = {t: int(run(conn, f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
         size = sum(p.stat().st_size for p in self.data_dir.glob(DB_FILE + "*") if p.is_file())
-        return {"path": str(self.path), "bytes": size, "rows": counts, "position": self.load_position()}
+        outbox = run(conn, "SELECT count(*) FROM outbox").fetchone()[0]
+        messages = run(conn, "SELECT max(seq) FROM messages").fetchone()[0]
+        facts = run(conn, "SELECT max(seq) FROM semantic_facts").fetchone()[0]
+        return {
+            "path": str(self.path),
+            "bytes": size,
+            "position": self.load_position(),
+            "outbox": int(outbox),
+            "messages_stored": int(messages or 0),
+            "facts_stored": int(facts or 0),
+        }
 
     # -- users -----------------------------------------------------------------------------------------------
 

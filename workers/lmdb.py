@@ -22,7 +22,7 @@ is ordered by time, so expiring visits only what has expired (plus one entry).
 The map grows when full: every write of a batch goes through ``_Batch``, which journals it, so on
 ``lmdb.MapFullError`` the transaction is aborted, the map doubled (up to ``max_map_size``) and the
 journal replayed; the failed step then runs again. At the cap, writes that add data are refused with
-``StoreFull``; the last eighth of the cap stays free for deletes, replies and the position.
+``StoreFull`` while room stays free for deletes, replies and the position (``LmdbSettings.reserve``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import lmdb
 import msgspec
@@ -71,7 +71,8 @@ log = structlog.get_logger("membus.lmdb")
 MESSAGE_CHANGED = "conversation.message.changed"
 """Published by the libSQL worker when it stores a message (its contract lives in contracts/structured.py)."""
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
 _POSITION = b"position"
@@ -82,20 +83,27 @@ _DATABASES = ("messages", "msgids", "convs", "context", "expiry", "tracking", "o
 
 
 class LmdbSettings(msgspec.Struct, frozen=True):
-    ttl_seconds: float = 24 * 3600.0
-    map_size: int = 64 * MiB
-    max_map_size: int = 1024 * MiB
-    max_messages: int = 200
+    ttl_seconds: Annotated[float, msgspec.Meta(gt=0)] = 24 * 3600.0
+    map_size: Annotated[int, msgspec.Meta(ge=64 * KiB)] = 64 * MiB
+    max_map_size: Annotated[int, msgspec.Meta(ge=2 * MiB)] = 1024 * MiB
+    max_messages: Annotated[int, msgspec.Meta(ge=1)] = 200
     """Messages kept per conversation; the oldest are dropped."""
-    expire_per_batch: int = 256
+    expire_per_batch: Annotated[int, msgspec.Meta(ge=0)] = 256
     """Expired items removed at the start of every batch (0: only ``expire()`` removes them)."""
     encryption: Any = None
     """Placeholder: values will be sealed with AES-GCM in ValueCodec; nothing is done with it yet."""
 
+    @property
+    def reserve(self) -> int:
+        """Room kept free at the cap for deletes, replies and the position: LMDB needs pages to delete,
+        and cannot reuse the pages the previous transaction freed."""
+        return max(self.max_map_size // 8, 1 * MiB)
 
-class MessageChanged(msgspec.Struct, frozen=True):
+
+class MessageChanged(msgspec.Struct, frozen=True, kw_only=True):
     """The fields of ``conversation.message.changed`` this worker follows; other fields are ignored."""
 
+    op: str = "created"
     message_id: str
     conversation_id: str
     user_id: str
@@ -166,6 +174,8 @@ class _Batch:
     @property
     def current(self) -> lmdb.Transaction:
         """The innermost open transaction: read from it, write through put/delete."""
+        if not self._levels:
+            raise StoreError("the LMDB transaction was aborted: its writes no longer fit in the map")
         return self._levels[-1]
 
     def get(self, db: Any, key: bytes) -> bytes | None:
@@ -195,12 +205,15 @@ class _Batch:
             raise
 
     def rollback_savepoint(self) -> None:
-        txn, mark = self._levels.pop(), self._marks.pop()
-        txn.abort()
+        mark = self._marks.pop()
+        if self._levels:  # empty when a failed replay aborted everything
+            self._levels.pop().abort()
         del self.journal[mark:]
 
     def commit(self) -> None:
-        self._levels.pop().commit()
+        root = self.current
+        self._levels.pop()
+        root.commit()
 
     def abort(self) -> None:
         while self._levels:
@@ -208,21 +221,24 @@ class _Batch:
 
     def replay(self, keep: int) -> None:
         """Aborts everything, then replays the first ``keep`` writes, reopening each savepoint where it
-        began. Raises MapFullError if they do not fit."""
+        began. Raises MapFullError if they do not fit, leaving everything aborted."""
         self.abort()
         del self.journal[keep:]
-        ends = [*self._marks[1:], keep]
         start = 0
-        for end in ends:
-            parent = self._levels[-1] if self._levels else None
-            txn = self._env.begin(write=True, parent=parent)
-            self._levels.append(txn)
-            for db, key, value in self.journal[start:end]:
-                if value is None:
-                    txn.delete(key, db=db)
-                else:
-                    txn.put(key, value, db=db)
-            start = end
+        try:
+            for end in [*self._marks[1:], keep]:
+                parent = self._levels[-1] if self._levels else None
+                txn = self._env.begin(write=True, parent=parent)
+                self._levels.append(txn)
+                for db, key, value in self.journal[start:end]:
+                    if value is None:
+                        txn.delete(key, db=db)
+                    else:
+                        txn.put(key, value, db=db)
+                start = end
+        except BaseException:
+            self.abort()
+            raise
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -279,6 +295,7 @@ class LmdbBackend(Backend):
         self._db: dict[str, Any] = {}
         self._pid = 0
         self._page_size = 4096
+        self._map_size = 0
         self.counters = {"expiry_visited": 0, "expired": 0, "map_grown": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -293,11 +310,16 @@ class LmdbBackend(Backend):
         map_size = max(self.cfg.map_size, min(self.cfg.max_map_size, 2 * used))
         try:
             env = lmdb.open(str(path), map_size=map_size, max_dbs=len(_DATABASES), subdir=True)
-            self._db = {name: env.open_db(name.encode()) for name in _DATABASES}
         except lmdb.Error as exc:
             raise StoreError(f"cannot open LMDB environment {path}: {exc}", path=str(path)) from exc
+        try:
+            self._db = {name: env.open_db(name.encode()) for name in _DATABASES}
+        except lmdb.Error as exc:
+            env.close()
+            raise StoreError(f"cannot open LMDB databases in {path}: {exc}", path=str(path)) from exc
         self.env, self._pid = env, os.getpid()
         self._page_size = int(env.stat()["psize"])
+        self._map_size = int(env.info()["map_size"])
         _opened.add(path)
         log.info("lmdb.opened", path=str(path), map_size=env.info()["map_size"])
 
@@ -381,6 +403,7 @@ class LmdbBackend(Backend):
             new_size = min(2 * size, self.cfg.max_map_size)
             txn.abort()
             env.set_mapsize(new_size)
+            self._map_size = new_size
             self.counters["map_grown"] += 1
             log.info("lmdb.map_grown", old=size, new=new_size)
             try:
@@ -390,14 +413,16 @@ class LmdbBackend(Backend):
                 continue
 
     def _check_budget(self, txn: _Batch, topic: str) -> None:
-        """Refuses new data once the live pages pass 7/8 of max_map_size, keeping room for deletes,
-        replies and the position so a full store still answers and can be cleared."""
+        """Refuses new data once the live pages fill max_map_size less the reserve, so that a full
+        store still answers, records its position and can be cleared."""
+        budget = self.cfg.max_map_size - self.cfg.reserve
+        if self._map_size <= budget:
+            return  # the live pages cannot outgrow the map
         pages = 0
         for db in self._db.values():
             st = txn.current.stat(db)
             pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         used = pages * self._page_size
-        budget = self.cfg.max_map_size - self.cfg.max_map_size // 8
         if used >= budget:
             log.warning("lmdb.store_full", used=used, budget=budget, topic=topic)
             raise StoreFull(f"working memory is full: {used} bytes in use of a {budget}-byte budget "
@@ -489,13 +514,16 @@ class LmdbBackend(Backend):
 
     @handles(MESSAGE_CHANGED)
     @_writes(adds_data=True)
-    def follow_message(self, txn: _Batch, payload: Any, ctx: Context) -> AppendReply:
-        """Keeps every message the libSQL worker stores in working memory too."""
+    def follow_message(self, txn: _Batch, payload: Any, ctx: Context) -> AppendReply | None:
+        """Keeps every message the libSQL worker stores (``op`` created) in working memory too."""
         try:
             event = msgspec.convert(msgspec.to_builtins(payload), MessageChanged)
         except msgspec.ValidationError as exc:
             raise ValidationError(f"invalid payload for topic {MESSAGE_CHANGED!r}: {exc}",
                                   topic=MESSAGE_CHANGED, field="", expected=str(exc)) from None
+        if event.op != "created":
+            log.debug("lmdb.event_ignored", op=event.op, message_id=event.message_id)
+            return None
         message = WorkingMessage(message_id=event.message_id, user_id=event.user_id, role=event.role,
                                  text=event.text, ts=event.created_at)
         return self._append(txn, event.conversation_id, message, None, ctx)

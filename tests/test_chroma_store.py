@@ -1,0 +1,228 @@
+"""The semantic-memory worker against real ChromaDB and SQLite files, and the real embedding model."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import contracts.semantic  # noqa: F401 - registers the search topics
+from contracts.envelope import Envelope, make_envelope
+from contracts.registry import encode_payload
+from workers.apply import apply_batch
+from workers.bm25 import Bm25Index, terms, tokenize
+from workers.chroma import ChromaBackend
+from workers.embedding import HashEmbedder, load_embedder
+
+CORPUS = {
+    "s0": "My sister Anna lives in Berlin and works as a nurse.",
+    "s1": "I am allergic to peanuts, so I avoid most desserts.",
+    "s2": "Our dog Biscuit is a golden retriever who loves swimming.",
+    "s3": "I play the cello in a community orchestra on Thursdays.",
+    "s4": "My favourite food is spicy Thai green curry.",
+    "s5": "I started learning Japanese last spring for a trip to Kyoto.",
+    "s6": "I run a half marathon every autumn to stay fit.",
+    "s7": "My laptop is an old ThinkPad that I use for programming in Rust.",
+    "s8": "I get anxious before flying, especially during takeoff.",
+    "s9": "We are renovating the kitchen with new oak cabinets.",
+}
+QUERIES = {
+    "Where does my sibling live?": "s0",
+    "Which foods am I allergic to?": "s1",
+    "Tell me about my pet": "s2",
+    "Which musical instrument do I play?": "s3",
+    "What language am I studying?": "s5",
+    "Am I afraid of airplanes?": "s8",
+    "What computer do I code on?": "s7",
+}
+
+
+class Log:
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def env(self, topic: str, payload: Any, *, reply_to: str = "") -> Envelope:
+        self.seq += 1
+        env = make_envelope(topic, encode_payload(topic, payload), reply_to=reply_to)
+        env.seq = self.seq
+        return env
+
+
+def fact(fact_id: str, text: str, user: str = "u1", **extra: Any) -> dict[str, Any]:
+    return {"fact_id": fact_id, "user_id": user, "text": text, "fact_type": "personal", "confidence": 0.9,
+            "created_at": "2025-06-01T12:00:00Z", "updated_at": None, "version": 1, "superseded_by": None,
+            "metadata": {"source": "chat"}, "unknown_field": 1, **extra}
+
+
+def search(backend: ChromaBackend, log: Log, query: str, *, hybrid: bool = False, **options: Any) -> Any:
+    topic = "memory.search.hybrid.request" if hybrid else "memory.search.semantic.request"
+    outcomes, _ = apply_batch(backend, [log.env(topic, {"query": query, **options}, reply_to="inbox-1")])
+    assert outcomes[0].status == "applied", outcomes[0].error
+    return outcomes[0].reply.hits
+
+
+# -- BM25 ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def bm25() -> Iterator[Bm25Index]:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    index = Bm25Index(conn)
+    index.create()
+    yield index
+    conn.close()
+
+
+def test_tokenize_drops_stopwords_and_case() -> None:
+    assert tokenize("The Cat and THE hat!") == ["cat", "hat"]
+    assert terms("Cats, cats") == ["cats", "cats"]
+
+
+def test_bm25_ranks_by_term_rarity_and_frequency(bm25: Bm25Index) -> None:
+    bm25.add("m", "a", "tea tea with lemon")
+    bm25.add("m", "b", "tea with milk")
+    bm25.add("m", "c", "coffee with milk")
+    ranked = bm25.search("m", "tea lemon", k=10)
+    assert [doc for doc, _ in ranked] == ["a", "b"]  # c shares no term
+    assert ranked[0][1] > ranked[1][1] > 0
+    # "lemon" (in one document) weighs more than "milk" (in two)
+    assert bm25.search("m", "lemon")[0][1] > bm25.search("m", "milk")[0][1]
+
+
+def test_bm25_incremental_add_replace_remove(bm25: Bm25Index) -> None:
+    bm25.add("m", "a", "red apple")
+    bm25.add("m", "b", "green apple")
+    assert bm25.count("m") == 2
+    bm25.add("m", "a", "yellow banana")  # replaces what "a" said before
+    assert bm25.count("m") == 2
+    assert [doc for doc, _ in bm25.search("m", "apple")] == ["b"]
+    assert [doc for doc, _ in bm25.search("m", "banana")] == ["a"]
+    assert bm25.remove("m", "b") and not bm25.remove("m", "b")
+    assert bm25.search("m", "apple") == []
+    assert bm25.conn.execute("SELECT count(*) FROM bm25_terms WHERE term = 'apple'").fetchone() == (0,)
+    assert bm25.search("other", "banana") == []  # collections are separate
+
+
+def test_bm25_filters_by_user(bm25: Bm25Index) -> None:
+    bm25.add("m", "a", "likes jazz", user_id="u1")
+    bm25.add("m", "b", "likes jazz", user_id="u2")
+    assert [doc for doc, _ in bm25.search("m", "jazz", user_id="u2")] == ["b"]
+
+
+# -- search quality with the real model ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ChromaBackend, Log]]:
+    backend = ChromaBackend(tmp_path_factory.mktemp("chroma-real"), embedder=load_embedder(device="cpu"))
+    backend.open()
+    log = Log()
+    batch = [log.env("memory.fact.changed", fact(fid, text)) for fid, text in CORPUS.items()]
+    batch.append(log.env("memory.fact.changed", fact("other", "My brother lives in Berlin too.", user="u2")))
+    outcomes, _ = apply_batch(backend, batch)
+    assert {o.status for o in outcomes} == {"applied"}
+    yield backend, log
+    backend.close()
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["semantic", "hybrid"])
+def test_related_sentence_ranks_first(real: tuple[ChromaBackend, Log], hybrid: bool) -> None:
+    backend, log = real
+    for query, expected in QUERIES.items():
+        hits = search(backend, log, query, hybrid=hybrid, user_id="u1", k=3)
+        assert hits and hits[0].id == expected, (query, [(h.id, h.score) for h in hits])
+        assert hits[0].text == CORPUS[expected]
+        assert hits[0].metadata["user_id"] == "u1"
+        assert all(h.metadata["user_id"] == "u1" for h in hits)
+
+
+def test_threshold_and_scores(real: tuple[ChromaBackend, Log]) -> None:
+    backend, log = real
+    hits = search(backend, log, "Which musical instrument do I play?", user_id="u1", k=10)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    strict = search(backend, log, "Which musical instrument do I play?", user_id="u1", k=10,
+                    min_relevance=hits[0].score - 1e-6)
+    assert [h.id for h in strict] == ["s3"]
+    hybrid = search(backend, log, "cello orchestra", hybrid=True, user_id="u1", k=3,
+                    where={"fact_type": "personal"})
+    assert hybrid[0].id == "s3" and hybrid[0].bm25 is not None and hybrid[0].semantic is not None
+
+
+# -- exactly-once, reopen, superseded facts (the hashing embedder: no semantics needed) -------------
+
+@pytest.fixture
+def hashed(tmp_path: Path) -> Iterator[ChromaBackend]:
+    backend = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder())
+    backend.open()
+    yield backend
+    backend.close()
+
+
+def test_same_batch_twice_is_skipped_and_counts_stay(hashed: ChromaBackend) -> None:
+    log = Log()
+    batch = [log.env("memory.fact.changed", fact(f"f{i}", f"fact number {i}")) for i in range(5)]
+    batch.append(log.env("conversation.message.changed", {"message_id": "m1", "conversation_id": "c1",
+                                                          "user_id": "u1", "role": "user",
+                                                          "text": "hello there", "created_at": 1.7e9}))
+    apply_batch(hashed, batch)
+    outcomes, position = apply_batch(hashed, batch)
+    assert {o.status for o in outcomes} == {"skipped"} and position == 6
+    apply_batch(hashed, batch, position=0)  # a replay past a lost position: idempotent upserts
+    assert hashed.stats() == {"memory": 5, "conversation": 1}
+    assert hashed.bm25 is not None and hashed.bm25.count("memory") == 5
+
+
+def test_position_and_index_survive_reopen(tmp_path: Path) -> None:
+    log = Log()
+    first = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder())
+    first.open()
+    apply_batch(first, [log.env("memory.fact.changed", fact("f1", "the user plays chess"))])
+    apply_batch(first, [log.env("semantic.index.request", {"id": "note-1", "text": "a note about chess"},
+                                reply_to="inbox-1")])
+    first.close()
+    again = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder())
+    again.open()
+    try:
+        assert again.load_position() == 2
+        assert [seq for seq, _ in again.outbox_pending()] == [2]
+        hits = search(again, log, "chess", hybrid=True)
+        assert {h.id for h in hits} == {"f1", "note-1"}
+    finally:
+        again.close()
+
+
+def test_superseded_fact_is_no_longer_returned(hashed: ChromaBackend) -> None:
+    log = Log()
+    apply_batch(hashed, [log.env("memory.fact.changed", fact("f1", "user lives in Paris"))])
+    assert [h.id for h in search(hashed, log, "lives in Paris", user_id="u1")] == ["f1"]
+    old = fact("f1", "user lives in Paris", superseded_by="f2")
+    apply_batch(hashed, [log.env("memory.fact.changed", old),
+                         log.env("memory.fact.changed", fact("f2", "user lives in Lyon"))])
+    for hybrid in (False, True):
+        ids = [h.id for h in search(hashed, log, "lives in Paris", hybrid=hybrid, user_id="u1", k=5)]
+        assert ids == ["f2"], ids
+    assert hashed.stats()["memory"] == 1
+
+
+def test_a_failing_message_leaves_no_trace(hashed: ChromaBackend) -> None:
+    log = Log()
+    good = log.env("memory.fact.changed", fact("f1", "likes green tea"))
+    bad = log.env("memory.fact.changed", {"user_id": "u1", "text": "no fact id"})
+    outcomes, position = apply_batch(hashed, [good, bad])
+    assert [o.status for o in outcomes] == ["applied", "failed"] and position == 2
+    assert outcomes[1].error is not None and outcomes[1].error.code == "validation"
+    assert hashed.stats()["memory"] == 1
+    assert hashed.bm25 is not None and hashed.bm25.count("memory") == 1
+
+
+def test_search_sees_writes_earlier_in_its_batch(hashed: ChromaBackend) -> None:
+    log = Log()
+    write = log.env("semantic.index.request", {"id": "n1", "text": "piano lessons",
+                                               "collection": "conversation", "user_id": "u1"},
+                    reply_to="inbox-1")
+    ask = log.env("memory.search.semantic.request", {"query": "piano lessons", "collection": "all"},
+                  reply_to="inbox-1")
+    outcomes, _ = apply_batch(hashed, [write, ask])
+    assert [h.id for h in outcomes[1].reply.hits] == ["n1"]
+    assert outcomes[1].reply.hits[0].collection == "conversation"

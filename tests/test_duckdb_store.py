@@ -1,0 +1,215 @@
+"""The analytics worker against a real DuckDB file: bulk ingestion, answers, exactly-once, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+import contracts.analytics  # noqa: F401 - registers the analytics topics
+from contracts.envelope import Envelope, make_envelope
+from contracts.ids import new_id
+from contracts.registry import encode_payload
+from workers.apply import apply_batch
+from workers.duckdb import DuckdbBackend
+
+DAY = 86_400.0
+T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z
+NS = 1_000_000_000
+
+
+class Log:
+    """Hands out envelopes with increasing sequence numbers, as the broker's log does."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def env(self, topic: str, payload: Any, *, reply_to: str = "", ts: int | None = None, source: str = "",
+            causation_id: str = "", message_id: str | None = None) -> Envelope:
+        self.seq += 1
+        env = make_envelope(topic, encode_payload(topic, payload), reply_to=reply_to,
+                            causation_id=causation_id, message_id=message_id)
+        env.seq = self.seq
+        env.source = source
+        if ts is not None:
+            env.ts = ts
+        return env
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Any:
+    b = DuckdbBackend(tmp_path / "duckdb")
+    b.open()
+    yield b
+    b.close()
+
+
+def message(i: int, created: float, sentiment: float | None, user: str = "u1") -> dict[str, Any]:
+    return {"message_id": f"m{i}", "conversation_id": "c1", "user_id": user, "role": "user",
+            "text": f"message {i}", "created_at": created, "sentiment": sentiment, "extra": "ignored"}
+
+
+def corpus(log: Log) -> list[Envelope]:
+    msgs = [message(0, T0, 0.5), message(1, T0 + 60, -0.5), message(2, T0 + 120, None),
+            message(3, T0 + DAY, 1.0), message(4, T0 + DAY + 5, 0.0, user="u2")]
+    out = [log.env("conversation.message.changed", m) for m in msgs]
+    out.append(log.env("feedback.event.changed", {"feedback_id": "f1", "user_id": "u1",
+                                                  "conversation_id": "c1", "kind": "thumbs", "rating": 1,
+                                                  "created_at": T0}))
+    out.append(log.env("memory.fact.changed", {"fact_id": "k1", "user_id": "u1", "text": "likes tea",
+                                               "category": "preference", "confidence": 0.8,
+                                               "created_at": "2025-06-15T10:00:00Z", "superseded_by": None}))
+    return out
+
+
+def ask(backend: DuckdbBackend, log: Log, topic: str, payload: dict[str, Any]) -> Any:
+    outcomes, _ = apply_batch(backend, [log.env(topic, payload, reply_to="inbox-1")])
+    assert outcomes[0].status == "applied", outcomes[0].error
+    return outcomes[0].reply
+
+
+def test_ingest_and_messages_per_day(backend: DuckdbBackend) -> None:
+    log = Log()
+    outcomes, position = apply_batch(backend, corpus(log))
+    assert [o.status for o in outcomes] == ["applied"] * 7
+    assert position == 7
+    assert backend.stats() == {"messages": 5, "feedback": 1, "facts": 1, "events": 7}
+    reply = ask(backend, log, "analytics.messages_per_day.request", {})
+    assert [(d.day, d.messages) for d in reply.days] == [("2025-06-15", 3), ("2025-06-16", 2)]
+    reply = ask(backend, log, "analytics.messages_per_day.request", {"user_id": "u1"})
+    assert [(d.day, d.messages) for d in reply.days] == [("2025-06-15", 3), ("2025-06-16", 1)]
+
+
+def test_average_sentiment_over_a_window(backend: DuckdbBackend) -> None:
+    log = Log()
+    apply_batch(backend, corpus(log))
+    everything = ask(backend, log, "analytics.sentiment.request", {})
+    assert everything.messages == 4  # the message without a sentiment is left out
+    assert everything.average == pytest.approx((0.5 - 0.5 + 1.0 + 0.0) / 4)
+    first_day = ask(backend, log, "analytics.sentiment.request", {"since": T0, "until": T0 + DAY})
+    assert (first_day.messages, first_day.average) == (2, pytest.approx(0.0))
+    empty = ask(backend, log, "analytics.sentiment.request", {"user_id": "nobody"})
+    assert (empty.messages, empty.average) == (0, None)
+
+
+def test_p95_latency_from_paired_request_and_complete(backend: DuckdbBackend) -> None:
+    log = Log()
+    base = int(T0 * NS)
+    batch = []
+    latencies_ms = list(range(1, 21))  # 1..20 ms
+    for i, ms in enumerate(latencies_ms):
+        request = log.env("memory.store.request", {"key": i}, ts=base + i * NS)  # observed copy: no reply_to
+        batch.append(request)
+        batch.append(log.env("memory.store.complete", {"ok": True}, ts=request.ts + ms * 1_000_000,
+                             source="lmdb", causation_id=request.id))
+    batch.append(log.env("memory.store.failed", {"code": "x"}, ts=base + 30 * NS, source="lmdb",
+                         causation_id=new_id()))  # ULID made "now": far from ts, so no latency
+    outcomes, _ = apply_batch(backend, batch)
+    assert {o.status for o in outcomes} == {"applied"}
+    reply = ask(backend, log, "analytics.latency.request", {"topic": "memory.store.request"})
+    [row] = reply.rows
+    assert (row.topic, row.worker, row.replies, row.failed) == ("memory.store.request", "lmdb", 20, 0)
+    # quantile_cont interpolates: position 0.95 * 19 = 18.05 between 19 ms and 20 ms
+    assert row.percentile_ms == pytest.approx(19.05)
+    assert row.p50_ms == pytest.approx(10.5)
+    assert row.max_ms == pytest.approx(20.0)
+
+
+def test_latency_from_the_request_ulid_when_requests_are_not_delivered(backend: DuckdbBackend) -> None:
+    log = Log()
+    request_id = new_id()  # a ULID encodes its creation time in ms
+    from contracts.ids import id_time_ms
+
+    made_ns = id_time_ms(request_id) * 1_000_000
+    complete = log.env("memory.search.semantic.complete", {"hits": []}, ts=made_ns + 42_000_000,
+                       source="chroma", causation_id=request_id)
+    apply_batch(backend, [complete])
+    [row] = ask(backend, log, "analytics.latency.request", {}).rows
+    assert (row.topic, row.worker) == ("memory.search.semantic.request", "chroma")
+    assert row.max_ms == pytest.approx(42.0)
+
+
+def test_throughput_per_topic_per_minute(backend: DuckdbBackend) -> None:
+    log = Log()
+    minute = int(T0 // 60 * 60) * NS
+    topic = "conversation.message.changed"
+    batch = [log.env(topic, message(i, T0, None), ts=minute + i * NS) for i in range(3)]
+    batch.append(log.env("conversation.message.changed", message(9, T0, None), ts=minute + 61 * NS))
+    apply_batch(backend, batch)
+    reply = ask(backend, log, "analytics.throughput.request",
+                {"topic": "conversation.message.changed", "until": T0 + 3600})
+    assert [(r.minute, r.messages) for r in reply.rows] == [("2025-06-15T15:06:00Z", 3),
+                                                             ("2025-06-15T15:07:00Z", 1)]
+
+
+def test_redelivery_is_skipped_and_upserts_keep_one_row(backend: DuckdbBackend) -> None:
+    log = Log()
+    batch = corpus(log)
+    apply_batch(backend, batch)
+    outcomes, position = apply_batch(backend, batch)
+    assert {o.status for o in outcomes} == {"skipped"}
+    assert position == 7
+    # even without the position (a lost position table), natural keys keep one row per message
+    apply_batch(backend, batch, position=0)
+    assert backend.stats() == {"messages": 5, "feedback": 1, "facts": 1, "events": 7}
+
+
+def test_a_failing_message_contributes_nothing(backend: DuckdbBackend) -> None:
+    log = Log()
+    good = log.env("conversation.message.changed", message(1, T0, 0.2))
+    bad = log.env("conversation.message.changed", {"conversation_id": "c1", "text": "no id"})
+    # fails after it queued its own event row (and after flushing the rows before it)
+    escape = log.env("analytics.export.request", {"table": "events", "path": "../x.parquet"}, reply_to="i")
+    after = log.env("conversation.message.changed", message(2, T0, 0.4))
+    outcomes, position = apply_batch(backend, [good, bad, escape, after])
+    assert [o.status for o in outcomes] == ["applied", "failed", "failed", "applied"]
+    assert position == 4
+    assert backend.stats()["messages"] == 2
+    events = backend.rows("SELECT seq FROM events ORDER BY seq")
+    assert events == [(1,), (4,)]  # the failed messages' rows were dropped with them
+
+
+def test_position_and_outbox_survive_reopen(tmp_path: Path) -> None:
+    log = Log()
+    b = DuckdbBackend(tmp_path / "duckdb")
+    b.open()
+    apply_batch(b, corpus(log))
+    apply_batch(b, [log.env("analytics.sentiment.request", {}, reply_to="inbox-1")])
+    b.close()
+    again = DuckdbBackend(tmp_path / "duckdb")
+    again.open()
+    try:
+        assert again.load_position() == 8
+        assert again.stats()["messages"] == 5
+        pending = again.outbox_pending()
+        assert [seq for seq, _ in pending] == [8]  # the reply, not yet confirmed published
+        again.outbox_remove([8])
+        assert again.outbox_pending() == []
+    finally:
+        again.close()
+
+
+def test_unknown_request_is_refused_not_answered_as_complete(backend: DuckdbBackend) -> None:
+    log = Log()
+    outcomes, _ = apply_batch(backend, [log.env("analytics.nothing.request", {}, reply_to="inbox-1")])
+    assert outcomes[0].status == "failed"
+    assert outcomes[0].error is not None and outcomes[0].error.code == "unknown_topic"
+
+
+def test_parquet_export_reads_back(backend: DuckdbBackend) -> None:
+    log = Log()
+    apply_batch(backend, corpus(log))
+    reply = ask(backend, log, "analytics.export.request",
+                {"table": "messages", "path": "out/messages.parquet"})
+    assert reply.rows == 5
+    path = backend.export_dir / reply.path
+    rows = duckdb.connect().execute(
+        f"SELECT message_id, sentiment FROM read_parquet('{path}') ORDER BY message_id").fetchall()
+    assert rows == [("m0", 0.5), ("m1", -0.5), ("m2", None), ("m3", 1.0), ("m4", 0.0)]
+    outcomes, _ = apply_batch(backend, [log.env("analytics.export.request",
+                                                {"table": "messages", "path": "../../escape.parquet"},
+                                                reply_to="inbox-1")])
+    assert outcomes[0].status == "failed" and outcomes[0].error is not None
+    assert outcomes[0].error.code == "validation"

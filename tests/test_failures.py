@@ -1,0 +1,289 @@
+"""Failure paths: kill -9 mid-stream, slow consumers, lost live frames, malformed and oversized input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+
+from bus import protocol as P
+from bus.client import Bus
+from contracts.envelope import make_envelope
+from contracts.errors import BusError
+from tests.conftest import BrokerProcess, wait_until
+
+
+def test_kill_9_broker_while_clients_publish_loses_no_acknowledged_message(broker: BrokerProcess) -> None:
+    acked: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+    stop = threading.Event()
+    errors: list[Exception] = []
+
+    def publisher(name: str) -> None:
+        with Bus.connect(broker.home.path, module=f"pub-{name}", timeout=30) as b:
+            i = 0
+            while not stop.is_set():
+                mid = None
+                try:
+                    window = [(i + k, b.publish_nowait("test.crash.changed", {"p": name, "i": i + k},
+                                                       timeout=60)) for k in range(50)]
+                    for n, p in window:
+                        acked[name].append((n, p.result(70)))
+                    i += 50
+                except BusError as exc:  # only allowed outcome: a timeout, then we stop
+                    errors.append(exc)
+                    return
+                del mid
+
+    threads = [threading.Thread(target=publisher, args=(n,), daemon=True) for n in acked]
+    for t in threads:
+        t.start()
+    wait_until(lambda: all(len(v) > 200 for v in acked.values()), what="publishing under way")
+    broker.kill()
+    time.sleep(0.5)
+    broker.start()
+    wait_until(lambda: all(len(v) > 600 for v in acked.values()), timeout=60, what="publishing resumed")
+    stop.set()
+    for t in threads:
+        t.join(80)
+    assert not errors
+    with Bus.connect(broker.home.path, module="check") as b:
+        logged = [(m.payload["p"], m.payload["i"], m.seq) for m in b.replay(topic="test.crash.changed")]
+    by_key = {(p, i): seq for p, i, seq in logged}
+    assert len(by_key) == len(logged), "a message is in the log twice"
+    for name, items in acked.items():
+        for i, seq in items:
+            assert by_key[(name, i)] == seq, "an acknowledged message is missing or moved"
+        ordered = [i for p, i, _ in logged if p == name]
+        assert ordered == sorted(ordered), "a publisher's messages are out of order"
+    seqs = [s for _, _, s in logged]
+    assert seqs == sorted(seqs)
+
+
+CONSUMER = textwrap.dedent("""
+    import sys, time
+    from bus.client import Bus
+    home, out = sys.argv[1], sys.argv[2]
+    with Bus.connect(home, module="victim") as b, b.consume("crashy", ["test.job.*"], credit=50) as c:
+        with open(out, "a") as f:
+            while True:
+                for d in c.fetch(50, timeout=1):
+                    f.write(f"{d.seq}\\n"); f.flush()
+                    if d.message.payload["i"] % 2 == 0:
+                        c.ack([d])
+                time.sleep(0.01)
+""")
+
+
+def test_kill_9_group_consumer_mid_batch_redelivers_its_unacked_messages(broker: BrokerProcess,
+                                                                          tmp_path: Path) -> None:
+    seen = tmp_path / "seen.txt"
+    with Bus.connect(broker.home.path, module="test") as bus:
+        seqs = [p.result(10) for p in [bus.publish_nowait("test.job.request", {"i": i}) for i in range(40)]]
+        victim = subprocess.Popen([sys.executable, "-c", CONSUMER, str(broker.home.path), str(seen)])
+        try:
+            wait_until(lambda: seen.exists() and len(seen.read_text().split()) >= 40, what="victim got all")
+            wait_until(lambda: bus.status()["groups"]["crashy"]["inflight"] == 20, what="odd ones unacked")
+        finally:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+        with bus.consume("crashy", credit=100) as c:
+            redelivered = []
+            deadline = time.monotonic() + 30
+            while len(redelivered) < 20 and time.monotonic() < deadline:
+                batch = c.fetch(100, timeout=1)
+                redelivered += batch
+                c.ack(batch)
+        assert sorted(d.seq for d in redelivered) == [s for s in seqs if (s - seqs[0]) % 2 == 1]
+        assert all(d.attempt == 2 for d in redelivered)
+
+
+def test_a_message_that_keeps_failing_goes_to_dead_letters(bus: Bus) -> None:
+    seq = bus.publish("test.poison.request", {"x": 1})
+    with bus.consume("picky", ["test.poison.*"], credit=5, max_attempts=3) as c:
+        for attempt in (1, 2, 3):
+            (d,) = c.fetch(5, timeout=10)
+            assert (d.seq, d.attempt) == (seq, attempt)
+            c.nack([d], "cannot handle this")
+        assert c.fetch(5, timeout=0.5) == []
+    dead = [m for m in bus.replay(topic="bus.deadletter")]
+    assert len(dead) == 1
+    assert dead[0].payload["seq"] == seq and dead[0].payload["reason"] == "cannot handle this"
+    assert bus.status()["groups"]["picky"]["dead_letters"] == 1
+
+
+def test_ack_timeout_redelivers(bus: Bus) -> None:
+    seq = bus.publish("test.slowack.request", {})
+    with bus.consume("forgetful", ["test.slowack.*"], credit=5, ack_timeout=0.3) as c:
+        (first,) = c.fetch(5, timeout=10)
+        (again,) = c.fetch(5, timeout=10)
+        assert first.seq == again.seq == seq and again.attempt == 2
+        c.ack([again])
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_slow_consumer_does_not_grow_broker_memory_with_the_backlog(bus: Bus, broker: BrokerProcess) -> None:
+    assert broker.proc
+    payload = {"blob": "x" * 2000}
+    with bus.consume("slow", ["test.backlog.*"], credit=10) as c:
+        for p in [bus.publish_nowait("test.backlog.changed", payload) for _ in range(5000)]:
+            p.result(30)
+        time.sleep(0.5)
+        before = _rss_kib(broker.proc.pid)
+        for p in [bus.publish_nowait("test.backlog.changed", payload) for _ in range(20000)]:
+            p.result(60)  # 40 MB more backlog than the consumer has taken
+        time.sleep(0.5)
+        after = _rss_kib(broker.proc.pid)
+        st = bus.status()["groups"]["slow"]
+        assert st["inflight"] <= 10 and st["lag"] >= 24_000
+        assert c.fetch(100, timeout=5)
+    # The backlog lives in the log (memory-mapped, not resident by force); what the broker holds is bounded.
+    assert after - before < 20_000, f"broker RSS grew by {after - before} KiB with a 40 MB backlog"
+
+
+def test_live_subscriber_that_misses_messages_recovers_them_from_the_log(bus: Bus) -> None:
+    with bus.subscribe("test.flood.*", max_queued=50) as sub:
+        pendings = [bus.publish_nowait("test.flood.changed", {"i": i}) for i in range(3000)]
+        for p in pendings:
+            p.result(30)
+        got = [sub.get(timeout=10).payload["i"] for _ in range(3000)]
+    assert got == list(range(3000))
+    assert bus._conn.counters.gaps_filled >= 1
+
+
+def test_broker_drops_live_frames_for_a_stuck_subscriber_and_says_where_the_gap_is(tmp_path: Path) -> None:
+    b = BrokerProcess(tmp_path / "home", env={"MEMBUS_LIVE_HWM": "5"}).start()
+    try:
+        s = _raw_socket(b)
+        s.rcvhwm = 5
+        s.send_multipart([P.HELLO, P.pack({"client": "stuck"})])
+        assert s.recv_multipart()[0] == P.WELCOME
+        s.send_multipart([P.SUB, P.pack_id(1), P.pack({"patterns": ["test.stuck.*"]})])
+        assert s.recv_multipart()[0] == P.LIVE
+        with Bus.connect(b.home.path, module="test") as bus:
+            for _ in range(40):  # 40 commits of 1 MB while the subscriber does not read: past its HWM and TCP buffers
+                for p in [bus.publish_nowait("test.stuck.changed", {"blob": "x" * 50_000}) for _ in range(20)]:
+                    p.result(30)
+            last = bus.publish("test.stuck.changed", {"blob": ""})
+            wait_until(lambda: bus.status()["counters"].get("live_dropped", 0) > 0, what="drops")
+            s.send_multipart([P.PING])
+            frames, covered, gaps = 0, 0, 0
+            while covered < last:
+                f = s.recv_multipart()
+                if f[0] != P.LIVE:
+                    continue
+                first, end, _envs = P.unpack(f[2])
+                gaps += first > covered + 1
+                covered = max(covered, end)
+                frames += 1
+            assert gaps >= 1, "a dropped frame must show as a gap in the covered ranges"
+            assert b.alive
+    finally:
+        s.close(0)
+        b.stop()
+
+
+def _raw_socket(broker: BrokerProcess, module: str = "raw") -> zmq.Socket:  # type: ignore[type-arg]
+    public, secret = broker.home.module_keys(module)
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.curve_serverkey = broker.home.broker_public_key()
+    s.curve_publickey, s.curve_secretkey = public, secret
+    s.linger = 0
+    s.rcvtimeo = 5000
+    s.connect(broker.endpoint)
+    return s
+
+
+def _error(s: zmq.Socket) -> dict:  # type: ignore[type-arg]
+    while True:
+        frames = s.recv_multipart()
+        if frames[0] == P.ERROR:
+            return dict(P.unpack(frames[2]))
+
+
+def test_malformed_frames_get_typed_errors_and_the_broker_stays_up(broker: BrokerProcess) -> None:
+    s = _raw_socket(broker)
+    try:
+        s.send_multipart([P.HELLO, P.pack({"client": "raw", "inbox": ""})])
+        assert s.recv_multipart()[0] == P.WELCOME
+        cases = [
+            [b"NOPE"],
+            [P.PUB],
+            [P.PUB, b"12345678", b"\xc1\xc1 not msgpack"],
+            [P.PUB, b"12345678", P.pack([[1, 2, 3]])],
+            [P.SUB, b"short", b"{}"],
+            [P.JOIN, b"g", b"\xff\xfe"],
+            [P.ACK, b"g", P.pack("not a list")],
+            [P.REPLAY, b"12345678", P.pack({"patterns": ["a..b"]})],
+            [P.HELLO, b"\x92"],
+        ]
+        for frames in cases:
+            s.send_multipart(frames)
+            err = _error(s)
+            assert err["code"] in ("protocol", "validation", "unknown_client"), (frames, err)
+        # a well-formed batch with one bad envelope: that envelope alone is refused, by name
+        good = make_envelope("test.fine.changed", msgspec.msgpack.encode(1))
+        bad = make_envelope("Not A Topic", msgspec.msgpack.encode(1))
+        s.send_multipart([P.PUB, P.pack_id(9), msgspec.msgpack.encode([good, bad])])
+        frames = s.recv_multipart()
+        assert frames[0] == P.PUBACK
+        ok, refused = P.unpack(frames[2])
+        assert isinstance(ok, int) and refused[0] == "validation" and "Not A Topic" in refused[1]
+        with Bus.connect(broker.home.path, module="test") as bus:
+            assert bus.publish("test.after.changed", {"ok": True}) > 0
+            counters = bus.status()["counters"]
+        assert counters["malformed"] + counters.get("unknown_commands", 0) >= 8
+        assert broker.alive
+    finally:
+        s.close(0)
+
+
+def test_oversized_messages_are_refused_with_a_typed_error(tmp_path: Path) -> None:
+    b = BrokerProcess(tmp_path / "home", env={"MEMBUS_MAX_MESSAGE_BYTES": "10000"}).start()
+    try:
+        with Bus.connect(b.home.path, module="test") as bus:
+            with pytest.raises(BusError) as info:
+                bus.publish("test.big.changed", {"blob": "x" * 20000})
+            assert info.value.code == "too_large"
+            assert bus.publish("test.small.changed", {"blob": "x" * 100}) > 0
+            s = _raw_socket(b)
+            try:
+                s.send_multipart([P.HELLO, P.pack({"client": "raw"})])
+                s.recv_multipart()
+                env = make_envelope("test.big.changed", msgspec.msgpack.encode("y" * 9_000_000))
+                s.send_multipart([P.PUB, P.pack_id(7), msgspec.msgpack.encode([env])])
+                err = _error(s)
+                assert err["code"] == "too_large"
+            finally:
+                s.close(0)
+            assert bus.status()["counters"]["too_large"] == 2
+    finally:
+        b.stop()
+
+
+def test_client_survives_broker_restart_and_resumes_subscriptions(broker: BrokerProcess) -> None:
+    with Bus.connect(broker.home.path, module="test") as bus, bus.subscribe("test.restart.*") as sub:
+        bus.publish("test.restart.changed", {"i": 0})
+        assert sub.get(timeout=10).payload["i"] == 0
+        broker.kill()
+        broker.start()
+        seq = bus.publish("test.restart.changed", {"i": 1}, timeout=30)
+        msg = sub.get(timeout=30)
+        assert (msg.seq, msg.payload["i"]) == (seq, 1)
+        assert bus._conn.counters.reconnects >= 1
+    assert os.path.exists(broker.home.run_file)

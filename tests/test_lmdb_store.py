@@ -1,0 +1,447 @@
+"""The LMDB working-memory worker, driven through workers.apply.apply_batch against a real LMDB store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import contracts.structured  # noqa: F401  (the libSQL contract of conversation.message.changed)
+from contracts.envelope import Envelope, decode_envelope, make_envelope
+from contracts.errors import StoreFull
+from contracts.registry import decode_payload, encode_payload
+from contracts.working import (
+    APPEND,
+    CONTEXT_CHANGED,
+    CONTEXT_CLEAR,
+    CONTEXT_GET,
+    CONTEXT_SET,
+    CONVERSATION_CLEAR,
+    RECENT,
+)
+from workers.apply import Outcome, apply_batch
+from workers.base import Context
+from workers.lmdb import MESSAGE_CHANGED, LmdbBackend
+
+KiB = 1024
+MiB = 1024 * KiB
+T0 = time.time()
+
+
+def envelope(topic: str, payload: Any, seq: int, *, ts: float | None = None) -> Envelope:
+    env = make_envelope(topic, encode_payload(topic, payload), reply_to="inbox.t")
+    env = msgspec.structs.replace(env, seq=seq)
+    return env if ts is None else msgspec.structs.replace(env, ts=int(ts * 1e9))
+
+
+def message(conversation: str, n: int, **extra: Any) -> dict[str, Any]:
+    return {"conversation_id": conversation, "user_id": "u1", "role": "user", "text": f"message {n}",
+            "message_id": f"{conversation}-m{n}", "ts": T0 + n, **extra}
+
+
+class Log:
+    """Hands out log sequence numbers, as the broker does."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def __call__(self, topic: str, payload: Any, **kw: Any) -> Envelope:
+        self.seq += 1
+        return envelope(topic, payload, self.seq, **kw)
+
+
+def open_store(path: Path, **settings: Any) -> LmdbBackend:
+    store = LmdbBackend(path, **settings)
+    store.open()
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LmdbBackend]:
+    s = open_store(tmp_path / "lmdb")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def log() -> Log:
+    return Log()
+
+
+def apply(store: LmdbBackend, batch: list[Envelope]) -> list[Outcome]:
+    outcomes, _ = apply_batch(store, batch)
+    return outcomes
+
+
+def one(store: LmdbBackend, env: Envelope) -> Outcome:
+    [outcome] = apply(store, [env])
+    return outcome
+
+
+def texts(store: LmdbBackend, conversation: str, limit: int = 1000, now: float | None = None) -> list[str]:
+    return [m.text for m in store.read_recent(conversation, limit, now=now)]
+
+
+def published(store: LmdbBackend) -> list[tuple[int, Envelope, Any]]:
+    return [(seq, env, decode_payload(env.topic, env.payload))
+            for seq, items in store.outbox_pending() for env in map(decode_envelope, items)]
+
+
+def assert_consistent(store: LmdbBackend) -> None:
+    """Every message has its id entry and one expiry entry, and the per-conversation counts add up."""
+    entries = store.stats()["entries"]
+    assert entries["msgids"] == entries["messages"]
+    assert entries["expiry"] == entries["messages"] + entries["context"]
+    with store._read() as r:
+        counts = [int.from_bytes(v, "big") for _, v in r.cursor(db=store._db["convs"])]
+    assert sum(counts) == entries["messages"]
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+def test_append_then_recent_returns_the_latest_oldest_first(store: LmdbBackend, log: Log) -> None:
+    batch = [log(APPEND, message("c1", n)) for n in range(6)] + [log(APPEND, message("c2", 0))]
+    outcomes = apply(store, batch)
+    assert [o.status for o in outcomes] == ["applied"] * 7
+    assert [o.reply.count for o in outcomes] == [1, 2, 3, 4, 5, 6, 1]
+
+    [recent] = apply(store, [log(RECENT, {"conversation_id": "c1", "limit": 3})])
+    assert recent.status == "applied"
+    assert [m.text for m in recent.reply.messages] == ["message 3", "message 4", "message 5"]
+    assert [m.message_id for m in recent.reply.messages] == ["c1-m3", "c1-m4", "c1-m5"]
+    assert texts(store, "c1", 3) == ["message 3", "message 4", "message 5"]
+    assert texts(store, "c2") == ["message 0"]
+    assert texts(store, "nobody") == []
+    assert_consistent(store)
+
+
+def test_messages_are_ordered_by_their_time_not_by_arrival(store: LmdbBackend, log: Log) -> None:
+    apply(store, [log(APPEND, message("c1", n)) for n in (5, 1, 3)])
+    assert texts(store, "c1") == ["message 1", "message 3", "message 5"]
+
+
+def test_a_redelivered_batch_is_skipped_and_never_duplicates(store: LmdbBackend, log: Log) -> None:
+    batch = [log(APPEND, message("c1", n)) for n in range(3)]
+    assert [o.status for o in apply(store, batch)] == ["applied"] * 3
+    assert [o.status for o in apply(store, batch)] == ["skipped"] * 3
+    assert texts(store, "c1") == ["message 0", "message 1", "message 2"]
+
+
+def test_the_same_message_id_in_a_later_entry_is_held_once(store: LmdbBackend, log: Log) -> None:
+    first = one(store, log(APPEND, message("c1", 1)))
+    again = one(store, log(APPEND, message("c1", 1, text="resent")))
+    assert (first.reply.stored, again.reply.stored) == (True, False)
+    assert again.reply.count == 1
+    assert texts(store, "c1") == ["message 1"]
+    assert_consistent(store)
+
+
+def test_an_append_without_message_id_is_keyed_by_its_envelope(store: LmdbBackend, log: Log) -> None:
+    payload = {"conversation_id": "c1", "user_id": "u1", "role": "assistant", "text": "hi"}
+    env = log(APPEND, payload)
+    outcome = one(store, env)
+    assert outcome.reply.message_id == env.id
+    # The same request logged again (a client retry after a lost reply) is not stored twice.
+    assert one(store, msgspec.structs.replace(env, seq=log.seq + 1)).reply.stored is False
+    [held] = store.read_recent("c1")
+    assert (held.role, held.ts) == ("assistant", env.ts / 1e9)
+
+
+def test_each_conversation_keeps_at_most_max_messages(tmp_path: Path, log: Log) -> None:
+    store = open_store(tmp_path / "lmdb", max_messages=5)
+    try:
+        outcomes = apply(store, [log(APPEND, message("c1", n)) for n in range(8)])
+        assert outcomes[-1].reply.count == 5
+        assert texts(store, "c1") == [f"message {n}" for n in range(3, 8)]
+        assert_consistent(store)
+    finally:
+        store.close()
+
+
+def test_clearing_a_conversation_drops_only_its_messages(store: LmdbBackend, log: Log) -> None:
+    apply(store, [log(APPEND, message(c, n)) for c in ("c1", "c2") for n in range(4)])
+    outcome = one(store, log(CONVERSATION_CLEAR, {"conversation_id": "c1"}))
+    assert outcome.reply.removed == 4
+    assert texts(store, "c1") == []
+    assert len(texts(store, "c2")) == 4
+    assert_consistent(store)
+    # Its message ids are free again.
+    assert one(store, log(APPEND, message("c1", 0))).reply.stored is True
+
+
+def stored_event(message_id: str, conversation: str, text: str, **extra: Any) -> dict[str, Any]:
+    """A ``conversation.message.changed`` payload as the libSQL worker publishes it."""
+    return {"op": "created", "message_id": message_id, "conversation_id": conversation, "user_id": "u1",
+            "role": "user", "text": text, "timestamp": "2026-01-01T00:00:00+00:00", "created_at": T0,
+            "sentiment": None, "metadata": {}, **extra}
+
+
+def raw_envelope(topic: str, payload: Any, seq: int) -> Envelope:
+    """An envelope whose payload skips the contract check, as a peer with another version may send."""
+    return msgspec.structs.replace(make_envelope(topic, msgspec.msgpack.encode(payload)), seq=seq)
+
+
+def test_the_follower_path_appends_stored_messages_once(store: LmdbBackend, log: Log) -> None:
+    outcome = one(store, log(MESSAGE_CHANGED, stored_event("m-42", "c1", "hello")))
+    assert outcome.status == "applied"
+    assert texts(store, "c1") == ["hello"]
+    # The same message also sent as a direct append is still held once.
+    direct = one(store, log(APPEND, {**message("c1", 0), "message_id": "m-42"}))
+    assert direct.reply.stored is False
+    assert texts(store, "c1") == ["hello"]
+
+
+def test_the_follower_ignores_fields_it_does_not_know(store: LmdbBackend, log: Log) -> None:
+    log.seq += 1
+    event = stored_event("m-7", "c1", "newer peer", sequence=7, mood={"valence": 0.5})
+    assert one(store, raw_envelope(MESSAGE_CHANGED, event, log.seq)).status == "applied"
+    assert texts(store, "c1") == ["newer peer"]
+
+
+def test_a_follower_event_missing_fields_fails_naming_the_topic(store: LmdbBackend, log: Log) -> None:
+    log.seq += 1
+    event = {"op": "created", "message_id": "m1", "conversation_id": "c1"}
+    outcome = one(store, raw_envelope(MESSAGE_CHANGED, event, log.seq))
+    assert outcome.status == "failed"
+    assert outcome.error is not None and outcome.error.code == "validation"
+    assert outcome.error.fields["topic"] == MESSAGE_CHANGED
+    assert texts(store, "c1") == []
+
+
+# -- exactly once: position and outbox ----------------------------------------------------------
+
+
+def test_the_position_is_recorded_with_the_writes_and_survives_reopen(tmp_path: Path, log: Log) -> None:
+    store = open_store(tmp_path / "lmdb")
+    assert store.load_position() == 0
+    _, position = apply_batch(store, [log(APPEND, message("c1", n)) for n in range(3)])
+    assert position == 3
+    store.close()
+
+    store = open_store(tmp_path / "lmdb")
+    try:
+        assert store.load_position() == 3
+        assert texts(store, "c1") == ["message 0", "message 1", "message 2"]
+        assert [seq for seq, _ in store.outbox_pending()] == [1, 2, 3]
+    finally:
+        store.close()
+
+
+def test_a_failed_transaction_leaves_neither_writes_nor_position(store: LmdbBackend, log: Log) -> None:
+    with pytest.raises(RuntimeError), store.transaction() as txn:
+        env = log(APPEND, message("c1", 0))
+        store.append(txn, decode_payload(APPEND, env.payload), Context(env.seq, env, store.name))
+        store.save_position(txn, env.seq)
+        raise RuntimeError("crash before commit")
+    assert store.load_position() == 0
+    assert texts(store, "c1") == []
+
+
+def test_a_savepoint_rolls_back_only_its_own_writes(store: LmdbBackend, log: Log) -> None:
+    kept, dropped = log(APPEND, message("c1", 0)), log(APPEND, message("c1", 1))
+    with store.transaction() as txn:
+        store.append(txn, decode_payload(APPEND, kept.payload), Context(kept.seq, kept, store.name))
+        with pytest.raises(RuntimeError), store.savepoint(txn):
+            payload = decode_payload(APPEND, dropped.payload)
+            store.append(txn, payload, Context(dropped.seq, dropped, store.name))
+            raise RuntimeError("handler failed")
+    assert texts(store, "c1") == ["message 0"]
+    assert_consistent(store)
+
+
+def test_the_outbox_holds_replies_and_change_events(store: LmdbBackend, log: Log) -> None:
+    set_env = log(CONTEXT_SET, {"session_id": "s1", "key": "mood", "value": "calm"})
+    append_env = log(APPEND, message("c1", 0))
+    apply(store, [set_env, append_env])
+
+    out = published(store)
+    assert [(seq, env.topic) for seq, env, _ in out] == [
+        (1, CONTEXT_CHANGED), (1, "working.context.set.complete"), (2, "working.message.append.complete")]
+    _, event, changed = out[0]
+    assert (changed.session_id, changed.action, changed.keys) == ("s1", "set", ["mood"])
+    assert event.causation_id == set_env.id and event.recipient == ""
+    _, reply, body = out[1]
+    assert reply.recipient == "inbox.t" and reply.correlation_id == set_env.correlation_id
+    assert (body.session_id, body.key) == ("s1", "mood")
+
+    store.outbox_remove([1])
+    assert [seq for seq, _ in store.outbox_pending()] == [2]
+
+
+# -- expiry ---------------------------------------------------------------------------------------
+
+
+def test_expire_removes_exactly_the_expired_and_visits_only_them(store: LmdbBackend, log: Log) -> None:
+    long_lived = [log(APPEND, message(f"c{n % 3}", n, ttl=100_000)) for n in range(300)]
+    short_lived = [log(APPEND, message("short", n, ttl=1_000)) for n in range(10)]
+    contexts = [log(CONTEXT_SET, {"session_id": "s1", "key": "brief", "value": 1, "ttl": 1_000}, ts=T0),
+                log(CONTEXT_SET, {"session_id": "s1", "key": "lasting", "value": 2, "ttl": 100_000}, ts=T0)]
+    assert {o.status for o in apply(store, long_lived + short_lived + contexts)} == {"applied"}
+    later = T0 + 5_000
+
+    # Reads already leave out what has expired, before anything is removed.
+    assert texts(store, "short", now=later) == []
+    assert store.read_context("s1", now=later) == {"lasting": 2}
+
+    visited = store.stats()["expiry_visited"]
+    assert store.expire(now=later) == 11
+    visited = store.stats()["expiry_visited"] - visited
+    assert visited == 12  # the 11 expired entries and the first one still alive, not all 312
+
+    assert texts(store, "short") == []
+    assert sum(len(texts(store, f"c{c}")) for c in range(3)) == 300
+    assert store.read_context("s1") == {"lasting": 2}
+    assert store.expire(now=later) == 0
+    assert_consistent(store)
+
+
+def test_expire_works_in_bounded_steps(store: LmdbBackend, log: Log) -> None:
+    apply(store, [log(APPEND, message("c1", n, ttl=1_000)) for n in range(10)])
+    later = T0 + 5_000
+    assert store.expire(now=later, limit=4) == 4
+    assert store.expire(now=later, limit=4) == 4
+    assert store.expire(now=later, limit=4) == 2
+    assert store.stats()["entries"]["messages"] == 0
+    assert_consistent(store)
+
+
+def test_every_batch_sweeps_some_expired_items(store: LmdbBackend, log: Log) -> None:
+    # Set by a request logged long ago with a short TTL: expired by the wall clock at once.
+    one(store, log(CONTEXT_SET, {"session_id": "s1", "key": "stale", "value": 1, "ttl": 10}, ts=T0 - 100))
+    one(store, log(CONTEXT_SET, {"session_id": "s1", "key": "fresh", "value": 2}))
+    entries = store.stats()["entries"]
+    assert (entries["context"], entries["expiry"]) == (1, 1)
+    assert store.read_context("s1", now=T0 - 95) == {"fresh": 2}
+
+
+def test_a_message_already_expired_when_appended_is_not_stored(store: LmdbBackend, log: Log) -> None:
+    outcome = one(store, log(APPEND, message("c1", 0, ts=T0 - 100, ttl=10)))
+    assert (outcome.status, outcome.reply.stored, outcome.reply.count) == ("applied", False, 0)
+    assert store.stats()["entries"]["messages"] == 0
+
+
+def test_recent_requests_skip_expired_messages(store: LmdbBackend, log: Log) -> None:
+    apply(store, [log(APPEND, message("c1", 0, ttl=1_000)), log(APPEND, message("c1", 1, ttl=100_000))])
+    [outcome] = apply(store, [log(RECENT, {"conversation_id": "c1"}, ts=T0 + 5_000)])
+    assert [m.text for m in outcome.reply.messages] == ["message 1"]
+
+
+# -- map growth and the cap ----------------------------------------------------------------------
+
+
+def test_the_map_grows_when_full_and_nothing_is_lost(tmp_path: Path, log: Log) -> None:
+    store = open_store(tmp_path / "lmdb", map_size=64 * KiB)
+    try:
+        assert store.map_size == 64 * KiB
+        text = "x" * 300
+        for batch in range(10):
+            envs = [log(APPEND, message(f"c{n % 7}", batch * 50 + n, text=f"{batch * 50 + n} {text}"))
+                    for n in range(50)]
+            assert {o.status for o in apply(store, envs)} == {"applied"}
+        assert store.map_size > 64 * KiB
+        assert store.stats()["map_grown"] >= 2
+        held = sorted(int(t.split()[0]) for c in range(7) for t in texts(store, f"c{c}"))
+        assert held == list(range(500))
+        assert store.load_position() == 500
+        assert len(store.outbox_pending()) == 500
+        assert_consistent(store)
+    finally:
+        store.close()
+
+    reopened = open_store(tmp_path / "lmdb", map_size=64 * KiB)
+    try:
+        assert sum(len(texts(reopened, f"c{c}")) for c in range(7)) == 500
+        assert one(reopened, log(APPEND, message("c0", 1000))).status == "applied"
+    finally:
+        reopened.close()
+
+
+def test_at_max_map_size_appends_fail_with_store_full_and_the_store_stays_usable(
+        tmp_path: Path, log: Log) -> None:
+    store = open_store(tmp_path / "lmdb", map_size=64 * KiB, max_map_size=2 * MiB)
+    try:
+        text = "y" * 3000
+        applied = 0
+        full: Outcome | None = None
+        for batch in range(100):
+            outcomes = apply(store, [log(APPEND, message(f"c{n % 8}", batch * 10 + n, text=text))
+                                     for n in range(10)])
+            applied += sum(o.status == "applied" for o in outcomes)
+            failed = [o for o in outcomes if o.status != "applied"]
+            if failed:
+                full = failed[0]
+                break
+        assert full is not None, "the store never filled up"
+        assert full.status == "failed"
+        assert isinstance(full.error, StoreFull) and full.error.code == "store_full"
+        assert store.map_size == 2 * MiB
+
+        # The failure was answered and recorded like any other outcome.
+        assert store.load_position() == log.seq
+        failures = [(seq, body["code"]) for seq, env, body in published(store)
+                    if env.topic == "working.message.append.failed"]
+        assert failures[0] == (full.seq, "store_full")
+        assert sum(len(texts(store, f"c{c}")) for c in range(8)) == applied
+        assert_consistent(store)
+
+        # Clearing frees room, and appends work again.
+        cleared = one(store, log(CONVERSATION_CLEAR, {"conversation_id": "c0"}))
+        assert cleared.status == "applied" and cleared.reply.removed > 0
+        assert one(store, log(APPEND, message("c0", 10_000, text=text))).status == "applied"
+        assert_consistent(store)
+    finally:
+        store.close()
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_an_invalid_payload_fails_naming_the_topic_and_field(store: LmdbBackend, log: Log) -> None:
+    bad = make_envelope(APPEND, msgspec.msgpack.encode({**message("c1", 0), "conversation_id": 123}),
+                        reply_to="inbox.t")
+    outcome = one(store, msgspec.structs.replace(bad, seq=1))
+    assert outcome.status == "failed"
+    assert outcome.error is not None and outcome.error.code == "validation"
+    assert (outcome.error.fields["topic"], outcome.error.fields["field"]) == (APPEND, "conversation_id")
+    assert store.load_position() == 1
+    [(_, reply, body)] = published(store)
+    assert reply.topic == "working.message.append.failed" and body["fields"]["field"] == "conversation_id"
+
+
+def test_an_id_too_long_for_a_key_fails_naming_the_field(store: LmdbBackend, log: Log) -> None:
+    outcome = one(store, log(APPEND, message("\N{GRINNING FACE}" * 100, 0)))
+    assert outcome.status == "failed"
+    assert outcome.error is not None and outcome.error.fields["field"] == "conversation_id"
+
+
+# -- session context ------------------------------------------------------------------------------
+
+
+def test_context_set_get_and_clear(store: LmdbBackend, log: Log) -> None:
+    value = {"topic": "travel", "scores": [1, 2.5], "nested": {"ok": True}}
+    apply(store, [log(CONTEXT_SET, {"session_id": "s1", "key": "state", "value": value}),
+                  log(CONTEXT_SET, {"session_id": "s1", "key": "mood", "value": "calm"}),
+                  log(CONTEXT_SET, {"session_id": "s1", "key": "mood", "value": "happy"}),
+                  log(CONTEXT_SET, {"session_id": "s2", "key": "mood", "value": "tired"})])
+    [got] = apply(store, [log(CONTEXT_GET, {"session_id": "s1"})])
+    assert got.reply.values == {"state": value, "mood": "happy"}
+    assert_consistent(store)
+
+    [one_key] = apply(store, [log(CONTEXT_CLEAR, {"session_id": "s1", "key": "mood"})])
+    assert one_key.reply.removed == 1
+    assert one_key.events[0][1].keys == ["mood"]
+    assert store.read_context("s1") == {"state": value}
+
+    [everything] = apply(store, [log(CONTEXT_CLEAR, {"session_id": "s1"})])
+    assert (everything.reply.removed, everything.events[0][1].action) == (1, "clear")
+    assert store.read_context("s1") == {}
+    assert store.read_context("s2") == {"mood": "tired"}
+
+    [nothing] = apply(store, [log(CONTEXT_CLEAR, {"session_id": "s1"})])
+    assert (nothing.reply.removed, nothing.events) == (0, [])
+    assert_consistent(store)
