@@ -189,7 +189,8 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
     out.print(f"broker {st['endpoint']}  pid {st['pid']}  log head [bold]{st['head']}[/]")
     t = Table("group", "patterns", "acked", "lag", "in flight", "redeliver", "members", "dead letters")
     for name, g in sorted(st["groups"].items()):
-        t.add_row(name, " ".join(g["patterns"]), str(g["acked"]), str(g["lag"]), str(g["inflight"]),
+        pats = g["patterns"]
+        t.add_row(name, pats[0] if len(pats) == 1 else f"{len(pats)} patterns", str(g["acked"]), str(g["lag"]), str(g["inflight"]),
                   str(g["redelivery_pending"]), str(g["members"]), str(g["dead_letters"]))
     out.print(t)
     if st["workers"]:
@@ -224,15 +225,18 @@ def topics(json_out: JsonOpt = False) -> None:
     out.print(t)
 
 
-def _mount_optional() -> None:
-    try:
-        from schemas.cli import app as migrate_app
-    except ImportError:
-        return
-    app.add_typer(migrate_app, name="migrate", help="Schema migrations: status, up, rollback.")
+def _migrate_home(ctx: typer.Context, home: HomeOpt = None) -> None:
+    """Versioned schemas of the libSQL store: status, up, rollback."""
+    ctx.obj = {"db_path": _home(home).data_dir("libsql") / "membus.db", "encryption_key": None}
 
 
-_mount_optional()
+def _mount_migrate() -> None:
+    from schemas.cli import app as migrate_app
+
+    app.add_typer(migrate_app, name="migrate", callback=_migrate_home)
+
+
+_mount_migrate()
 
 
 def main() -> None:

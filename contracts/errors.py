@@ -112,7 +112,7 @@ def error_from_wire(data: dict[str, Any]) -> BusError:
 
 
 def _rebuild(code: str, message: str, fields: dict[str, Any]) -> BusError:
-    if not _BY_CODE:
+    if code not in _BY_CODE:  # subclasses defined since the last call (e.g. schemas.registry's) join the table
         _register(BusError)
     cls = _BY_CODE.get(code, BusError)
     err = cls.__new__(cls)

@@ -57,12 +57,16 @@ def all_specs() -> list[TopicSpec]:
 
 
 _FIELD_RE = re.compile(r"at `\$((?:\.[^`\[]+|\[\d+\])*)`")
+_NAMED_RE = re.compile(r"(?:missing required field|unknown field) `([^`]+)`")
 
 
 def _validation_error(topic: str, exc: Exception) -> ValidationError:
     text = str(exc)
     m = _FIELD_RE.search(text)
     field = m.group(1).lstrip(".") if m else ""
+    named = _NAMED_RE.search(text)
+    if named:  # "Object missing required field `x` - at `$.a`" names x inside a
+        field = f"{field}.{named.group(1)}" if field else named.group(1)
     expected = text.split(" - at ")[0]
     where = f" field {field!r}" if field else ""
     return ValidationError(f"invalid payload for topic {topic!r}{where}: {expected}", topic=topic, field=field,
