@@ -107,7 +107,7 @@ def test_p95_latency_from_paired_request_and_complete(backend: DuckdbBackend) ->
     batch.append(log.env("memory.store.failed", {"code": "x"}, ts=base + 30 * NS, source="lmdb",
                          causation_id=new_id()))  # ULID made "now": far from ts, so no latency
     outcomes, _ = apply_batch(backend, batch)
-    assert {o.status for o in outcomes} == {"applied"}
+    assert {o.status for o in outcomes} == {"observed"}
     reply = ask(backend, log, "analytics.latency.request", {"topic": "memory.store.request"})
     [row] = reply.rows
     assert (row.topic, row.worker, row.replies, row.failed) == ("memory.store.request", "lmdb", 20, 0)

@@ -29,7 +29,8 @@ class Outcome:
     seq: int
     topic: str
     status: str
-    """applied | failed (answered with .failed) | skipped (already applied) | retry (transient error)"""
+    """applied | observed (recorded, never answered) | failed (answered with .failed) |
+    skipped (already applied) | retry (transient error)"""
     reply: Any = None
     error: BusError | None = None
     events: list[tuple[str, Any]] = field(default_factory=list)
@@ -110,6 +111,14 @@ def _apply_one(backend: Backend, txn: Any, env: Envelope, final: bool) -> Outcom
                                                     correlation_id=env.correlation_id, worker=backend.name)
     with bound:
         try:
+            if handler is None and backend.observes(env.topic):
+                try:
+                    payload = decode_payload(env.topic, env.payload)
+                except BusError:
+                    payload = None  # someone else's invalid request: theirs to answer, ours to count
+                with backend.savepoint(txn):
+                    backend.observe(txn, payload, ctx)
+                return Outcome(env.seq, env.topic, "observed", events=ctx.events)
             if handler is None:
                 raise UnknownTopic(f"worker {backend.name!r} has no handler for topic {env.topic!r}",
                                    topic=env.topic, field="topic", expected=", ".join(sorted(backend.handlers)))

@@ -112,6 +112,14 @@ class Backend(ABC):
     @abstractmethod
     def outbox_remove(self, seqs: list[int]) -> None: ...
 
+    def observes(self, topic: str) -> bool:
+        """Whether a message on ``topic`` that has no handler is passed to ``observe`` (never answered)."""
+        return False
+
+    def observe(self, txn: Any, payload: Any, ctx: Context) -> None:
+        """Records a message this worker follows without handling it (e.g. analytics of every reply)."""
+        raise NotImplementedError(f"{type(self).__name__} observes topics but has no observe()")
+
     def stats(self) -> dict[str, Any]:
         return {}
 

@@ -84,8 +84,17 @@ class FeedbackChanged(msgspec.Struct, kw_only=True):
         return None
 
 
+_FEEDBACK_NAMES = {"event_id": "feedback_id", "event_type": "kind", "reward": "rating", "timestamp": "created_at"}
+"""The libSQL worker's feedback event uses the seed's field names; these are the analytics names for them."""
+
+
 def read_event(payload: Any, kind: type[T], topic: str) -> T:
     """``payload`` as ``kind``; a payload missing required fields is a ValidationError naming the topic."""
+    if kind is FeedbackChanged:
+        data = msgspec.to_builtins(payload)
+        if isinstance(data, dict):
+            payload = {_FEEDBACK_NAMES.get(k, k) if _FEEDBACK_NAMES.get(k, k) not in data else k: v
+                       for k, v in data.items()}
     try:
         if isinstance(payload, msgspec.Struct):
             return msgspec.convert(payload, kind, strict=False, from_attributes=True)

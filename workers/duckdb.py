@@ -15,7 +15,7 @@ own timestamps are used).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ import structlog
 
 import contracts.analytics as an
 from contracts.envelope import Envelope
-from contracts.errors import BusError, StoreError, UnknownTopic, ValidationError
+from contracts.errors import BusError, StoreError, ValidationError
 from contracts.ids import id_time_ms
 from workers.base import Backend, Context, handles
 from workers.change_events import FactChanged, FeedbackChanged, MessageChanged, read_event, timestamp
@@ -141,13 +141,14 @@ class DuckdbBackend(Backend):
         "feedback.event.changed",
         "memory.fact.changed",
         "analytics.*.request",
+        "*.*.request",
+        "*.*.*.request",
         "*.*.complete",
         "*.*.failed",
         "*.*.*.complete",
         "*.*.*.failed",
     )
-    """Requests of other workers are left out on purpose: the batch applier answers every request it
-    applies, so a worker that only observes a request must not receive it."""
+    """Every request, reply and change: requests of other workers are observed (recorded, never answered)."""
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:
         super().__init__(data_dir, **settings)
@@ -249,13 +250,12 @@ class DuckdbBackend(Backend):
         txn.put("events", (env.id, seq, env.topic, kind, env.ts, env.source, env.correlation_id,
                            env.causation_id, started))
 
+    def observes(self, topic: str) -> bool:
+        return not topic.startswith("analytics.")
+
     def observe(self, txn: DuckTxn, payload: Any, ctx: Context) -> None:
-        """Records a message that has no handler of its own (replies of every worker)."""
-        env = ctx.envelope
-        if env.reply_to:
-            raise UnknownTopic(f"worker {self.name!r} has no handler for topic {env.topic!r}",
-                               topic=env.topic, field="topic")
-        self.record(txn, env, ctx.seq)
+        """Records a message that has no handler of its own (requests and replies of every worker)."""
+        self.record(txn, ctx.envelope, ctx.seq)
 
     @handles("conversation.message.changed")
     def on_message(self, txn: DuckTxn, payload: Any, ctx: Context) -> None:
@@ -367,13 +367,3 @@ def _iso_minute(minute: int) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(minute * 60, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class _ObservingHandlers(dict[str, Callable[..., Any]]):
-    """The handler table of the analytics worker: a topic without a handler is recorded as an event."""
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return super().get(key) or DuckdbBackend.observe
-
-
-DuckdbBackend.handlers = _ObservingHandlers(DuckdbBackend.handlers)

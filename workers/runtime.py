@@ -42,7 +42,7 @@ class WorkerRuntime:
         self.retry_backoff_s = retry_backoff_s
         self.backend: Backend = load(name)(home.data_dir(name), **settings)
         self._stop = False
-        self.stats: dict[str, Any] = {"worker": name, "pid": os.getpid(), "applied": 0, "failed": 0,
+        self.stats: dict[str, Any] = {"worker": name, "pid": os.getpid(), "applied": 0, "observed": 0, "failed": 0,
                                       "skipped": 0, "retried": 0, "dead_lettered": 0, "batches": 0,
                                       "last_batch": 0, "max_batch": 0, "position": 0, "errors": 0}
         self._last_status = 0.0
@@ -99,7 +99,7 @@ class WorkerRuntime:
         self.stats["last_batch"] = n
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
         for o in outcomes:
-            if o.status in ("applied", "failed", "skipped"):
+            if o.status in ("applied", "observed", "failed", "skipped"):
                 self.stats[o.status] += 1
             if o.status == "failed" and o.error is not None and o.error.code == "handler":
                 self.stats["dead_lettered"] += 1
