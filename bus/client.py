@@ -150,6 +150,17 @@ class Bus:
         """Publishes an already encoded envelope (workers' outboxes use this)."""
         return self._conn.submit_publish(data, timeout)
 
+    def request_nowait(self, topic: str, payload: Any, *, timeout: float = 10.0, correlation_id: str = "",
+                       headers: dict[str, str] | None = None) -> Pending:
+        """Sends a request; ``.result()`` of what it returns is the reply envelope (keeps many in flight).
+
+        Use ``reply_message(envelope)`` to turn it into a Message, raising a ``.failed`` reply's error.
+        """
+        env = build_request(topic, payload, self._conn.inbox, correlation_id, headers, None)
+        waiter = self._conn.await_reply(env.id)
+        self._conn.submit_publish(encode_envelope(env), timeout)
+        return waiter
+
     def request(self, topic: str, payload: Any, *, timeout: float = 10.0, correlation_id: str = "",
                 headers: dict[str, str] | None = None) -> Message:
         """Publishes a request and waits for its ``.complete`` reply; a ``.failed`` reply raises its error."""
