@@ -10,30 +10,35 @@ import threading
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+"""10 bits -> two characters: encoding is a few table lookups (this runs for every message)."""
 _lock = threading.Lock()
-_last_ms = 0
+_last_ms = -1
 _last_rand = 0
+_prefix = ""
 
 
-def _encode(value: int) -> str:
-    out = []
-    for _ in range(26):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+def _encode_time(ms: int) -> str:
+    return _ALPHABET[(ms >> 45) & 31] + "".join(_PAIRS[(ms >> s) & 1023] for s in (35, 25, 15, 5)) + \
+        _ALPHABET[ms & 31]
+
+
+def _encode_rand(rand: int) -> str:
+    return "".join([_PAIRS[(rand >> s) & 1023] for s in (70, 60, 50, 40, 30, 20, 10, 0)])
 
 
 def new_id() -> str:
-    global _last_ms, _last_rand
+    global _last_ms, _last_rand, _prefix
     with _lock:
         ms = time.time_ns() // 1_000_000
         if ms <= _last_ms:
-            ms = _last_ms
             rand = _last_rand + 1
         else:
-            rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
-        _last_ms, _last_rand = ms, rand
-    return _encode((ms << 80) | (rand & ((1 << 80) - 1)))
+            _last_ms = ms
+            _prefix = _encode_time(ms)
+            rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment within the millisecond
+        _last_rand = rand
+        return _prefix + _encode_rand(rand & ((1 << 80) - 1))
 
 
 def id_time_ms(ulid: str) -> int:

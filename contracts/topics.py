@@ -17,6 +17,7 @@ _SEGMENT = re.compile(r"^[a-z0-9_-]+$")
 REQUEST, COMPLETE, FAILED, CHANGED = "request", "complete", "failed", "changed"
 
 
+@lru_cache(maxsize=4096)
 def check_topic(topic: str) -> str:
     parts = topic.split(".")
     if len(parts) < 2 or not all(_SEGMENT.match(p) for p in parts):

@@ -167,7 +167,13 @@ def _publisher_topic(home: str, count: int, start: Any, results: Any) -> None:
     with Bus.connect(home, module="bench-pub") as bus:
         start.wait()
         t0 = time.perf_counter()
-        pending = [bus.publish_nowait("bench.e2e.changed", data, timeout=120) for _ in range(count)]
+        pending: list[Any] = []
+        for _ in range(count):
+            pending.append(bus.publish_nowait("bench.e2e.changed", data, timeout=120))
+            if len(pending) >= 4000:
+                for p in pending[:2000]:
+                    p.result(120)
+                del pending[:2000]
         for p in pending:
             p.result(120)
         results.put((t0, time.perf_counter()))

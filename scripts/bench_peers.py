@@ -195,15 +195,16 @@ def redis_server(*, fsync: RedisFsync = "always", tmp_root: str | None = None) -
             while True:
                 if proc.poll() is not None:
                     raise BusConnectionError("redis-server exited", log=_log_tail(workdir / "server.log"))
+                client = redis.Redis(**peer.client_kwargs())
                 try:
-                    client = redis.Redis(**peer.client_kwargs())
                     actual = client.config_get("appendfsync")["appendfsync"]
-                    client.close()
                     break
                 except redis.exceptions.ConnectionError:
                     if time.monotonic() > deadline:
                         raise BusTimeoutError("redis-server not ready", port=port) from None
                     time.sleep(0.05)
+                finally:
+                    client.close()
             if actual != fsync:
                 raise BusError("redis-server ignored appendfsync", wanted=fsync, got=actual)
             log.info("bench.redis.started", port=port, fsync=fsync)
@@ -260,8 +261,13 @@ def nats_server(*, sync: NatsSync = "default", tmp_root: str | None = None) -> I
             yield NatsPeer(port=port, sync=sync, version=version, store_dir=str(store))
 
 
-@functools.cache
 def versions() -> dict[str, Any]:
+    """Python, client libraries and both server binaries (``--version``), as found here."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, Any]:
     found: dict[str, Any] = lib_versions(*CLIENT_DISTS)
     for name, finder in (("redis-server", redis_server_binary), ("nats-server", nats_server_binary)):
         try:
