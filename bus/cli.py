@@ -190,8 +190,9 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
     t = Table("group", "patterns", "acked", "lag", "in flight", "redeliver", "members", "dead letters")
     for name, g in sorted(st["groups"].items()):
         pats = g["patterns"]
-        t.add_row(name, pats[0] if len(pats) == 1 else f"{len(pats)} patterns", str(g["acked"]), str(g["lag"]), str(g["inflight"]),
-                  str(g["redelivery_pending"]), str(g["members"]), str(g["dead_letters"]))
+        shown = pats[0] if len(pats) == 1 else f"{len(pats)} patterns"
+        t.add_row(name, shown, str(g["acked"]), str(g["lag"]), str(g["inflight"]), str(g["redelivery_pending"]),
+                  str(g["members"]), str(g["dead_letters"]))
     out.print(t)
     if st["workers"]:
         w = Table("worker", "pid", "position", "lag", "applied", "failed", "dead-lettered", "last batch",
@@ -208,10 +209,10 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
 @app.command()
 def topics(json_out: JsonOpt = False) -> None:
     """Every topic with its payload contract (JSON Schema) and the worker that handles it."""
+    from contracts.catalog import load_all
     from contracts.registry import all_specs, json_schema
-    from workers.registry import register_contracts
 
-    register_contracts()
+    load_all()
     specs = all_specs()
     if json_out:
         typer.echo(json.dumps([{"topic": s.topic, "handled_by": s.handled_by, "description": s.description,

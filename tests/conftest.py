@@ -14,7 +14,9 @@ import pytest
 
 from bus.client import Bus
 from bus.home import Home
+from contracts.catalog import load_all
 
+load_all()  # as every worker does: a topic decodes against the same contract in every test
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 

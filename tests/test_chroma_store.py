@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-import contracts.semantic  # noqa: F401 - registers the search topics
+import contracts.semantic
+import contracts.structured  # noqa: F401  (the real memory.fact.changed contract)
 from contracts.envelope import Envelope, make_envelope
 from contracts.registry import encode_payload
 from workers.apply import apply_batch
@@ -44,17 +46,22 @@ class Log:
     def __init__(self) -> None:
         self.seq = 0
 
-    def env(self, topic: str, payload: Any, *, reply_to: str = "") -> Envelope:
+    def env(self, topic: str, payload: Any, *, reply_to: str = "", raw: bool = False) -> Envelope:
+        """``raw``: encoded as is, not checked against the contract (a bad message from elsewhere)."""
         self.seq += 1
-        env = make_envelope(topic, encode_payload(topic, payload), reply_to=reply_to)
+        body = msgspec.msgpack.encode(payload) if raw else encode_payload(topic, payload)
+        env = make_envelope(topic, body, reply_to=reply_to)
         env.seq = self.seq
         return env
 
 
 def fact(fact_id: str, text: str, user: str = "u1", **extra: Any) -> dict[str, Any]:
-    return {"fact_id": fact_id, "user_id": user, "text": text, "fact_type": "personal", "confidence": 0.9,
-            "created_at": "2025-06-01T12:00:00Z", "updated_at": None, "version": 1, "superseded_by": None,
-            "metadata": {"source": "chat"}, "unknown_field": 1, **extra}
+    """A `memory.fact.changed` payload exactly as the libSQL worker's contract makes it."""
+    when = "2025-06-01T12:00:00Z"
+    return {"fact_id": fact_id, "user_id": user, "text": text, "fact_type": "personal", "category": "general",
+            "confidence": 0.9, "metadata": {"source": "chat"}, "created_at": when, "last_updated": when,
+            "last_accessed": when, "access_count": 0, "version": 1, "superseded_by": None, "supersedes": None,
+            "op": "created", "updated_at": when, **extra}
 
 
 def search(backend: ChromaBackend, log: Log, query: str, *, hybrid: bool = False, **options: Any) -> Any:
@@ -162,9 +169,9 @@ def hashed(tmp_path: Path) -> Iterator[ChromaBackend]:
 def test_same_batch_twice_is_skipped_and_counts_stay(hashed: ChromaBackend) -> None:
     log = Log()
     batch = [log.env("memory.fact.changed", fact(f"f{i}", f"fact number {i}")) for i in range(5)]
-    batch.append(log.env("conversation.message.changed", {"message_id": "m1", "conversation_id": "c1",
-                                                          "user_id": "u1", "role": "user",
-                                                          "text": "hello there", "created_at": 1.7e9}))
+    batch.append(log.env("conversation.message.changed", {
+        "op": "created", "message_id": "m1", "conversation_id": "c1", "user_id": "u1", "role": "user",
+        "text": "hello there", "timestamp": "2023-11-14T22:13:20Z", "created_at": 1.7e9}))
     apply_batch(hashed, batch)
     outcomes, position = apply_batch(hashed, batch)
     assert {o.status for o in outcomes} == {"skipped"} and position == 6
@@ -208,7 +215,7 @@ def test_superseded_fact_is_no_longer_returned(hashed: ChromaBackend) -> None:
 def test_a_failing_message_leaves_no_trace(hashed: ChromaBackend) -> None:
     log = Log()
     good = log.env("memory.fact.changed", fact("f1", "likes green tea"))
-    bad = log.env("memory.fact.changed", {"user_id": "u1", "text": "no fact id"})
+    bad = log.env("memory.fact.changed", {"user_id": "u1", "text": "no fact id"}, raw=True)
     outcomes, position = apply_batch(hashed, [good, bad])
     assert [o.status for o in outcomes] == ["applied", "failed"] and position == 2
     assert outcomes[1].error is not None and outcomes[1].error.code == "validation"

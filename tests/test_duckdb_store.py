@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import msgspec
 import pytest
 
 import contracts.analytics  # noqa: F401 - registers the analytics topics
@@ -27,9 +29,11 @@ class Log:
         self.seq = 0
 
     def env(self, topic: str, payload: Any, *, reply_to: str = "", ts: int | None = None, source: str = "",
-            causation_id: str = "", message_id: str | None = None) -> Envelope:
+            causation_id: str = "", message_id: str | None = None, raw: bool = False) -> Envelope:
+        """``raw``: encoded as is, not checked against the contract (a bad message from elsewhere)."""
         self.seq += 1
-        env = make_envelope(topic, encode_payload(topic, payload), reply_to=reply_to,
+        body = msgspec.msgpack.encode(payload) if raw else encode_payload(topic, payload)
+        env = make_envelope(topic, body, reply_to=reply_to,
                             causation_id=causation_id, message_id=message_id)
         env.seq = self.seq
         env.source = source
@@ -47,20 +51,27 @@ def backend(tmp_path: Path) -> Any:
 
 
 def message(i: int, created: float, sentiment: float | None, user: str = "u1") -> dict[str, Any]:
-    return {"message_id": f"m{i}", "conversation_id": "c1", "user_id": user, "role": "user",
-            "text": f"message {i}", "created_at": created, "sentiment": sentiment, "extra": "ignored"}
+    """A `conversation.message.changed` payload as the libSQL worker's contract makes it."""
+    iso = datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
+    return {"op": "created", "message_id": f"m{i}", "conversation_id": "c1", "user_id": user, "role": "user",
+            "text": f"message {i}", "timestamp": iso, "created_at": created, "sentiment": sentiment}
 
 
 def corpus(log: Log) -> list[Envelope]:
     msgs = [message(0, T0, 0.5), message(1, T0 + 60, -0.5), message(2, T0 + 120, None),
             message(3, T0 + DAY, 1.0), message(4, T0 + DAY + 5, 0.0, user="u2")]
     out = [log.env("conversation.message.changed", m) for m in msgs]
-    out.append(log.env("feedback.event.changed", {"feedback_id": "f1", "user_id": "u1",
-                                                  "conversation_id": "c1", "kind": "thumbs", "rating": 1,
-                                                  "created_at": T0}))
-    out.append(log.env("memory.fact.changed", {"fact_id": "k1", "user_id": "u1", "text": "likes tea",
-                                               "category": "preference", "confidence": 0.8,
-                                               "created_at": "2025-06-15T10:00:00Z", "superseded_by": None}))
+    iso = datetime.fromtimestamp(T0, UTC).isoformat().replace("+00:00", "Z")
+    out.append(log.env("feedback.event.changed", {
+        "event_id": "f1", "user_id": "u1", "event_type": "thumbs", "message_id": "m0", "skill_id": "",
+        "reward": 1, "reason": "", "free_text": "", "classified_categories": {}, "metadata": {},
+        "timestamp": iso, "processed": False}))
+    when = "2025-06-15T10:00:00Z"
+    out.append(log.env("memory.fact.changed", {
+        "fact_id": "k1", "user_id": "u1", "text": "likes tea", "fact_type": "preference", "category": "preference",
+        "confidence": 0.8, "metadata": {}, "created_at": when, "last_updated": when, "last_accessed": when,
+        "access_count": 0, "version": 1, "superseded_by": None, "supersedes": None, "op": "created",
+        "updated_at": when}))
     return out
 
 
@@ -100,10 +111,10 @@ def test_p95_latency_from_paired_request_and_complete(backend: DuckdbBackend) ->
     batch = []
     latencies_ms = list(range(1, 21))  # 1..20 ms
     for i, ms in enumerate(latencies_ms):
-        request = log.env("memory.store.request", {"key": i}, ts=base + i * NS)  # observed copy: no reply_to
+        request = log.env("memory.store.request", {"key": i}, ts=base + i * NS, raw=True)  # observed copy: no reply_to
         batch.append(request)
         batch.append(log.env("memory.store.complete", {"ok": True}, ts=request.ts + ms * 1_000_000,
-                             source="lmdb", causation_id=request.id))
+                             source="lmdb", causation_id=request.id, raw=True))
     batch.append(log.env("memory.store.failed", {"code": "x"}, ts=base + 30 * NS, source="lmdb",
                          causation_id=new_id()))  # ULID made "now": far from ts, so no latency
     outcomes, _ = apply_batch(backend, batch)
@@ -159,7 +170,7 @@ def test_redelivery_is_skipped_and_upserts_keep_one_row(backend: DuckdbBackend) 
 def test_a_failing_message_contributes_nothing(backend: DuckdbBackend) -> None:
     log = Log()
     good = log.env("conversation.message.changed", message(1, T0, 0.2))
-    bad = log.env("conversation.message.changed", {"conversation_id": "c1", "text": "no id"})
+    bad = log.env("conversation.message.changed", {"conversation_id": "c1", "text": "no id"}, raw=True)
     # fails after it queued its own event row (and after flushing the rows before it)
     escape = log.env("analytics.export.request", {"table": "events", "path": "../x.parquet"}, reply_to="i")
     after = log.env("conversation.message.changed", message(2, T0, 0.4))

@@ -23,6 +23,7 @@ import structlog
 from bus.client import Bus
 from bus.home import Home
 from bus.message import Delivery
+from contracts.catalog import load_all
 from contracts.envelope import Envelope
 from contracts.errors import BusError
 from workers.apply import Outcome, apply_batch
@@ -154,6 +155,7 @@ def read_worker_status(home: Home) -> dict[str, dict[str, Any]]:
 
 
 def run(name: str, home: Path | str | None = None) -> None:
+    load_all()
     runtime = WorkerRuntime(name, Home(home))
 
     def _stop(signum: int, _frame: Any) -> None:
