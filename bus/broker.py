@@ -425,10 +425,14 @@ class Broker:
             self.groups[name] = group
             self._groups_dirty = True
             log.info("group.created", group=name, patterns=list(patterns), from_seq=next_seq)
-        elif patterns and patterns != group.patterns:
-            group.patterns = patterns
-            group.match_cache.clear()
-            self._groups_dirty = True
+        else:
+            if patterns and patterns != group.patterns:
+                group.patterns = patterns
+                group.match_cache.clear()
+                self._groups_dirty = True
+            start = body.get("from_seq")
+            if start and not group.members:
+                self._reposition(group, int(start))
         if body.get("ack_timeout"):
             group.ack_timeout = float(body["ack_timeout"])
         if body.get("max_attempts"):
@@ -436,6 +440,22 @@ class Broker:
         group.members[client.rid] = max(1, int(body.get("credit", 100)))
         client.groups.add(name)
         log.info("group.joined", group=name, client=client.name, members=len(group.members))
+
+    def _reposition(self, group: Group, start: int) -> None:
+        """A consumer that keeps its own position (a store worker) says where it resumes: that is the truth.
+
+        Behind the group's floor after the store lost its last commits, or at 1 for a rebuilt store: the
+        group rewinds and redelivers. Ahead of it (acks the broker lost): it skips what is already applied.
+        """
+        start = max(1, start)
+        if start == group.next_seq and not group.inflight and not group.redeliver:
+            return
+        log.info("group.repositioned", group=group.name, from_seq=start, was=group.floor + 1)
+        group.next_seq = start
+        group.inflight.clear()
+        group.redeliver.clear()
+        group.attempts.clear()
+        self._groups_dirty = True
 
     def _leave(self, client: Client, name: str) -> None:
         group = self.groups.get(name)

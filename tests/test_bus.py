@@ -219,3 +219,19 @@ def test_publish_to_a_reserved_topic_is_refused(bus: Bus) -> None:
     with pytest.raises(BusError) as info:
         bus.publish("bus.deadletter", {"fake": True})
     assert info.value.code == "not_authorized"
+
+
+def test_a_consumer_that_keeps_its_own_position_repositions_its_group(bus: Bus) -> None:
+    seqs = [bus.publish("test.pos.changed", {"i": i}) for i in range(6)]
+    with bus.consume("positioned", ["test.pos.*"], credit=10) as c:
+        got = c.fetch(10, timeout=5)
+        c.ack(got)
+        assert [d.seq for d in got] == seqs
+    wait_until(lambda: bus.status()["groups"]["positioned"]["members"] == 0, what="left")
+    # a rebuilt store starts again from the beginning of the log
+    with bus.consume("positioned", from_seq=1, credit=10) as c:
+        assert [d.seq for d in c.fetch(10, timeout=5)] == seqs
+    wait_until(lambda: bus.status()["groups"]["positioned"]["members"] == 0, what="left")
+    # a store ahead of the broker's floor skips what it already applied
+    with bus.consume("positioned", from_seq=seqs[4], credit=10) as c:
+        assert [d.seq for d in c.fetch(10, timeout=5)] == seqs[4:]
