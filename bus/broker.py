@@ -29,8 +29,9 @@ from bus import protocol as P
 from bus.auth import ModuleAuthenticator
 from bus.home import Home, Settings
 from bus.log import EventLog, Record, Rejected
+from bus.permissions import Permissions
 from contracts.envelope import DECODE_ERRORS, Envelope, decode_batch, decode_envelope, make_envelope
-from contracts.errors import BusError
+from contracts.errors import BusError, NotAuthorized
 from contracts.ids import new_id
 from contracts.registry import encode_payload
 from contracts.topics import check_pattern, check_topic, matches_any, reply_topics
@@ -120,6 +121,9 @@ class Broker:
         self._stop = False
         self._groups_dirty = False
         self.max_frame = max(4 << 20, 2 * self.settings.max_message_bytes)
+        self.permissions = Permissions(home.path / "permissions.toml")
+        self._denied_recently: dict[tuple[str, str, str], float] = {}
+        self._audit: list[dict[str, Any]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -330,9 +334,36 @@ class Broker:
         except BusError as exc:
             self.counters["invalid"] += 1
             raise Rejected(exc.code, exc.message) from None
-        if env.topic.startswith("bus.") and not (env.source == "broker" or env.source.startswith("worker-")):
+        if env.topic.startswith(("bus.", "security.")) and not (
+                env.source == "broker" or (env.source.startswith("worker-") and env.topic.startswith("bus."))):
             self.counters["unauthorized"] += 1
             raise Rejected("not_authorized", f"topic {env.topic!r} is reserved for the broker")
+        if env.source != "broker" and not self.permissions.may_publish(env.source, env.topic):
+            self._denied(env.source, "publish", env.topic)
+            raise Rejected("not_authorized", f"module {env.source!r} may not publish {env.topic!r}")
+
+    def _denied(self, module: str, action: str, what: str) -> None:
+        """Counts a refusal, logs it, and records a ``security.access.denied`` audit event (once a second)."""
+        self.counters["unauthorized"] += 1
+        log.warning("access.denied", module=module, action=action, topic=what)
+        key, now = (module, action, what), time.monotonic()
+        if now - self._denied_recently.get(key, -10.0) >= 1.0:
+            self._denied_recently[key] = now
+            self._audit.append({"module": module, "action": action, "topic": what,
+                                "reason": f"not in the {action} patterns of module {module!r}"})
+
+    def _require_subscribe(self, client: Client, patterns: tuple[str, ...] | list[str]) -> None:
+        for p in patterns or (">",):
+            if not self.permissions.may_subscribe(client.source, p):
+                self._denied(client.source, "subscribe", p)
+                self._flush_audit()
+                raise NotAuthorized(f"module {client.source!r} may not subscribe to {p!r}", pattern=p,
+                                    module=client.source)
+
+    def _flush_audit(self) -> None:
+        events, self._audit = self._audit, []
+        for ev in events:
+            self.publish_internal("security.access.denied", ev)
 
     def _publish(self, pubs: list[tuple[Client, bytes, list[Envelope]]]) -> None:
         flat = [env for _, _, envs in pubs for env in envs]
@@ -350,6 +381,8 @@ class Broker:
         fresh = [env for env in flat if env.seq >= first]
         if fresh:
             self._fan_out(fresh)
+        if self._audit:
+            self._flush_audit()
 
     def _append(self, envs: list[Envelope]) -> list[int | Rejected]:
         groups = self._dirty_group_states()
@@ -404,6 +437,7 @@ class Broker:
         patterns = tuple(check_pattern(str(p)) for p in body["patterns"])
         if not patterns:
             raise BusError("a subscription needs at least one pattern")
+        self._require_subscribe(client, patterns)
         sub_id = P.unpack_id(sub_id_b)
         sub = LiveSub(sub_id_b, patterns, covered=self.log.head)
         client.subs[sub_id] = sub
@@ -415,6 +449,7 @@ class Broker:
     def _join(self, client: Client, name: str, body: dict[str, Any]) -> None:
         patterns = tuple(check_pattern(str(p)) for p in body.get("patterns", ()))
         group = self.groups.get(name)
+        self._require_subscribe(client, patterns or (group.patterns if group else ()))
         if group is None:
             if not patterns:
                 raise BusError(f"group {name!r} does not exist; give patterns to create it", group=name)
@@ -633,6 +668,7 @@ class Broker:
 
     def _replay(self, client: Client, req_id: bytes, body: dict[str, Any]) -> None:
         patterns = [check_pattern(str(p)) for p in body.get("patterns") or ()]
+        self._require_subscribe(client, patterns)
         records, next_seq, done = self.log.read(
             from_seq=int(body.get("from_seq") or 1), to_seq=body.get("to_seq"), patterns=patterns,
             since_ns=body.get("since_ns"), until_ns=body.get("until_ns"),

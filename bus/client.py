@@ -248,6 +248,8 @@ class Subscription:
             while not self._queue:
                 if self._closed:
                     raise ConnectionError("subscription closed")
+                if self._state.error is not None:
+                    raise self._state.error
                 if self._conn.fatal is not None:
                     raise self._conn.fatal
                 left = None if deadline is None else deadline - time.monotonic()
@@ -300,7 +302,8 @@ class Consumer:
         if from_seq:
             body["from_seq"] = from_seq
         self._closed = False
-        conn.join_group(GroupState(group, body, self._deliver))
+        self._state = GroupState(group, body, self._deliver)
+        conn.join_group(self._state)
 
     def _deliver(self, items: list[tuple[int, Envelope]]) -> None:
         with self._cond:
@@ -314,6 +317,8 @@ class Consumer:
             while not self._queue:
                 if self._conn.fatal is not None:
                     raise self._conn.fatal
+                if self._state.error is not None:
+                    raise self._state.error
                 left = None if deadline is None else deadline - time.monotonic()
                 if self._closed or (left is not None and left <= 0):
                     return []

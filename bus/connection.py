@@ -114,6 +114,7 @@ class LiveState:
     target: int = 0
     catching_up: bool = False
     replay_in_flight: bool = False
+    error: BusError | None = None
 
 
 @dataclass
@@ -121,6 +122,7 @@ class GroupState:
     name: str
     body: dict[str, Any]
     deliver: Callable[[list[tuple[int, Envelope]]], None]
+    error: BusError | None = None
 
 
 @dataclass
@@ -453,6 +455,13 @@ class Connection(threading.Thread):
             if rid in self._requests:
                 self._settle_request(rid, None, err)
                 return
+            if rid in self.subs:
+                self.subs[rid].error = err
+                return
+        group = self.groups.get(ref.decode(errors="replace"))
+        if group is not None:
+            group.error = err
+            return
         log.warning("client.broker_error", code=code, error=err.message)
 
     def _on_inbox(self, envs: list[Envelope]) -> None:

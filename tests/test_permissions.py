@@ -1,0 +1,53 @@
+"""Per-module topic permissions: enforced by the broker, refusals typed and audited in the log."""
+
+from __future__ import annotations
+
+import pytest
+
+from bus.client import Bus
+from bus.permissions import covers
+from contracts.errors import BusError, NotAuthorized
+from tests.conftest import BrokerProcess
+
+RULES = """
+[default]
+publish = ["app.>"]
+subscribe = ["app.>"]
+
+[modules.companion]
+publish = ["notes.>", "app.>"]
+subscribe = [">"]
+"""
+
+
+@pytest.mark.parametrize(("allowed", "requested", "ok"), [
+    (">", "a.b", True), ("a.>", "a.b.c", True), ("a.>", "a.*", True), ("a.>", "a", False),
+    ("a.*", "a.b", True), ("a.*", "a.*", True), ("a.b", "a.*", False), ("a.*", "a.>", False),
+    ("a.*.c", "a.x.c", True), ("a.*.c", "a.x.d", False), ("a.>", ">", False),
+])
+def test_pattern_coverage(allowed: str, requested: str, ok: bool) -> None:
+    assert covers(allowed, requested) is ok
+
+
+def test_a_module_may_only_use_its_topics_and_refusals_are_audited(broker: BrokerProcess) -> None:
+    (broker.home.path / "permissions.toml").write_text(RULES)
+    with Bus.connect(broker.home.path, module="guest") as guest, \
+            Bus.connect(broker.home.path, module="companion") as companion:
+        assert guest.publish("app.note.changed", {"ok": 1}) > 0
+        with pytest.raises(NotAuthorized) as info:
+            guest.publish("notes.note.changed", {"sneaky": True})
+        assert "guest" in info.value.message and "notes.note.changed" in info.value.message
+        with pytest.raises(BusError) as reserved:
+            companion.publish("security.access.denied", {"fake": True})
+        assert reserved.value.code == "not_authorized"
+        with guest.subscribe("memory.>") as sub, pytest.raises(NotAuthorized):
+            sub.get(timeout=5)
+        with pytest.raises(NotAuthorized):
+            list(guest.replay(topic="notes.>"))
+        with guest.consume("spy", ["memory.>"]) as c, pytest.raises(NotAuthorized):
+            c.fetch(timeout=5)
+        assert companion.publish("notes.note.changed", {"fine": True}) > 0
+        audit = [m.payload for m in companion.replay(topic="security.>")]
+        assert {(a["module"], a["action"]) for a in audit} >= {("guest", "publish"), ("guest", "subscribe")}
+        assert all(m.source == "broker" for m in companion.replay(topic="security.>"))
+        assert companion.status()["counters"]["unauthorized"] >= 4
