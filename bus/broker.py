@@ -16,7 +16,7 @@ import heapq
 import os
 import signal
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,9 @@ class Broker:
         self.permissions = Permissions(home.path / "permissions.toml")
         self._denied_recently: dict[tuple[str, str, str], float] = {}
         self._audit: list[dict[str, Any]] = []
+        self.tail: deque[tuple[int, str, bytes]] = deque()
+        self._tail_bytes = 0
+        """The newest records (seq, topic, plaintext envelope): groups that keep up never read the log."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -386,11 +389,14 @@ class Broker:
 
     def _append(self, envs: list[Envelope]) -> list[int | Rejected]:
         groups = self._dirty_group_states()
+        first = self.log.head + 1
         try:
             results = self.log.append(envs, groups=groups, check=self._check)
         except BusError as exc:
             log.error("log.append_failed", error=exc.message)
             return [Rejected(exc.code, exc.message) for _ in envs]
+        if self.log.last_bodies:
+            self._remember([e for e in envs if e.seq >= first], self.log.last_bodies)
         for g in self.groups.values():
             if g.name in groups:
                 g.saved_floor = int(groups[g.name]["floor"])
@@ -415,7 +421,7 @@ class Broker:
         for client in list(self.clients.values()):
             for sub in client.subs.values():
                 if encoded is None:
-                    encoded = [msgspec.msgpack.encode(e) for e in envs]
+                    encoded = self._bodies(envs)
                 picked = [_Raw(encoded[i]) for i, e in enumerate(envs) if matches_any(sub.patterns, e.topic)]
                 if not picked:
                     continue
@@ -430,6 +436,23 @@ class Broker:
                 rid = self.inboxes.get(env.recipient)
                 if rid is not None:
                     self._send(rid, P.INBOX, P.pack([env]))
+
+    def _remember(self, envs: list[Envelope], bodies: list[bytes]) -> None:
+        tail = self.tail
+        for env, body in zip(envs, bodies, strict=True):
+            tail.append((env.seq, env.topic, body))
+            self._tail_bytes += len(body)
+        while self._tail_bytes > self.settings.tail_cache_bytes and tail:
+            self._tail_bytes -= len(tail.popleft()[2])
+
+    def _bodies(self, envs: list[Envelope]) -> list[bytes]:
+        """The stored envelopes of records just appended, from the tail cache (no re-encoding)."""
+        tail = self.tail
+        if tail and tail[0][0] <= envs[0].seq and envs[-1].seq <= tail[-1][0]:
+            start = envs[0].seq - tail[0][0]
+            by_seq = {tail[start + i][0]: tail[start + i][2] for i in range(envs[-1].seq - envs[0].seq + 1)}
+            return [by_seq[e.seq] for e in envs]
+        return [msgspec.msgpack.encode(e) for e in envs]
 
     # -- live subscriptions ----------------------------------------------------------------------
 
@@ -571,12 +594,23 @@ class Broker:
         if credit <= 0:
             return
         now = time.monotonic()
-        picked: list[tuple[int, memoryview | bytes | None]] = []
+        picked: list[tuple[int, bytes | None]] = []
         while group.redeliver and group.redeliver[0][0] <= now and len(picked) < credit:
             _, seq = heapq.heappop(group.redeliver)
             picked.append((seq, None))
         scanned = 0
-        if len(picked) < credit and group.next_seq <= self.log.head:
+        tail = self.tail
+        if len(picked) < credit and tail and tail[0][0] <= group.next_seq <= tail[-1][0]:
+            start = group.next_seq - tail[0][0]
+            for i in range(start, min(len(tail), start + _SCAN_BUDGET)):
+                seq, topic, body = tail[i]
+                scanned += 1
+                group.next_seq = seq + 1
+                if group.matches(topic):
+                    picked.append((seq, body))
+                    if len(picked) >= credit:
+                        break
+        elif len(picked) < credit and group.next_seq <= self.log.head:
             for seq, topic, raw in self.log.topic_scan(group.next_seq, _SCAN_BUDGET):
                 scanned += 1
                 group.next_seq = seq + 1
@@ -584,19 +618,19 @@ class Broker:
                     picked.append((seq, self.log.body_of(seq, raw)))
                     if len(picked) >= credit:
                         break
-            if scanned:
-                self._groups_dirty = True
+        if scanned:
+            self._groups_dirty = True
         if not picked:
             return
         by_member: dict[bytes, list[Any]] = defaultdict(list)
         members = [rid for rid, c in group.members.items() if c > 0]
         mi = 0
-        for seq, body in picked:
-            if body is None:
+        for seq, known in picked:
+            if known is None:
                 rec = self.log.get(seq)
                 if rec is None:
                     continue
-                body = rec.body
+                known = rec.body
             while group.members[members[mi % len(members)]] <= 0:
                 mi += 1
             rid = members[mi % len(members)]
@@ -604,7 +638,7 @@ class Broker:
             attempt = group.attempts.get(seq, 0) + 1
             group.attempts[seq] = attempt
             group.inflight[seq] = Inflight(rid, now + group.ack_timeout, attempt)
-            by_member[rid].append([attempt, _Raw(bytes(body))])
+            by_member[rid].append([attempt, _Raw(known)])
             mi += 1
         for rid, items in by_member.items():
             group.delivered += len(items)

@@ -83,6 +83,8 @@ class EventLog:
         self._env: lmdb.Environment | None = None
         self.head = 0
         self._last_ns = 0
+        self.last_bodies: list[bytes] = []
+        """The plaintext envelopes the last append stored, in seq order (the broker's tail cache feeds on them)."""
 
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,7 @@ class EventLog:
         ids_db, log_db, corr_db = self._ids, self._log, self._corr
         cipher = self.cipher
         rows: list[tuple[bytes, bytes]] = []
+        plain: list[bytes] = []
         with self.env.begin(write=True) as txn:
             for env in envelopes:
                 id_b = env.id.encode()
@@ -167,6 +170,7 @@ class EventLog:
                 env.seq = head
                 key = _SEQ.pack(head)
                 body = encode_envelope(env)
+                plain.append(body)
                 key_id = 0
                 if cipher is not None:
                     key_id = cipher.key_id
@@ -181,6 +185,7 @@ class EventLog:
             for name, state in groups.items():
                 txn.put(name.encode(), _group_codec_enc.encode(state), db=self._groups)
         self.head = head
+        self.last_bodies = plain
         self._last_ns = last_ns
         return results
 
