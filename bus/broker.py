@@ -30,6 +30,7 @@ from bus.auth import ModuleAuthenticator
 from bus.home import Home, Settings
 from bus.log import EventLog, Record, Rejected
 from bus.permissions import Permissions
+from bus.sealing import log_cipher
 from contracts.envelope import DECODE_ERRORS, Envelope, decode_batch, decode_envelope, make_envelope
 from contracts.errors import BusError, NotAuthorized
 from contracts.ids import new_id
@@ -111,7 +112,8 @@ class Broker:
     def __init__(self, home: Home, settings: Settings | None = None) -> None:
         self.home = home
         self.settings = settings or home.settings()
-        self.log = EventLog(home.log_dir, map_size=self.settings.log_map_size)
+        self.log = EventLog(home.log_dir, map_size=self.settings.log_map_size,
+                            cipher=log_cipher(home.path, self.settings.encryption))
         self.clients: dict[bytes, Client] = {}
         self.inboxes: dict[str, bytes] = {}
         self.groups: dict[str, Group] = {}
@@ -124,6 +126,7 @@ class Broker:
         self.permissions = Permissions(home.path / "permissions.toml")
         self._denied_recently: dict[tuple[str, str, str], float] = {}
         self._audit: list[dict[str, Any]] = []
+        self._publish_grants: dict[tuple[str, str], bool] = {}
         self.tail: deque[tuple[int, str, bytes]] = deque()
         self._tail_bytes = 0
         """The newest records (seq, topic, plaintext envelope): groups that keep up never read the log."""
@@ -299,12 +302,19 @@ class Broker:
         self._send(rid, P.ERROR, ref, P.error_body(code, message, **fields))
 
     def _send(self, rid: bytes, *frames: bytes) -> bool:
+        return self._try_send(rid, *frames) == "sent"
+
+    def _try_send(self, rid: bytes, *frames: bytes) -> str:
+        """sent | full (the peer's queue is at its high-water mark) | gone (no such peer any more)."""
         try:
             self.sock.send_multipart([rid, *frames], zmq.NOBLOCK)
-            return True
-        except (zmq.Again, zmq.ZMQError):
+            return "sent"
+        except zmq.Again:
             self.counters["send_dropped"] += 1
-            return False
+            return "full"
+        except zmq.ZMQError:
+            self.counters["send_dropped"] += 1
+            return "gone"
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -341,9 +351,17 @@ class Broker:
                 env.source == "broker" or (env.source.startswith("worker-") and env.topic.startswith("bus."))):
             self.counters["unauthorized"] += 1
             raise Rejected("not_authorized", f"topic {env.topic!r} is reserved for the broker")
-        if env.source != "broker" and not self.permissions.may_publish(env.source, env.topic):
+        if env.source != "broker" and not self._may_publish(env.source, env.topic):
             self._denied(env.source, "publish", env.topic)
             raise Rejected("not_authorized", f"module {env.source!r} may not publish {env.topic!r}")
+
+    def _may_publish(self, source: str, topic: str) -> bool:
+        """Decided once per (module, topic) per append: the permissions file is stat'ed per batch, not per message."""
+        key = (source, topic)
+        allowed = self._publish_grants.get(key)
+        if allowed is None:
+            allowed = self._publish_grants[key] = self.permissions.may_publish(source, topic)
+        return allowed
 
     def _denied(self, module: str, action: str, what: str) -> None:
         """Counts a refusal, logs it, and records a ``security.access.denied`` audit event (once a second)."""
@@ -390,6 +408,7 @@ class Broker:
     def _append(self, envs: list[Envelope]) -> list[int | Rejected]:
         groups = self._dirty_group_states()
         first = self.log.head + 1
+        self._publish_grants.clear()
         try:
             results = self.log.append(envs, groups=groups, check=self._check)
         except BusError as exc:
@@ -489,6 +508,8 @@ class Broker:
                 group.match_cache.clear()
                 self._groups_dirty = True
             start = body.get("from_seq")
+            if start:
+                self._evict_stale_members(group, client)
             if start and not group.members:
                 self._reposition(group, int(start))
         if body.get("ack_timeout"):
@@ -498,6 +519,14 @@ class Broker:
         group.members[client.rid] = max(1, int(body.get("credit", 100)))
         client.groups.add(name)
         log.info("group.joined", group=name, client=client.name, members=len(group.members))
+
+    def _evict_stale_members(self, group: Group, joining: Client) -> None:
+        """A module that rejoins with its own position is a new run of it: an old member of the same
+        module (killed with -9, not yet timed out) is dropped, its deliveries forgotten, not redelivered."""
+        for rid in list(group.members):
+            old = self.clients.get(rid)
+            if old is not None and old is not joining and old.source == joining.source:
+                self._drop_client(old, "replaced by a new run", requeue=False)
 
     def _reposition(self, group: Group, start: int) -> None:
         """A consumer that keeps its own position (a store worker) says where it resumes: that is the truth.
@@ -641,9 +670,22 @@ class Broker:
             by_member[rid].append([attempt, _Raw(known)])
             mi += 1
         for rid, items in by_member.items():
-            group.delivered += len(items)
-            if not self._send(rid, P.DELIVER, group.name.encode(), P.pack(items)):
-                self._requeue_member(group, rid, "member's queue is full")
+            outcome = self._try_send(rid, P.DELIVER, group.name.encode(), P.pack(items))
+            if outcome == "sent":
+                group.delivered += len(items)
+                continue
+            # Not delivered: not an attempt. Put them back first in line, in order.
+            for seq in sorted(group.attempts.keys() & {s for s, _ in picked}):
+                if group.inflight.get(seq) is not None and group.inflight[seq].rid == rid:
+                    del group.inflight[seq]
+                    group.attempts[seq] -= 1
+                    heapq.heappush(group.redeliver, (now, seq))
+            if outcome == "gone":
+                client = self.clients.get(rid)
+                if client is not None:
+                    self._drop_client(client, "gone")
+            elif rid in group.members:
+                group.members[rid] = 0  # paused until its acks hand credit back
 
     # -- timers ----------------------------------------------------------------------------------
 
@@ -688,14 +730,19 @@ class Broker:
             for name, st in states.items():
                 self.groups[name].saved_floor = int(st["floor"])
 
-    def _drop_client(self, client: Client, reason: str) -> None:
+    def _drop_client(self, client: Client, reason: str, *, requeue: bool = True) -> None:
         self.clients.pop(client.rid, None)
         if client.inbox and self.inboxes.get(client.inbox) == client.rid:
             del self.inboxes[client.inbox]
         for name in client.groups:
             group = self.groups.get(name)
             if group is not None and group.members.pop(client.rid, None) is not None:
-                self._requeue_member(group, client.rid, reason)
+                if requeue:
+                    self._requeue_member(group, client.rid, reason)
+                else:
+                    for seq in [s for s, inf in group.inflight.items() if inf.rid == client.rid]:
+                        del group.inflight[seq]
+                        heapq.heappush(group.redeliver, (0.0, seq))
         log.info("client.dropped", client=client.name, source=client.source, reason=reason)
 
     # -- replay and status -----------------------------------------------------------------------

@@ -337,6 +337,8 @@ class Consumer:
         seqs = [d if isinstance(d, int) else d.seq for d in deliveries]
         if seqs:
             self._conn.ack(self.group, seqs)
+            if "from_seq" in self._state.body:  # a rejoin after a broker restart resumes from here
+                self._state.body["from_seq"] = max(int(self._state.body["from_seq"]), max(seqs) + 1)
 
     def nack(self, deliveries: list[Delivery] | list[int], reason: str, *, delay: float = 0.0) -> None:
         """Hands messages back for redelivery after ``delay`` s; dead-lettered after the group's max attempts."""

@@ -70,12 +70,15 @@ def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
 
 
 def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None = None,
-                final_attempt: set[int] | frozenset[int] = frozenset()) -> tuple[list[Outcome], int]:
+                final_attempt: set[int] | frozenset[int] = frozenset(),
+                attempt: int = 1) -> tuple[list[Outcome], int]:
     """Applies ``batch`` (in log order) in one transaction; returns the outcomes and the new position.
 
     A message whose handler raises an unexpected error is rolled back alone and reported as
     ``retry``, unless its seq is in ``final_attempt``, where it is answered with ``.failed``
-    (the runtime dead-letters it). ``retry`` outcomes do not move the position past them.
+    (the runtime dead-letters it, after ``attempt`` attempts). ``retry`` outcomes do not move the
+    position past them. A seq at or below the position, including one already applied earlier in
+    this batch (a redelivery after an ack timeout can sit in the same batch), is ``skipped``.
     """
     if position is None:
         position = backend.load_position()
@@ -84,13 +87,13 @@ def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None
     blocked = False
     with backend.transaction() as txn:
         for env in batch:
-            if env.seq <= position:
+            if env.seq <= new_position:
                 outcomes.append(Outcome(env.seq, env.topic, "skipped"))
                 continue
             if blocked:
                 outcomes.append(Outcome(env.seq, env.topic, "retry"))
                 continue
-            outcome = _apply_one(backend, txn, env, env.seq in final_attempt)
+            outcome = _apply_one(backend, txn, env, attempt if env.seq in final_attempt else 0)
             outcomes.append(outcome)
             if outcome.status == "retry":
                 blocked = True  # keep log order: nothing after a retried message is applied yet
@@ -104,7 +107,8 @@ def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None
     return outcomes, new_position
 
 
-def _apply_one(backend: Backend, txn: Any, env: Envelope, final: bool) -> Outcome:
+def _apply_one(backend: Backend, txn: Any, env: Envelope, final: int) -> Outcome:
+    """``final``: the number of this attempt when it is the last one, else 0."""
     handler = backend.handlers.get(env.topic)
     ctx = Context(seq=env.seq, envelope=env, worker=backend.name)
     bound = structlog.contextvars.bound_contextvars(topic=env.topic, seq=env.seq,
@@ -132,7 +136,8 @@ def _apply_one(backend: Backend, txn: Any, env: Envelope, final: bool) -> Outcom
         except Exception as exc:
             log.warning("handler.error", error=repr(exc), final=final)
             if final:
-                err = HandlerError(f"{type(exc).__name__}: {exc}", topic=env.topic, exception=type(exc).__name__)
+                err = HandlerError(f"{type(exc).__name__}: {exc}", topic=env.topic, exception=type(exc).__name__,
+                                   attempts=final)
                 return Outcome(env.seq, env.topic, "failed", error=err)
             return Outcome(env.seq, env.topic, "retry", error=HandlerError(repr(exc)))
 

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import structlog
 from bus.client import Bus
 from bus.home import Home
 from bus.message import Delivery
+from bus.sealing import store_keyring
 from contracts.catalog import load_all
 from contracts.envelope import Envelope
 from contracts.errors import BusError
@@ -78,7 +80,8 @@ class WorkerRuntime:
         attempt = 1
         while pending:
             final = {e.seq for e in pending} if attempt >= self.max_attempts else set()
-            outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final)
+            outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
+                                             attempt=attempt)
             self._flush_outbox(bus)
             done = [o for o in outcomes if o.status != "retry"]
             consumer.ack([o.seq for o in done])
@@ -154,9 +157,24 @@ def read_worker_status(home: Home) -> dict[str, dict[str, Any]]:
     return out
 
 
+RUNTIME_ENV = {"batch_size": "MEMBUS_WORKER_BATCH_SIZE", "max_attempts": "MEMBUS_WORKER_MAX_ATTEMPTS",
+               "retry_backoff_s": "MEMBUS_WORKER_RETRY_BACKOFF_S"}
+"""Runtime settings a deployment (or a test) can set from the environment."""
+
+
+def runtime_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, var in RUNTIME_ENV.items():
+        if environ.get(var):
+            out[key] = float(environ[var]) if key == "retry_backoff_s" else int(environ[var])
+    return out
+
+
 def run(name: str, home: Path | str | None = None) -> None:
     load_all()
-    runtime = WorkerRuntime(name, Home(home))
+    where = Home(home)
+    at_rest: dict[str, Any] = {"encryption": store_keyring(where.path, name, where.settings().encryption)}
+    runtime = WorkerRuntime(name, where, **runtime_settings(), **{k: v for k, v in at_rest.items() if v})
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("worker.signal", signal=signum)
@@ -164,7 +182,15 @@ def run(name: str, home: Path | str | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    runtime.run()
+    from bus.consistency import hold_store  # the store lock a rebuild takes (see bus/consistency.py)
+
+    lock = hold_store(where, name, lambda: runtime._stop)
+    if lock is None:
+        return
+    try:
+        runtime.run()
+    finally:
+        lock.release()
 
 
 def envelopes(batch: list[Delivery]) -> list[Envelope]:

@@ -1,0 +1,164 @@
+"""End to end through `membus up`: the supervisor, the broker, the LMDB and libSQL workers, the CLI.
+
+One `membus up` runs for the module (its own process group, always stopped); each test uses its own
+conversation. A companion module talks to it through the client library, a user through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.client import Bus
+from contracts.registry import to_builtins
+from tests.conftest import wait_until
+from tests.workers_util import UpProcess, caught_up, cli, pid_alive
+
+WORKERS = ["lmdb", "libsql"]
+TIMEOUT = 60.0
+APPEND = "conversation.message.append.request"
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    system = UpProcess(tmp_path_factory.mktemp("e2e") / "home", WORKERS)
+    try:
+        yield system.start()
+    finally:
+        system.stop()
+
+
+@pytest.fixture
+def companion(up: UpProcess) -> Iterator[Bus]:
+    with Bus.connect(up.home.path, module="companion", timeout=30.0) as bus:
+        yield bus
+
+
+def ask(bus: Bus, topic: str, payload: dict[str, Any], **kw: Any) -> Any:
+    return to_builtins(bus.request(topic, payload, timeout=TIMEOUT, **kw).payload)
+
+
+def say(bus: Bus, conversation: str, i: int, text: str) -> Any:
+    role = "user" if i % 2 == 0 else "assistant"
+    return ask(bus, APPEND, {"conversation_id": conversation, "user_id": "ada", "role": role, "text": text},
+               correlation_id=f"{conversation}-turn-{i}")
+
+
+def working_memory(bus: Bus, conversation: str) -> list[str]:
+    reply = ask(bus, "working.recent.request", {"conversation_id": conversation, "limit": 100})
+    return [m["text"] for m in reply["messages"]]
+
+
+TURNS = ["I love pancakes on Sunday mornings", "Pancakes it is: with blueberries?",
+         "Yes, and maple syrup", "Noted: blueberries and maple syrup", "What did I say I love?"]
+
+
+def test_a_conversation_is_stored_followed_into_working_memory_searched_and_traced(companion: Bus) -> None:
+    stored = [say(companion, "c-talk", i, text) for i, text in enumerate(TURNS)]
+    assert [m["text"] for m in stored] == TURNS
+
+    # libSQL answers the history in order; LMDB follows its change events into working memory
+    history = ask(companion, "conversation.history.request", {"conversation_id": "c-talk"})
+    assert [m["text"] for m in history["messages"]] == TURNS and history["total"] == 5
+    assert [m["role"] for m in history["messages"]] == ["user", "assistant"] * 2 + ["user"]
+    wait_until(lambda: working_memory(companion, "c-talk") == TURNS, timeout=TIMEOUT,
+               what="working memory holds the conversation")
+
+    hits = ask(companion, "memory.search.text.request", {"query": "maple syrup", "conversation_id": "c-talk",
+                                                         "sources": ["messages"]})["hits"]
+    assert sorted(h["text"] for h in hits) == sorted([TURNS[2], TURNS[3]])
+    assert {h["id"] for h in hits} == {stored[2]["message_id"], stored[3]["message_id"]}
+
+    # one turn's trace, from the log: the request, the change event it caused, its completion
+    trace = list(companion.replay(correlation_id="c-talk-turn-2"))
+    assert [m.topic for m in trace] == [APPEND, "conversation.message.changed",
+                                        "conversation.message.append.complete"]
+    request, changed, complete = trace
+    assert request.source == "companion" and changed.source == complete.source == "worker-libsql"
+    assert changed.causation_id == complete.causation_id == request.id
+    assert request.seq < changed.seq < complete.seq
+    assert changed.payload.message_id == complete.payload.message_id == stored[2]["message_id"]
+
+
+def test_a_worker_killed_under_up_is_restarted_and_catches_up(up: UpProcess, companion: Bus) -> None:
+    say(companion, "c-crash", 0, "before the crash")
+    wait_until(lambda: working_memory(companion, "c-crash") == ["before the crash"], timeout=TIMEOUT,
+               what="first message in working memory")
+    old = up.worker_pid("lmdb")
+    assert old
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(old), what="lmdb worker gone")
+    during = [f"while lmdb was down {i}" for i in range(1, 6)]
+    for i, text in enumerate(during, start=1):
+        say(companion, "c-crash", i, text)  # libSQL stores them; its change events wait in the log for LMDB
+    new = wait_until(lambda: (pid := up.worker_pid("lmdb")) and pid != old and pid, timeout=TIMEOUT,
+                     what="the supervisor restarted the lmdb worker")
+    assert pid_alive(new)
+    wait_until(lambda: working_memory(companion, "c-crash") == ["before the crash", *during], timeout=TIMEOUT,
+               what="the restarted worker caught up")
+    wait_until(lambda: caught_up(companion, "lmdb"), timeout=TIMEOUT, what="lmdb group at lag 0")
+    assert "child.exited" in up.log_tail(200_000)
+
+
+def test_the_cli_publishes_requests_replays_and_reports_status(up: UpProcess, companion: Bus) -> None:
+    home = up.home.path
+    published = cli(home, "publish", "companion.mood.changed", '{"mood": "curious"}', "--correlation", "cli-1")
+    assert published.returncode == 0, published.stderr
+    seq = int(published.stdout.strip())
+    (logged,) = companion.replay(from_seq=seq, to_seq=seq)
+    assert (logged.topic, logged.payload, logged.source) == ("companion.mood.changed", {"mood": "curious"}, "cli")
+
+    append = json.dumps({"conversation_id": "c-cli", "user_id": "ada", "role": "user", "text": "typed in a shell"})
+    answered = cli(home, "request", APPEND, append)
+    assert answered.returncode == 0, answered.stderr
+    message = json.loads(answered.stdout)
+    assert (message["conversation_id"], message["text"]) == ("c-cli", "typed in a shell")
+
+    refused = cli(home, "request", APPEND, json.dumps({"conversation_id": "c-cli", "user_id": "ada",
+                                                       "role": "robot", "text": "x"}))
+    assert refused.returncode == 1 and "role" in refused.stderr
+
+    history = cli(home, "request", "conversation.history.request", '{"conversation_id": "c-cli"}')
+    assert [m["text"] for m in json.loads(history.stdout)["messages"]] == ["typed in a shell"]
+
+    trace = cli(home, "replay", "--json", "--correlation", "cli-1")
+    assert trace.returncode == 0, trace.stderr
+    lines = [json.loads(line) for line in trace.stdout.splitlines()]
+    assert [(d["seq"], d["topic"], d["payload"]) for d in lines] == [(seq, "companion.mood.changed",
+                                                                      {"mood": "curious"})]
+
+    wait_until(lambda: all(caught_up(companion, w) for w in WORKERS), timeout=TIMEOUT, what="workers at lag 0")
+    status = cli(home, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    st = json.loads(status.stdout)
+    assert st["head"] >= seq
+    for w in WORKERS:
+        assert st["groups"][w]["members"] == 1 and st["groups"][w]["lag"] == 0
+        assert st["workers"][w]["pid"] == up.worker_pid(w)
+    assert st["workers"]["libsql"]["applied"] >= 1
+
+    usage = cli(home, "publish", "companion.mood.changed", "{not json")
+    assert usage.returncode == 2 and "not valid JSON" in usage.stderr
+
+
+def test_sigterm_stops_membus_up_and_every_child_cleanly(tmp_path: Path) -> None:
+    system = UpProcess(tmp_path / "home", WORKERS)
+    try:
+        system.start()
+        with Bus.connect(system.home.path, module="companion", timeout=30.0) as bus:
+            say(bus, "c-stop", 0, "last words")
+            broker_pid = int(bus.status()["pid"])
+        children = [broker_pid, *(system.worker_pid(w) or 0 for w in WORKERS)]
+        assert all(children)
+        assert system.terminate(timeout=20.0) == 0, system.log_tail()
+        assert not [pid for pid in children if pid_alive(pid)]
+        log = system.log_tail(200_000)
+        assert "worker.stopped" in log and "broker.stopped" in log and "membus.stopped" in log
+    finally:
+        system.stop()
