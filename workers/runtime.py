@@ -27,7 +27,7 @@ from bus.message import Delivery
 from bus.sealing import store_keyring
 from contracts.catalog import load_all
 from contracts.envelope import Envelope
-from contracts.errors import BusError
+from contracts.errors import BusError, StoreError
 from workers.apply import Outcome, apply_batch
 from workers.base import Backend
 from workers.registry import load
@@ -69,7 +69,7 @@ class WorkerRuntime:
                         if batch:
                             position = self._process(bus, consumer, batch, position)
                         else:
-                            self._idle()
+                            self._idle(bus)
                         self._write_status(bus.head)
         finally:
             self.backend.close()
@@ -80,8 +80,17 @@ class WorkerRuntime:
         attempt = 1
         while pending:
             final = {e.seq for e in pending} if attempt >= self.max_attempts else set()
-            outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
-                                             attempt=attempt)
+            try:
+                outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
+                                                 attempt=attempt)
+            except StoreError as exc:  # the commit itself failed (disk or map full, I/O): nothing was applied
+                self.stats["errors"] += 1
+                log.error("batch.commit_failed", error=exc.message, code=exc.code, first_seq=pending[0].seq)
+                if self._stop:
+                    break
+                time.sleep(min(self.retry_backoff_s * 2 ** min(attempt, 5), 5.0))
+                attempt += 1
+                continue
             self._flush_outbox(bus)
             done = [o for o in outcomes if o.status != "retry"]
             consumer.ack([o.seq for o in done])
@@ -126,7 +135,8 @@ class WorkerRuntime:
         if done:
             self.backend.outbox_remove(done)
 
-    def _idle(self) -> None:
+    def _idle(self, bus: Bus) -> None:
+        self._flush_outbox(bus)  # what a broker outage left unpublished goes out without waiting for traffic
         expire = getattr(self.backend, "expire", None)
         if callable(expire):
             try:
