@@ -226,9 +226,244 @@ def topics(json_out: JsonOpt = False) -> None:
     out.print(t)
 
 
+@app.command()
+def check(home: HomeOpt = None, json_out: JsonOpt = False,
+          timeout: Annotated[float, typer.Option(help="Seconds to wait for the stores to catch up.")] = 30.0
+          ) -> None:
+    """Waits for every store to catch up, then checks they agree; exit 1 names what differs."""
+    from bus.consistency import check as run_check
+
+    logs.configure(level="warning")
+    try:
+        with _bus(home) as bus:
+            report = run_check(bus, _home(home), timeout=timeout)
+    except BusError as exc:
+        _fail(exc)
+        return
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), default=str, indent=2))
+    else:
+        t = Table("store", "running", "position", "acked", "lag", "holds", title=f"log head {report.head}")
+        for s in report.stores:
+            held = ", ".join(f"{n} {k}" for k, n in s.counts.items())
+            t.add_row(s.name, "yes" if s.running else "[red]no[/]", str(s.position), str(s.acked),
+                      str(s.lag) if not s.lag else f"[yellow]{s.lag}[/]", held)
+        out.print(t)
+        for d in report.differences:
+            out.print(f"[bold red]differs[/] {d.describe()}", highlight=False)
+        if report.ok:
+            out.print("[bold green]consistent[/]: every store agrees with the structured store")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def rebuild(store: Annotated[str, typer.Argument(help="The store worker: lmdb, libsql, chroma or duckdb.")],
+            home: HomeOpt = None,
+            yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+            timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None
+            ) -> None:
+    """Wipes one store and applies the whole log to it again (the running worker is paused meanwhile)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bus.consistency import Progress as Step
+    from bus.consistency import rebuild as run_rebuild
+    from workers.registry import backends
+
+    logs.configure(level="warning")
+    if store not in backends():
+        err.print(f"[bold red]error[/]: unknown store {store!r}; known: {', '.join(backends())}")
+        raise typer.Exit(2)
+    if not yes and not typer.confirm(f"Delete the {store} store and rebuild it from the log?"):
+        raise typer.Exit(1)
+    try:
+        with _bus(home) as bus, Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                         MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
+            task = bar.add_task(f"{store}: stopping the worker", total=None)
+
+            def show(step: Step) -> None:
+                text = {"stopping": "stopping the worker", "wiping": "wiping the store",
+                        "replaying": "replaying the log", "done": "done"}[step.phase]
+                total = step.target or None
+                bar.update(task, description=f"{store}: {text}", total=total,
+                           completed=step.target if step.phase == "done" else step.position)
+
+            result = run_rebuild(bus, _home(home), store, on_progress=show, timeout=timeout)
+    except BusError as exc:
+        _fail(exc)
+        return
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]: {store} is partly rebuilt; its worker resumes from where it stopped")
+        raise typer.Exit(130) from None
+    stopped = f"stopped pid {result.stopped_pid}; " if result.stopped_pid else ""
+    out.print(f"[bold green]rebuilt[/] {store}: applied the log up to {result.position} (head {result.head}) "
+              f"in {result.seconds:.1f} s; {stopped}under `membus up` its worker takes over now, otherwise start "
+              f"it with `membus worker {store}`", highlight=False)
+
+
+@app.command()
+def demo(home: HomeOpt = None) -> None:
+    """Plays a short conversation through every store and shows what each one did (exit 0: all worked)."""
+    from bus.demo import run as run_demo
+
+    logs.configure(level="warning")
+    raise typer.Exit(0 if run_demo(home, out) else 1)
+
+
+# -- membus keys: the master key of the home (docs/security.md) ---------------------------------------------
+
+keys_app = typer.Typer(help="The master key: init, status, change-passphrase, rotate.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+_REBUILT_FROM_LOG = ("lmdb", "chroma", "duckdb")
+"""Stores that blind ids with the generation's key: a rotation deletes them and they replay the log."""
+
+
+def _logs_to_stderr() -> None:
+    """Key warnings (which source unlocked the home) go to stderr, so stdout stays the command's output."""
+    import structlog
+
+    structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stderr))
+
+
+def _new_passphrase(ask: bool) -> str | None:
+    import os
+
+    from bus import keys
+
+    if os.environ.get(keys.ENV_PASSPHRASE):
+        return os.environ[keys.ENV_PASSPHRASE]
+    if not ask:
+        return None
+    text: str = typer.prompt("new passphrase", hide_input=True, confirmation_prompt=True)
+    return text
+
+
+@keys_app.command("init")
+def keys_init(home: HomeOpt = None,
+              passphrase: Annotated[bool, typer.Option(help="Protect the key with a passphrase (prompted, or "
+                                                             "MEMBUS_PASSPHRASE).")] = True,
+              key_file: Annotated[bool, typer.Option(help="Also keep the unlock key in a 0600 file outside "
+                                                          "the home.")] = False) -> None:
+    """Create the home's master key (generation 1); `membus up` does this on first start too."""
+    _logs_to_stderr()
+    from bus import keys
+
+    h = _home(home)
+    h.ensure()
+    try:
+        master = keys.init(h.path, _new_passphrase(passphrase), remember=True if key_file else None)
+    except BusError as exc:
+        _fail(exc)
+    out.print(f"master key {master.key_id} (generation 1) kept in: {master.source}")
+
+
+@keys_app.command("status")
+def keys_status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
+    """Key id, generations, KDF parameters, keyring backend, and the source that unlocks the home now."""
+    _logs_to_stderr()
+    from bus import keys
+
+    h = _home(home)
+    report = {**keys.status(h.path), "encryption": h.settings().encryption}
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for name, value in report.items():
+        out.print(f"{name}: {value}", highlight=False)
+
+
+@keys_app.command("change-passphrase")
+def keys_change_passphrase(home: HomeOpt = None) -> None:
+    """Rewrap the same master keys under a new passphrase: no data is re-encrypted."""
+    _logs_to_stderr()
+    from bus import keys
+
+    h = _home(home)
+    try:
+        has_passphrase = keys.status(h.path).get("kdf") == "argon2id"
+        old = typer.prompt("current passphrase", hide_input=True) if has_passphrase else None
+        new = typer.prompt("new passphrase", hide_input=True, confirmation_prompt=True)
+        master = keys.change_passphrase(h.path, old, new)
+    except BusError as exc:
+        _fail(exc)
+    out.print(f"passphrase changed; master key {master.key_id} unchanged, nothing re-encrypted")
+
+
+def _running(h: Home) -> list[str]:
+    import os
+
+    from workers.runtime import read_worker_status
+
+    pids = {"broker": (h.read_run_file() or {}).get("pid")}
+    pids.update({f"worker {n}": s.get("pid") for n, s in read_worker_status(h).items()})
+    alive = []
+    for name, pid in pids.items():
+        if isinstance(pid, int) and pid > 0:
+            try:
+                os.kill(pid, 0)
+                alive.append(f"{name} (pid {pid})")
+            except (ProcessLookupError, PermissionError):
+                continue
+    return alive
+
+
+def libsql_file_key(h: Home) -> bytes | None:
+    """The libSQL file key of an encrypted home (None when encryption is off)."""
+    from bus import keys
+    from workers.libsql import file_key
+
+    if not h.settings().encryption or not keys.metadata_path(h.path).exists():
+        return None
+    return file_key(keys.load_master_key(h.path).keyring(keys.store_label("libsql")))
+
+
+@keys_app.command("rotate")
+def keys_rotate(home: HomeOpt = None) -> None:
+    """New master key generation; re-encrypts the log and libSQL, rebuilds the other stores from the log.
+
+    Runs with membus stopped: the stores are rewritten offline.
+    """
+    _logs_to_stderr()
+    import shutil
+
+    from bus import keys
+    from bus.log import EventLog
+    from bus.sealing import KeyRingCipher
+    from workers.libsql import DB_FILE, rekey
+
+    h = _home(home)
+    running = _running(h)
+    if running:
+        err.print(f"[bold red]error[/]: stop membus first (rotate re-encrypts the stores offline): "
+                  f"{', '.join(running)} still running")
+        raise typer.Exit(1)
+    if not h.settings().encryption:
+        err.print("[bold red]error[/]: encryption is off in this home (membus.toml): nothing to rotate")
+        raise typer.Exit(1)
+    try:
+        rotation = keys.rotate(h.path)
+        event_log = EventLog(h.log_dir, cipher=KeyRingCipher(rotation.new.keyring(keys.LOG_LABEL)))
+        event_log.open()
+        try:
+            records = event_log.reseal()
+        finally:
+            event_log.close()
+        rows = 0
+        if (h.data_dir("libsql") / DB_FILE).exists():
+            ring = rotation.new.keyring(keys.store_label("libsql"))
+            rows = rekey(h.data_dir("libsql"), ring, rotation.old.generation)
+        rebuilt = [w for w in _REBUILT_FROM_LOG if h.data_dir(w).exists()]
+        for w in rebuilt:
+            shutil.rmtree(h.data_dir(w))
+    except BusError as exc:
+        _fail(exc)
+    out.print(f"generation {rotation.new.generation} (key {rotation.new.key_id}): {records} log records and "
+              f"{rows} libSQL rows re-encrypted; rebuilt from the log at next start: {', '.join(rebuilt) or 'none'}")
+
+
 def _migrate_home(ctx: typer.Context, home: HomeOpt = None) -> None:
     """Versioned schemas of the libSQL store: status, up, rollback."""
-    ctx.obj = {"db_path": _home(home).data_dir("libsql") / "membus.db", "encryption_key": None}
+    ctx.obj = {"db_path": _home(home).data_dir("libsql") / "membus.db", "encryption_key": libsql_file_key(_home(home))}
 
 
 def _mount_migrate() -> None:

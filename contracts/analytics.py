@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from contracts.inventory import InventoryPage, InventoryQuery
 from contracts.registry import register
 
 
@@ -110,3 +111,12 @@ register("analytics.sentiment.request", SentimentQuery, reply=SentimentResult, h
 register("analytics.latency.request", LatencyQuery, reply=LatencyResult, handled_by="duckdb")
 register("analytics.throughput.request", ThroughputQuery, reply=ThroughputResult, handled_by="duckdb")
 register("analytics.export.request", ExportQuery, reply=ExportResult, handled_by="duckdb")
+
+
+class AnalyticsInventory(InventoryQuery, kw_only=True, forbid_unknown_fields=True):
+    """One page of the ids an analytics table holds (`membus check`)."""
+
+    kind: Literal["messages", "feedback", "facts"]
+
+
+register("analytics.inventory.request", AnalyticsInventory, reply=InventoryPage, handled_by="duckdb")

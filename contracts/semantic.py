@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from contracts.inventory import InventoryPage, InventoryQuery
 from contracts.registry import register
 
 Collection = Literal["memory", "conversation", "all"]
@@ -80,3 +81,12 @@ register("memory.search.semantic.request", SemanticSearch, reply=SearchResult, h
 register("memory.search.hybrid.request", HybridSearch, reply=SearchResult, handled_by="chroma")
 register("semantic.index.request", IndexText, reply=Indexed, handled_by="chroma")
 register("semantic.remove.request", RemoveText, reply=Indexed, handled_by="chroma")
+
+
+class SemanticInventory(InventoryQuery, kw_only=True, forbid_unknown_fields=True):
+    """One page of the ids a collection holds (`membus check`)."""
+
+    kind: Literal["memory", "conversation"]
+
+
+register("semantic.inventory.request", SemanticInventory, reply=InventoryPage, handled_by="chroma")

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from contracts.inventory import InventoryPage, InventoryQuery
 from contracts.registry import register
 
 WORKER = "libsql"
@@ -416,3 +417,12 @@ _request("consolidation.state.get.request", ConsolidationGet, ConsolidationState
 _event("conversation.message.changed", MessageChanged)
 _event("memory.fact.changed", FactChanged)
 _event("feedback.event.changed", FeedbackEvent)
+
+
+class StructuredInventory(InventoryQuery, kw_only=True, forbid_unknown_fields=True):
+    """One page of the ids the structured store holds (`membus check`): facts, messages or feedback."""
+
+    kind: Literal["facts", "messages", "feedback"]
+
+
+_request("structured.inventory.request", StructuredInventory, InventoryPage)

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from contracts.inventory import InventoryPage, InventoryQuery
 from contracts.registry import register
 
 WORKER = "lmdb"
@@ -139,3 +140,13 @@ register(CONTEXT_GET, ContextGet, reply=ContextGetReply, handled_by=WORKER)
 register(CONTEXT_CLEAR, ContextClear, reply=ContextClearReply, handled_by=WORKER)
 register(CONTEXT_CHANGED, ContextChanged,
          description="Published by the lmdb worker when a session's context changes.")
+
+
+class WorkingInventory(InventoryQuery, kw_only=True, forbid_unknown_fields=True):
+    """One page of the messages working memory holds, unexpired (`membus check`); info gives its limits."""
+
+    kind: Literal["messages"] = "messages"
+
+
+INVENTORY = "working.inventory.request"
+register(INVENTORY, WorkingInventory, reply=InventoryPage, handled_by=WORKER)

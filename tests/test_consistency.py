@@ -1,0 +1,210 @@
+"""`membus check` and `membus rebuild` against real brokers, real worker processes and real stores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.client import Bus
+from bus.consistency import Truth, check, expected_in_working_memory, rebuild
+from bus.home import Home
+from contracts.inventory import InventoryItem
+from contracts.registry import to_builtins
+from tests.conftest import wait_until
+from tests.workers_util import REPO, System, child_env, publish_all
+
+pytestmark = pytest.mark.timeout(600)
+ALL = ("libsql", "lmdb", "duckdb", "chroma")
+
+
+def traffic(bus: Bus, tag: str, *, messages: int = 6, facts: int = 3) -> list[str]:
+    """A conversation, facts (one superseded), feedback and session context; returns the fact ids."""
+    for i in range(messages):
+        bus.request("conversation.message.append.request",
+                    {"conversation_id": f"c-{tag}", "user_id": "u1", "role": "user" if i % 2 == 0 else "assistant",
+                     "text": f"{tag} message {i} about hiking and mountains", "sentiment": (i % 3) / 2 - 0.5},
+                    timeout=60)
+    ids = [bus.request("memory.store.request", {"user_id": "u1", "text": f"{tag} fact {i}: likes trail {i}"},
+                       timeout=60).payload.fact_id for i in range(facts)]
+    bus.request("memory.fact.update.request", {"fact_id": ids[0], "text": f"{tag} fact 0: loves trail 0"},
+                timeout=60)
+    bus.request("feedback.record.request", {"user_id": "u1", "event_type": "thumbs", "reward": 1}, timeout=60)
+    bus.request("working.context.set.request", {"session_id": f"s-{tag}", "key": "mood", "value": tag}, timeout=60)
+    return ids
+
+
+def membus(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bus", *args, "--home", str(home)], env=child_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_check_is_clean_after_traffic_and_names_the_ids_a_stopped_store_lacks(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with System(home) as s:
+        for name in ALL:
+            s.worker(name)
+        traffic(s.bus, "a")
+        done = membus(home, "check", "--json", "--timeout", "120")
+        report = json.loads(done.stdout)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert report["ok"] and {st["name"] for st in report["stores"]} == set(ALL)
+        counts = {st["name"]: st["counts"] for st in report["stores"]}
+        assert counts["libsql"] == {"facts": 4, "messages": 6, "feedback": 1}
+        assert counts["chroma"] == {"memory": 3, "conversation": 6}  # the superseded fact is not indexed
+        assert counts["duckdb"] == {"messages": 6, "facts": 4, "feedback": 1}
+        assert counts["lmdb"] == {"messages": 6}
+
+        s.workers["chroma"].stop()
+        new = traffic(s.bus, "b", messages=2, facts=2)
+        lagging = check(s.bus, Home(home), timeout=2.0)
+        assert not lagging.ok
+        chroma = {d.problem: d for d in lagging.differences if d.store == "chroma" and d.kind != "messages"}
+        assert chroma["not running"].count > 0  # its group has messages waiting
+        not_applied = next(d for d in lagging.differences
+                           if d.store == "chroma" and d.kind == "facts" and d.problem == "not applied")
+        assert set(new) <= set(not_applied.ids)
+        assert all(d.store == "chroma" for d in lagging.differences), lagging.differences
+        cli = membus(home, "check", "--timeout", "2")
+        assert cli.returncode == 1 and "chroma" in cli.stdout and new[1] in cli.stdout
+
+        s.worker("chroma")
+        again = check(s.bus, Home(home), timeout=120.0)
+        assert again.ok, again.differences
+
+
+def test_check_names_ids_a_store_really_lacks(tmp_path: Path) -> None:
+    """A chroma store that lost an index entry (removed behind libsql's back) is named with the id."""
+    home = tmp_path / "home"
+    with System(home) as s:
+        for name in ALL:
+            s.worker(name)
+        facts = traffic(s.bus, "a", messages=2, facts=2)
+        s.bus.request("semantic.remove.request", {"id": facts[1], "collection": "memory"}, timeout=60)
+        report = check(s.bus, Home(home), timeout=120.0)
+        missing = [d for d in report.differences if d.problem == "missing"]
+        assert [(d.store, d.kind, d.ids) for d in missing] == [("chroma", "facts", [facts[1]])]
+
+
+def test_kill_9_of_chroma_and_duckdb_during_ingestion_then_check_is_clean(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with System(home) as s:
+        for name in ALL:
+            s.worker(name)
+        n = 400
+        seqs = publish_all(s.bus, "conversation.message.append.request",
+                           [{"conversation_id": f"k{i % 7}", "user_id": "u1", "role": "user",
+                             "message_id": f"m{i:04d}", "text": f"message {i} of the ingestion"} for i in range(n)])
+        publish_all(s.bus, "memory.store.request",
+                    [{"user_id": "u1", "fact_id": f"f{i:03d}", "text": f"fact number {i}"} for i in range(60)])
+        # Kill each while it is part-way: it has applied something, not everything.
+        for name in ("duckdb", "chroma"):
+            w = s.workers[name]
+            wait_until(lambda w=w: int(w.status().get("position", 0)) > 0, timeout=120, what=f"{name} applying")
+            w.kill()
+        assert seqs[-1] > 0
+        for name in ("duckdb", "chroma"):
+            s.worker(name)
+        report = check(s.bus, Home(home), timeout=240.0)
+        assert report.ok, report.differences
+        counts = {st.name: st.counts for st in report.stores}
+        assert counts["duckdb"]["messages"] == n and counts["chroma"]["conversation"] == n
+        assert counts["chroma"]["memory"] == 60 and counts["duckdb"]["facts"] == 60
+
+
+READS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "libsql": [("conversation.history.request", {"conversation_id": "c-a"}),
+               ("memory.facts.request", {"user_id": "u1", "include_superseded": True}),
+               ("memory.search.text.request", {"query": "hiking"}),
+               ("structured.inventory.request", {"kind": "messages"})],
+    "lmdb": [("working.recent.request", {"conversation_id": "c-a"}),
+             ("working.context.get.request", {"session_id": "s-a"}),
+             ("working.inventory.request", {})],
+    "chroma": [("memory.search.semantic.request", {"query": "which trail does the user like", "k": 10}),
+               ("memory.search.hybrid.request", {"query": "hiking mountains", "collection": "all", "k": 10}),
+               ("semantic.inventory.request", {"kind": "conversation"})],
+    "duckdb": [("analytics.messages_per_day.request", {}),
+               ("analytics.sentiment.request", {"conversation_id": "c-a"}),
+               ("analytics.latency.request", {"topic": "memory.store.request"}),
+               ("analytics.throughput.request", {"topic": "memory.store.request"}),
+               ("analytics.inventory.request", {"kind": "facts"})],
+}
+
+
+def answers(bus: Bus, store: str) -> list[Any]:
+    return [rounded(to_builtins(bus.request(topic, payload, timeout=120).payload)) for topic, payload in READS[store]]
+
+
+def rounded(value: Any) -> Any:
+    """Embeddings of a batch may differ from those of single texts in the last bits: compare scores to 1e-5."""
+    if isinstance(value, float):
+        return round(value, 5)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+RESULTS = (".changed", ".complete", ".failed")
+
+
+def test_rebuild_of_each_store_gives_the_same_answers_and_no_duplicate_messages(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with System(home) as s:
+        for name in ALL:
+            s.worker(name)
+        traffic(s.bus, "a", messages=8, facts=4)
+        assert check(s.bus, Home(home), timeout=120.0).ok
+        for store in ALL:
+            before = answers(s.bus, store)
+            head = s.bus.status()["head"]
+            ids_before = {m.id for m in s.bus.replay(to_seq=head)}
+            if store == "lmdb":  # once through the command line, with its progress bar
+                done = membus(home, "rebuild", store, "--yes")
+                assert done.returncode == 0, done.stdout + done.stderr
+                assert "rebuilt" in done.stdout
+            else:
+                result = rebuild(s.bus, Home(home), store, timeout=240.0)
+                assert result.position > 0 and result.stopped_pid == s.workers[store].proc.pid  # type: ignore[union-attr]
+            assert not s.workers[store].alive  # the worker was stopped for the rebuild
+            s.worker(store)
+            assert answers(s.bus, store) == before, store
+            # Replayed requests republish their replies and change events under the same ids: stored once.
+            later = [m for m in s.bus.replay(from_seq=head + 1) if m.topic.endswith(RESULTS)]
+            assert not [m for m in later if m.causation_id in ids_before], store
+        report = check(s.bus, Home(home), timeout=120.0)
+        assert report.ok, report.differences
+
+
+def test_a_worker_waits_while_its_store_is_being_rebuilt(tmp_path: Path) -> None:
+    """The rebuild flag keeps a (re)started worker away from the store until it is removed."""
+    home = tmp_path / "home"
+    with System(home) as s:
+        flag = Home(home).path / "run" / "rebuild-lmdb"
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.write_text(str(s.broker.proc.pid))  # type: ignore[union-attr]  # any live process
+        w = s.worker("lmdb", wait=False)
+        wait_until(lambda: "worker.waiting_for_store" in w.log_tail(), timeout=60, what="the worker waiting")
+        assert w.alive and not s.bus.status()["groups"].get("lmdb", {}).get("members")
+        flag.unlink()
+        wait_until(lambda: s.bus.status()["groups"].get("lmdb", {}).get("members"), timeout=60,
+                   what="the worker joining")
+
+
+def test_working_memory_expectation_follows_ttl_and_window() -> None:
+    now = 1_000_000.0
+    truth = Truth(facts={}, feedback={}, messages={
+        "old": InventoryItem("old", "c1", now - 100_000), "a": InventoryItem("a", "c1", now - 30),
+        "b": InventoryItem("b", "c1", now - 20), "c": InventoryItem("c", "c1", now - 10),
+        "other": InventoryItem("other", "c2", now - 5)})
+    held = [InventoryItem("b", "tok1", now - 20), InventoryItem("c", "tok1", now - 10)]
+    info = {"ttl_seconds": 86_400.0, "max_messages": 2.0}
+    # c1's window is full (2 held): only what is newer than its oldest held message is expected;
+    # c2 holds nothing, so its message is expected; "old" has expired.
+    assert expected_in_working_memory(truth, held, info, now) == {"b", "c", "other"}
+    assert expected_in_working_memory(truth, held, {**info, "max_messages": 5.0}, now) == {"a", "b", "c", "other"}
