@@ -19,7 +19,7 @@ import pytest
 
 from bus.client import Bus, reply_message
 from bus.protocol import DEAD_LETTER_TOPIC
-from contracts import structured, working
+from contracts import analytics, semantic, structured, working
 from contracts.envelope import make_envelope
 from contracts.errors import HandlerError, ValidationError
 from contracts.registry import encode_payload, to_builtins
@@ -104,7 +104,47 @@ LIBSQL = WorkerSpec(
     invalid_field="text",
     changed_topic="conversation.message.changed",
 )
-SPECS = [LMDB, LIBSQL]
+
+
+def _inventory(topic: str, kind: str) -> Callable[[Bus], list[str]]:
+    def read(bus: Bus) -> list[str]:
+        ids: list[str] = []
+        cursor = ""
+        while True:
+            page = _request(bus, topic, {"kind": kind, "cursor": cursor})
+            ids += [item[0] if isinstance(item, list) else item["id"] for item in page["items"]]
+            cursor = page["cursor"]
+            if not cursor:
+                return [i for i in ids if i.startswith("w")]
+    return read
+
+
+def _message_changed(i: int) -> dict[str, Any]:
+    """A message as the libSQL worker announces it; the analytics worker follows these."""
+    return {"op": "created", "message_id": effect_id(i), "conversation_id": "contract", "user_id": "u1",
+            "role": "user", "text": f"message {i}", "timestamp": "2026-01-01T00:00:00Z",
+            "created_at": 1767225600.0 + i, "sentiment": 0.5}
+
+
+CHROMA = WorkerSpec(
+    name="chroma",
+    write_topic="semantic.index.request",
+    write=lambda i: {"id": effect_id(i), "text": f"the user mentioned topic number {i}", "user_id": "u1"},
+    read_effects=_inventory("semantic.inventory.request", "memory"),
+    invalid_topic="semantic.index.request",
+    invalid=lambda: semantic.IndexText(id="", text="x"),
+    invalid_field="id",
+)
+DUCKDB = WorkerSpec(
+    name="duckdb",
+    write_topic="conversation.message.changed",
+    write=_message_changed,
+    read_effects=_inventory("analytics.inventory.request", "messages"),
+    invalid_topic="analytics.inventory.request",
+    invalid=lambda: analytics.AnalyticsInventory(kind="messages", limit=0),
+    invalid_field="limit",
+)
+SPECS = [LMDB, LIBSQL, CHROMA, DUCKDB]
 
 
 @functools.cache
