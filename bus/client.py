@@ -189,15 +189,21 @@ class Bus:
         """Streams logged messages by seq range, time range (unix seconds), topic pattern, correlation id."""
         body = replay_body(topic=topic, from_seq=from_seq, to_seq=to_seq, since=since, until=until,
                            correlation_id=correlation_id)
+        page = self._replay_page(body)
         while True:
-            raw = self._conn.request(lambda rid: [P.REPLAY, P.pack_id(rid), P.pack(body)]).result(timeout)
-            next_seq, done, envs = decode_replayed(raw)
+            next_seq, done, envs = decode_replayed(page.result(timeout))
+            if not done:  # ask for the next page now: the broker reads it while the caller consumes this one
+                body["from_seq"] = next_seq
+                body["since_ns"] = None
+                page = self._replay_page(body)
             for env in envs:
                 yield Message(env)
             if done:
                 return
-            body["from_seq"] = next_seq
-            body["since_ns"] = None
+
+    def _replay_page(self, body: dict[str, Any]) -> Pending:
+        packed = P.pack(body)
+        return self._conn.request(lambda rid: [P.REPLAY, P.pack_id(rid), packed])
 
     def status(self, *, timeout: float = 5.0) -> dict[str, Any]:
         raw = self._conn.request(lambda rid: [P.STATUS, P.pack_id(rid)]).result(timeout)

@@ -88,7 +88,7 @@ class Pending:
         return self.value
 
 
-@dataclass
+@dataclass(slots=True)
 class _PubItem:
     data: bytes
     pending: Pending
@@ -182,9 +182,12 @@ class Connection(threading.Thread):
     def call(self, op: Callable[[], None]) -> None:
         """Runs ``op`` on the I/O thread."""
         self._ops.append(op)
-        self._wake()
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"x")
 
     def _wake(self) -> None:
+        # _wake_pending is cleared by the I/O thread just before it sleeps: while it is busy (or a PUBACK
+        # will wake it anyway), publishers append without a system call.
         if not self._wake_pending:
             self._wake_pending = True
             with contextlib.suppress(BlockingIOError, OSError):
@@ -222,7 +225,7 @@ class Connection(threading.Thread):
 
     def close(self, timeout: float = 2.0) -> None:
         self._closing = True
-        self._wake()
+        self.call(lambda: None)
         self.join(timeout)
 
     def _check_usable(self) -> None:
@@ -245,9 +248,8 @@ class Connection(threading.Thread):
         self._hello()
         try:
             while not self._closing:
-                events = dict(poller.poll(100))
-                if self._wake_r.fileno() in events or self._wake_pending:
-                    self._wake_pending = False
+                events = dict(poller.poll(self._sleep_ms()))
+                if self._wake_r.fileno() in events:
                     try:
                         while self._wake_r.recv(4096):
                             pass
@@ -275,6 +277,17 @@ class Connection(threading.Thread):
             self._wake_r.close()
             self._wake_w.close()
             self._fail_all(ConnectionError("the bus connection is closed"))
+
+    def _sleep_ms(self) -> int:
+        """How long the next poll may block: 0 if work arrived meanwhile (clear the flag first, then look)."""
+        self._wake_pending = False
+        if self._ops:
+            return 0
+        if self._pubq:
+            if len(self._batches) < MAX_INFLIGHT_BATCHES and self.welcome is not None:
+                return 0
+            self._wake_pending = True  # blocked on batches in flight: their PUBACK wakes this thread
+        return 100
 
     def _make_socket(self, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
         sock = ctx.socket(zmq.DEALER)

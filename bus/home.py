@@ -55,6 +55,8 @@ class Settings:
     tail_cache_bytes: int = 8 << 20
     """Newest records kept in memory for groups and subscribers that keep up (bounded in bytes)."""
     workers: list[str] = field(default_factory=lambda: ["lmdb", "libsql", "chroma", "duckdb"])
+    encryption: bool = True
+    """Seal the log and every store at rest (docs/security.md); false only to measure its cost."""
 
     @classmethod
     def load(cls, home: Path) -> Settings:
@@ -70,6 +72,8 @@ class Settings:
                 values[f.name] = int(env)
             elif f.type in ("float", float):
                 values[f.name] = float(env)
+            elif f.type in ("bool", bool):
+                values[f.name] = env.strip().lower() in ("1", "true", "yes", "on")
             elif f.name == "workers":
                 values[f.name] = [w for w in env.split(",") if w]
             else:

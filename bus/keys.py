@@ -203,8 +203,10 @@ def _read_meta(home: Path) -> dict[str, Any]:
     return meta
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomic write of a 0600 file (tmp + fsync + rename + fsync of the folder)."""
+def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Atomic write of a 0600 file (tmp + fsync + rename + fsync of the folder).
+
+    ``exclusive``: FileExistsError if ``path`` exists (a hard link cannot replace a file)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -213,7 +215,10 @@ def _write_private(path: Path, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -224,8 +229,9 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def _write_meta(home: Path, meta: dict[str, Any]) -> None:
-    _write_private(metadata_path(home), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+def _write_meta(home: Path, meta: dict[str, Any], *, exclusive: bool = False) -> None:
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    _write_private(metadata_path(home), text.encode(), exclusive=exclusive)
 
 
 def _params_of(meta: dict[str, Any]) -> Argon2Params | None:
@@ -455,7 +461,10 @@ def init(
         kept = _remember(home, home_id, unlock, key_file=remember is True, fallback=passphrase is None)
     if passphrase is None and kept is None:
         raise ValidationError("nowhere to keep the key: no secure keyring and no key file", field="remember")
-    _write_meta(home, meta)
+    try:
+        _write_meta(home, meta, exclusive=True)  # two processes initialising one home: the first one wins
+    except FileExistsError:
+        raise ValidationError(f"{home} already has keys", field="home", expected="a home without keys") from None
     log.info("keys.init", home_id=home_id, key_id=entry["key_id"], kept=str(kept), kdf=kdf["name"])
     return MasterKey(master, entry["key_id"], 1, kept or KeySource.PASSPHRASE)
 
@@ -475,7 +484,11 @@ def load_master_key(
     """
     home = Path(home)
     if create and not metadata_path(home).exists():
-        return init(home, passphrase or _env_passphrase(), params=params)
+        try:
+            return init(home, passphrase or _env_passphrase(), params=params)
+        except ValidationError:
+            if not metadata_path(home).exists():
+                raise  # another process did not win the race: a real refusal
     meta = _read_meta(home)
     if passphrase is not None:
         return _open_with_passphrase(meta, passphrase)
@@ -584,3 +597,100 @@ def status(home: Path) -> dict[str, Any]:
         report["source"] = None
         report["error"] = exc.message
     return report
+
+
+# ---------------------------------------------------------------- handing derived keys to child processes
+
+ENV_KEY_FD = "MEMBUS_KEY_FD"
+"""File descriptor of an inherited pipe holding this process's keyrings (set by the supervisor)."""
+_MAX_KEY_MESSAGE = 16 * 1024  # below every OS's pipe buffer: the parent writes it all before the child starts
+_inherited: dict[str, KeyRing] | None = None
+
+
+def export_keyrings(rings: Sequence[KeyRing]) -> bytes:
+    """The derived keys of ``rings`` (never the master key), current generation first, as JSON."""
+    data = {
+        ring.label: [
+            {"generation": k.generation, "key_id": k.key_id.hex(), "key": k.key.hex()}
+            for k in [ring.current, *(k for k in ring.values() if k is not ring.current)]
+        ]
+        for ring in rings
+    }
+    return json.dumps(data).encode()
+
+
+def import_keyrings(data: bytes) -> dict[str, KeyRing]:
+    try:
+        parsed = json.loads(data)
+        out = {}
+        for label, entries in parsed.items():
+            keys = [DerivedKey(bytes.fromhex(e["key"]), bytes.fromhex(e["key_id"]), label, int(e["generation"]))
+                    for e in entries]
+            out[label] = KeyRing(keys, keys[0])
+        return out
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise IntegrityError(f"inherited keys unreadable: {exc}", check="inherited") from None
+
+
+def keyring_pipe(rings: Sequence[KeyRing]) -> int:
+    """A pipe already holding ``rings``; returns its read end for the child (``pass_fds``, ENV_KEY_FD).
+
+    The parent closes the read end after starting the child. Keys in a pipe are not in the child's
+    environment (``/proc/<pid>/environ``), are not inherited by the child's own children, and are read once.
+    """
+    message = export_keyrings(rings)
+    if len(message) > _MAX_KEY_MESSAGE:
+        raise ValidationError("too many key generations to hand to a child process", field="generations")
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, message)
+    finally:
+        os.close(write_fd)
+    return read_fd
+
+
+def inherited_keyrings() -> dict[str, KeyRing] | None:
+    """The keyrings a supervisor handed this process (read once, then the pipe is closed), or None."""
+    global _inherited
+    if _inherited is not None:
+        return _inherited
+    fd_text = os.environ.pop(ENV_KEY_FD, None)
+    if not fd_text:
+        return None
+    fd = int(fd_text)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    _inherited = import_keyrings(b"".join(chunks))
+    log.info("keys.inherited", labels=sorted(_inherited))
+    return _inherited
+
+
+def keyring_for(home: Path, label: str) -> KeyRing:
+    """This process's keyring for ``label``: inherited from the supervisor, else from the master key
+    (``load_master_key(home, create=True)``: a process started alone unlocks the home itself)."""
+    inherited = inherited_keyrings()
+    if inherited is not None:
+        ring = inherited.get(label)
+        if ring is None:
+            raise NotAuthorized(f"this process was not given the {label!r} key", label=label)
+        return ring
+    master = load_master_key(home, create=True)
+    log.info("keys.loaded", source=str(master.source), key_id=master.key_id, generation=master.generation)
+    return master.keyring(label)
+
+
+def subkey(key: DerivedKey, purpose: str) -> bytes:
+    """A 32-byte key for a secondary purpose of one store (an HMAC of ids, a file cipher key)."""
+    info = f"membus/v1/{key.label}/gen{key.generation}/{purpose}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=info).derive(key.key)
+
+
+LOG_LABEL = "log"
+
+
+def store_label(worker: str) -> str:
+    return f"store:{worker}"

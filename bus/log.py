@@ -209,6 +209,9 @@ class EventLog:
             if self.cipher is None:
                 raise IntegrityError("log record is sealed but no key is loaded", seq=_SEQ.unpack(key)[0])
             body = self.cipher.open(key_id, body, key + topic_b)
+        elif self.cipher is not None:  # the header's key id is not authenticated: 0 would be a downgrade
+            raise IntegrityError("log record is not sealed but encryption is on", seq=_SEQ.unpack(key)[0],
+                                 check="downgrade")
         return Record(_SEQ.unpack(key)[0], topic_b.decode(), logged_ns, body)
 
     def get(self, seq: int) -> Record | None:
@@ -308,6 +311,39 @@ class EventLog:
                 if len(out) >= limit:
                     return out, s + 1, False
         return out, to_seq + 1, True
+
+    def reseal(self, batch: int = 1000) -> int:
+        """Seals again, with the cipher's current key, every record sealed under another key id (after
+        ``membus keys rotate``, with the broker stopped); returns how many records were rewritten."""
+        cipher = self.cipher
+        if cipher is None:
+            raise StoreError("resealing the log needs its cipher")
+        done, seq = 0, 1
+        while seq <= self.head:
+            rows: list[tuple[bytes, bytes]] = []
+            with self.env.begin(write=True) as txn:
+                cur = txn.cursor(db=self._log)
+                if not cur.set_range(_SEQ.pack(seq)):
+                    break
+                for key, raw in cur:
+                    seq = _SEQ.unpack(key)[0] + 1
+                    version, key_id, logged_ns, tlen = _HEADER.unpack_from(raw)
+                    if key_id != cipher.key_id:
+                        topic_b = raw[_HEADER.size:_HEADER.size + tlen]
+                        # key id 0: a record from before encryption was turned on, sealed now
+                        plain = raw[_HEADER.size + tlen:] if key_id == 0 else self._decode(key, raw).body
+                        body = cipher.seal(plain, key + topic_b)
+                        header = _HEADER.pack(version, cipher.key_id, logged_ns, tlen)
+                        rows.append((key, header + topic_b + body))
+                    if len(rows) >= batch:
+                        break
+                else:
+                    seq = self.head + 1
+                for key, value in rows:
+                    txn.put(key, value, db=self._log)
+            done += len(rows)
+        log.info("log.resealed", records=done, key_id=cipher.key_id)
+        return done
 
     def stats(self) -> dict[str, Any]:
         info = self.env.info()

@@ -7,6 +7,7 @@ batch), then the broker.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from bus import keys
 from bus.home import Home
 
 log = structlog.get_logger("membus.supervisor")
@@ -31,9 +33,18 @@ class Child:
     restart_at: float = 0.0
     restarts: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    keyrings: list[keys.KeyRing] = field(default_factory=list, repr=False)
+    """Only this child's derived keys, handed over an inherited pipe at every start."""
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv)
+        if not self.keyrings:
+            self.proc = subprocess.Popen(self.argv)
+        else:
+            fd = keys.keyring_pipe(self.keyrings)
+            try:
+                self.proc = subprocess.Popen(self.argv, pass_fds=(fd,), env={**os.environ, keys.ENV_KEY_FD: str(fd)})
+            finally:
+                os.close(fd)
         self.started = time.monotonic()
         log.info("child.started", child=self.name, pid=self.proc.pid)
 
@@ -54,6 +65,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self.home.ensure()
+        self._hand_out_keys()
         self.broker.start()
         deadline = time.monotonic() + ready_timeout
         while not self._stop:
@@ -75,6 +87,17 @@ class Supervisor:
                 time.sleep(0.2)
         finally:
             self._shutdown()
+
+    def _hand_out_keys(self) -> None:
+        """Unlocks the home once (Argon2id runs here, not in every child) and gives each child its keys."""
+        if not self.home.settings().encryption:
+            log.warning("keys.encryption_off", home=str(self.home.path))
+            return
+        master = keys.load_master_key(self.home.path, create=True)
+        log.info("keys.loaded", source=str(master.source), key_id=master.key_id, generation=master.generation)
+        self.broker.keyrings = [master.keyring(keys.LOG_LABEL)]
+        for w in self.workers:
+            w.keyrings = [master.keyring(keys.store_label(w.name))]
 
     def _watch(self, child: Child) -> None:
         now = time.monotonic()

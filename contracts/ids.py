@@ -16,6 +16,10 @@ _lock = threading.Lock()
 _last_ms = -1
 _last_rand = 0
 _prefix = ""
+_high = -1
+_high_text = ""
+"""The time prefix and the random part's top 60 bits, encoded: within a millisecond only the low 20 bits
+change (ids count up from a random start), so a new id usually encodes just two pairs."""
 
 
 def _encode_time(ms: int) -> str:
@@ -28,17 +32,22 @@ def _encode_rand(rand: int) -> str:
 
 
 def new_id() -> str:
-    global _last_ms, _last_rand, _prefix
+    global _last_ms, _last_rand, _prefix, _high, _high_text
     with _lock:
         ms = time.time_ns() // 1_000_000
         if ms <= _last_ms:
-            rand = _last_rand + 1
+            rand = (_last_rand + 1) & ((1 << 80) - 1)
         else:
             _last_ms = ms
             _prefix = _encode_time(ms)
+            _high = -1
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment within the millisecond
         _last_rand = rand
-        return _prefix + _encode_rand(rand & ((1 << 80) - 1))
+        high = rand >> 20
+        if high != _high:
+            _high = high
+            _high_text = _prefix + _encode_rand(rand)[:12]
+        return _high_text + _PAIRS[(rand >> 10) & 1023] + _PAIRS[rand & 1023]
 
 
 def id_time_ms(ulid: str) -> int:

@@ -1,7 +1,8 @@
 """membus benchmarks, side by side with the raw ceilings (and, with --peers, Redis Streams and NATS JetStream).
 
-    .venv/bin/python scripts/bench.py            # full run, writes docs/benchmarks.json and docs/benchmarks.md
-    .venv/bin/python scripts/bench.py --quick    # small counts, prints JSON only
+    .venv/bin/python scripts/bench.py --peers    # full run: docs/benchmarks.json, docs/benchmarks.md, docs/img/
+    .venv/bin/python scripts/bench.py --quick    # small counts, one run: JSON in the temp folder
+    .venv/bin/python scripts/bench.py --scale-target 1000000   # a shorter scaling run (default 10M events)
 
 Every figure comes from this run on this machine; medians of --runs runs with min and max.
 """
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +129,8 @@ def _group_consumer(home: str, count: int, ready: Any, results: Any) -> None:
     with Bus.connect(home, module="bench-consumer") as bus, bus.consume("bench", ["bench.e2e.*"],
                                                                          credit=4000) as c:
         ready.set()
-        got, lat = 0, []
+        got = 0
+        lat_s: list[float] = []
         t_first = None
         while got < count:
             batch = c.fetch(2000, timeout=30)
@@ -135,10 +138,10 @@ def _group_consumer(home: str, count: int, ready: Any, results: Any) -> None:
                 break
             now = time.time_ns()
             t_first = t_first or time.perf_counter()
-            lat.extend((now - d.message.ts) / 1e9 for d in batch[::10])
+            lat_s.extend((now - d.message.ts) / 1e9 for d in batch[::10])
             c.ack(batch)
             got += len(batch)
-        results.put((got, time.perf_counter(), lat))
+        results.put((got, time.perf_counter(), lat_s))
 
 
 def publish_to_group(count: int) -> dict[str, Any]:
@@ -240,6 +243,160 @@ def store_latency_at_rate(worker: str, rate: float, seconds: float) -> dict[str,
                 "achieved_per_s": achieved, **bench_raw.latency_summary(lat)}
 
 
+# -- replay, offered load, scaling --------------------------------------------------------------------
+
+
+def _filler(home: str, name: str, count: int, report_every: int, start: Any, results: Any) -> None:
+    """Publishes ``count`` messages as fast as it can, reporting (messages so far, time) every ``report_every``."""
+    data = {"blob": "x" * (PAYLOAD - 16)}
+    with Bus.connect(home, module=name) as bus:
+        start.wait()
+        pending: list[Any] = []
+        done = 0
+        for i in range(1, count + 1):
+            pending.append(bus.publish_nowait("bench.fill.changed", data, timeout=300))
+            if len(pending) >= 20_000:
+                for p in pending[:10_000]:
+                    p.result(300)
+                del pending[:10_000]
+                done += 10_000
+            if i % report_every == 0:
+                results.put(("progress", name, done, time.time()))
+        for p in pending:
+            p.result(300)
+        results.put(("done", name, count, time.time()))
+
+
+def _fill(home: Path, events: int, publishers: int = 2, report_every: int = 100_000,
+          on_progress: Callable[[list[tuple[str, str, int, float]]], None] | None = None) -> float:
+    """Logs ``events`` messages from ``publishers`` processes; returns the seconds it took."""
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    per = -(-events // publishers)
+    procs = [ctx.Process(target=_filler, args=(str(home), f"fill{i}", per, report_every, start, results))
+             for i in range(publishers)]
+    for p in procs:
+        p.start()
+    time.sleep(1.5)
+    t0 = time.time()
+    start.set()
+    reports: list[tuple[str, str, int, float]] = []
+    finished = 0
+    while finished < publishers:
+        item = results.get(timeout=900)
+        reports.append(item)
+        finished += item[0] == "done"
+        if on_progress is not None:
+            on_progress(reports)
+    for p in procs:
+        p.join(30)
+    return max(r[3] for r in reports) - t0
+
+
+def replay(events: int) -> dict[str, Any]:
+    """Logs ``events`` messages (not timed), then reads them all back in order with ``Bus.replay()``."""
+    with system() as home:
+        load_seconds = _fill(home, events)
+        with Bus.connect(home, module="bench-replay") as bus:
+            t = time.perf_counter()
+            read = 0
+            last = 0
+            for msg in bus.replay(from_seq=1, timeout=60):
+                read += 1
+                last = msg.seq
+            seconds = time.perf_counter() - t
+        return {"events": events, "read": read, "last_seq": last, "seconds": seconds,
+                "events_per_s": read / seconds, "load_seconds": load_seconds,
+                "method": "Bus.replay(from_seq=1): REPLAY pages over the log, envelopes decoded (payloads lazily)"}
+
+
+def publish_at_rate(rates: list[float], seconds: float) -> list[dict[str, Any]]:
+    """Open-loop durable publishes at fixed offered rates: latency from publish to the durable ack."""
+    out = []
+    with system() as home, Bus.connect(home, module="bench-offered") as bus:
+        data = {"blob": "x" * (PAYLOAD - 16)}
+        for _ in range(200):
+            bus.publish("bench.warm.changed", data)
+        for rate in rates:
+            total = int(rate * seconds)
+            lat: list[float] = []
+
+            def done(sent: float, lat: list[float] = lat) -> Callable[[Any], None]:
+                return lambda _p: lat.append(time.perf_counter() - sent)
+
+            t0 = time.perf_counter()
+            i = 0
+            while i < total:  # every millisecond, send what is due
+                due = min(total, int((time.perf_counter() - t0) * rate) + 1)
+                while i < due:
+                    bus.publish_nowait("bench.rate.changed", data, timeout=60).add_done_callback(
+                        done(time.perf_counter()))
+                    i += 1
+                time.sleep(0.001)
+            deadline = time.monotonic() + 60
+            while len(lat) < total and time.monotonic() < deadline:
+                time.sleep(0.005)
+            out.append({"offered_per_s": rate, "messages": total, "completed": len(lat),
+                        "achieved_per_s": total / (time.perf_counter() - t0), **bench_raw.latency_summary(lat)})
+    return out
+
+
+def scaling(target: int, windows: int = 20) -> dict[str, Any]:
+    """Fills the log from empty to ``target`` events with two publishers; per window of log size: the fill
+    throughput and the latency of awaited probe publishes made meanwhile (one every 2 ms)."""
+    import threading
+
+    with system() as home:
+        probes: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def probe() -> None:
+            with Bus.connect(home, module="bench-probe") as bus:
+                data = {"blob": "x" * (PAYLOAD - 16)}
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    bus.publish("bench.probe.changed", data, timeout=60)
+                    probes.append((time.time(), time.perf_counter() - t))
+                    time.sleep(0.002)
+
+        th = threading.Thread(target=probe, daemon=True)
+        th.start()
+        reports: list[tuple[str, str, int, float]] = []
+        seconds = _fill(home, target, report_every=max(1000, target // (windows * 4)),
+                        on_progress=lambda r: reports.__setitem__(slice(None), r))
+        stop.set()
+        th.join(10)
+        size = Home(home).log_dir
+        disk = sum(f.stat().st_size for f in size.iterdir() if f.is_file())
+    # the log size at each report: the sum of every publisher's latest count
+    latest: dict[str, int] = {}
+    points: list[tuple[int, float]] = []
+    for _kind, name, count, when in sorted(reports, key=lambda r: r[3]):
+        latest[name] = count
+        points.append((sum(latest.values()), when))
+    step = target / windows
+    curve = []
+    for w in range(windows):
+        lo, hi = w * step, (w + 1) * step
+        inside = [(c, t) for c, t in points if lo <= c <= hi]
+        before = [(c, t) for c, t in points if c < lo]
+        if before:
+            inside = [before[-1], *inside]
+        if len(inside) < 2:
+            continue
+        (c0, t0), (c1, t1) = inside[0], inside[-1]
+        lat = [lt for when, lt in probes if t0 <= when <= t1]
+        curve.append({"log_events": int(hi), "msgs_per_s": (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0,
+                      **bench_raw.latency_summary(lat)})
+    steady = curve[1:-1] if len(curve) > 4 else curve  # the first and last windows hold the start and the finish
+    first = statistics.median(p["msgs_per_s"] for p in steady[:3]) if steady else 0.0
+    last = statistics.median(p["msgs_per_s"] for p in steady[-3:]) if steady else 0.0
+    return {"target_events": target, "seconds": seconds, "log_bytes": disk, "windows": curve,
+            "first_windows_msgs_per_s": first, "last_windows_msgs_per_s": last,
+            "degradation": 1 - last / first if first else None,
+            "probe": "awaited publish every 2 ms from another client while two publishers fill the log"}
+
+
 def libsql_batch_insert(rows: int = 100_000, batch: int = 500) -> dict[str, Any]:
     import libsql
 
@@ -264,6 +421,7 @@ def libsql_batch_insert(rows: int = 100_000, batch: int = 500) -> dict[str, Any]
 
 
 def repeat(fn: Callable[[], dict[str, Any]], runs: int, key: str) -> dict[str, Any]:
+    """Runs ``fn`` ``runs`` times: the run whose ``key`` is the median, with the median, min and max of ``key``."""
     results = [fn() for _ in range(runs)]
     values = [r[key] for r in results]
     best = results[values.index(statistics.median_high(values))]
@@ -271,42 +429,146 @@ def repeat(fn: Callable[[], dict[str, Any]], runs: int, key: str) -> dict[str, A
             "runs": runs}
 
 
-def run(quick: bool, runs: int, peers: bool) -> dict[str, Any]:
-    n = 20_000 if quick else 300_000
-    out: dict[str, Any] = {"machine": bench_raw.machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-                           "versions": bench_raw.lib_versions("pyzmq", "lmdb", "msgspec", "libsql")}
-    out["raw_zmq_push_pull"] = bench_raw.zmq_push_pull(count=n)
-    out["raw_lmdb_batch_put"] = bench_raw.lmdb_batch_put(total=n // 2)
-    out["raw_libsql_batch_insert"] = libsql_batch_insert(rows=n // 6)
-    out["codec"] = bench_raw.codec_compare(count=50_000 if quick else 200_000)
-    out["durable_publish_1"] = repeat(lambda: durable_publish(1, n), runs, "msgs_per_s")
-    out["durable_publish_2"] = repeat(lambda: durable_publish(2, n // 2), runs, "msgs_per_s")
+def _step(name: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
+
+
+def membus_figures(quick: bool, runs: int) -> dict[str, Any]:
+    n = 20_000 if quick else 200_000
+    out: dict[str, Any] = {}
+    for pubs in (1, 2, 8):
+        _step(f"membus durable publish, {pubs} publisher(s)")
+        out[f"durable_publish_{pubs}"] = repeat(partial(durable_publish, pubs, n // pubs), runs, "msgs_per_s")
+    _step("membus durable publish, 2 publishers, encryption at rest off")
+    os.environ["MEMBUS_ENCRYPTION"] = "0"
+    try:
+        out["durable_publish_2_plaintext"] = repeat(lambda: durable_publish(2, n // 2), runs, "msgs_per_s")
+    finally:
+        del os.environ["MEMBUS_ENCRYPTION"]
+    _step("membus awaited publish latency")
     out["publish_latency"] = publish_latency(500 if quick else 3000)
+    _step("membus publish -> group consumer")
     out["publish_to_group"] = repeat(lambda: publish_to_group(n), runs, "msgs_per_s")
-    m = 5_000 if quick else 50_000
+    m = 4_000 if quick else 30_000
+    _step("membus store pipelines")
     out["store_pipeline_lmdb"] = repeat(lambda: store_pipeline("lmdb", m), runs, "req_per_s")
     out["store_pipeline_libsql"] = repeat(lambda: store_pipeline("libsql", m // 2), runs, "req_per_s")
     for rate in (1000, 10_000):
+        _step(f"membus lmdb store pipeline at {rate} req/s offered")
         out[f"store_latency_lmdb_{rate}"] = store_latency_at_rate("lmdb", rate, 2 if quick else 5)
-    if peers:
-        import bench_peers
-
-        out["peers"] = bench_peers.run_all(quick=quick) if hasattr(bench_peers, "run_all") else {}
+    _step("membus replay")
+    out["replay"] = replay(50_000 if quick else 1_000_000)
+    _step("membus publish latency as the offered load rises")
+    out["publish_at_rate"] = publish_at_rate([1000, 5000, 20_000, 50_000, 100_000], 1.0 if quick else 3.0)
     return out
+
+
+def raw_figures(quick: bool) -> dict[str, Any]:
+    n = 20_000 if quick else 200_000
+    _step("raw ceilings")
+    return {"zmq_push_pull": bench_raw.zmq_push_pull(count=n),
+            "lmdb_batch_put": bench_raw.lmdb_batch_put(total=n // 2),
+            "libsql_batch_insert": libsql_batch_insert(rows=n // 6),
+            "codec": bench_raw.codec_compare(count=50_000 if quick else 200_000)}
+
+
+def peer_figures(quick: bool) -> dict[str, Any]:
+    """Redis Streams and NATS JetStream on the same workloads, if their servers are installed (nothing is
+    installed here: see docs/bench-peers-setup.md). Each server runs in a temporary folder and is stopped."""
+    import bench_peers
+
+    per_publisher = 5_000 if quick else 100_000
+    requests = 5_000 if quick else 50_000
+    duration = 1.0 if quick else 5.0
+    events = 50_000 if quick else 1_000_000
+    out: dict[str, Any] = {"versions": {}, "publish": [], "pipeline": [], "replay": [], "unavailable": []}
+    try:
+        out["versions"] = bench_peers.versions()
+    except bench_peers.PeerUnavailable as exc:
+        out["unavailable"].append(str(exc))
+    jobs: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
+    for fsync in ("always", "everysec"):
+        for n in (1, 8):
+            jobs.append(("redis", "publish", partial(bench_peers.redis_publish, n, per_publisher // n, fsync=fsync)))
+        jobs.append(("redis", "pipeline", partial(bench_peers.redis_pipeline, requests, fsync=fsync)))
+        for rate in (1000.0, 10_000.0):
+            jobs.append(("redis", "pipeline", partial(bench_peers.redis_pipeline, rate_per_s=rate, duration=duration,
+                                                      fsync=fsync)))
+    for sync in ("default", "always"):
+        for n in (1, 8):
+            jobs.append(("nats", "publish", partial(bench_peers.jetstream_publish, n, per_publisher // n, sync=sync)))
+        jobs.append(("nats", "pipeline", partial(bench_peers.jetstream_pipeline, requests, sync=sync)))
+        for rate in (1000.0, 10_000.0):
+            jobs.append(("nats", "pipeline", partial(bench_peers.jetstream_pipeline, rate_per_s=rate,
+                                                     duration=duration, sync=sync)))
+    jobs.append(("redis", "replay", partial(bench_peers.redis_replay, events)))
+    jobs.append(("nats", "replay", partial(bench_peers.jetstream_replay, events, mode="ordered")))
+    missing: set[str] = set()
+    for system_name, kind, job in jobs:
+        if system_name in missing:
+            continue
+        _step(f"peer {system_name} {kind}")
+        try:
+            result = job()
+        except bench_peers.PeerUnavailable as exc:
+            missing.add(system_name)
+            out["unavailable"].append(str(exc))
+            continue
+        result.pop("versions", None)
+        out[kind].append(result)
+    return out
+
+
+def run(quick: bool, runs: int, peers: bool, scale_target: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"machine": {**bench_raw.machine(), **_machine_extra()},
+                           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick, "runs": runs,
+                           "versions": bench_raw.lib_versions("pyzmq", "lmdb", "msgspec", "libsql", "cryptography")}
+    out["raw"] = raw_figures(quick)
+    out["membus"] = membus_figures(quick, runs)
+    if scale_target:
+        _step(f"membus scaling run to {scale_target:,} events")
+        out["membus"]["scaling"] = scaling(scale_target)
+    if peers:
+        out["peers"] = peer_figures(quick)
+    return out
+
+
+def _machine_extra() -> dict[str, Any]:
+    extra: dict[str, Any] = {"load_average_at_start": os.getloadavg()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                extra["cpu"] = line.split(":", 1)[1].strip()
+                break
+        extra["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (OSError, ValueError):
+        pass
+    return extra
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small counts, one run, print JSON only")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small counts, one run")
+    ap.add_argument("--runs", type=int, default=3, help="runs per throughput figure (median, min, max)")
     ap.add_argument("--peers", action="store_true", help="also run Redis Streams and NATS JetStream")
+    ap.add_argument("--scale-target", type=int, default=None,
+                    help="log size the scaling run fills to (default 10M; 200k with --quick; 0 skips it)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.json")
+    ap.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
+                    help="write docs/benchmarks.md and docs/img/*.png (default: on for a full run)")
     args = ap.parse_args()
-    result = run(args.quick, 1 if args.quick else args.runs, args.peers)
+    target = args.scale_target if args.scale_target is not None else (200_000 if args.quick else 10_000_000)
+    result = run(args.quick, 1 if args.quick else args.runs, args.peers, target)
     text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if not args.quick:
-        args.out.write_text(text + "\n")
+    out = args.out if not args.quick or args.out != ROOT / "docs" / "benchmarks.json" else \
+        Path(tempfile.gettempdir()) / "membus-benchmarks-quick.json"
+    out.write_text(text + "\n")
+    print(f"results: {out}", file=sys.stderr)
+    if args.docs if args.docs is not None else not args.quick:
+        import bench_charts
+
+        bench_charts.write_docs(result, ROOT / "docs")
+        print("wrote docs/benchmarks.md and docs/img/", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +21,10 @@ from contracts.catalog import load_all
 
 load_all()  # as every worker does: a topic decodes against the same contract in every test
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Keys the tests make stay in a folder of this run: never the user's keyring or ~/.config/membus.
+os.environ["XDG_CONFIG_HOME"] = _config = tempfile.mkdtemp(prefix="membus-test-config-")
+atexit.register(shutil.rmtree, _config, True)
+os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 

@@ -16,6 +16,8 @@ import sqlite3
 from collections import Counter
 from collections.abc import Iterable
 
+from bus.sealing import Blinder
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 _STOPWORD_TEXT = """
 a about above after again against all am an and any are as at be because been before being below between
@@ -63,22 +65,28 @@ def tokenize(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
 
 
-def token_key(token: str) -> str:
-    """The key a token is indexed and looked up under."""
-    return token
+def token_key(token: str, blinder: Blinder | None = None) -> str:
+    """The key a token is indexed and looked up under: its keyed hash when the store is encrypted."""
+    return token if blinder is None else blinder.blind_text(token)
 
 
-def terms(text: str) -> list[str]:
-    return [token_key(t) for t in tokenize(text)]
+def terms(text: str, blinder: Blinder | None = None) -> list[str]:
+    return [token_key(t, blinder) for t in tokenize(text)]
 
 
 class Bm25Index:
     """Okapi BM25 (k1, b) over documents grouped in named collections."""
 
-    def __init__(self, conn: sqlite3.Connection, *, k1: float = 1.2, b: float = 0.75) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, k1: float = 1.2, b: float = 0.75,
+                 blinder: Blinder | None = None) -> None:
         self.conn = conn
         self.k1 = k1
         self.b = b
+        self.blinder = blinder
+        """Tokens and user ids are stored as keyed hashes (keyed BLAKE2b, bus.sealing.Blinder) when given."""
+
+    def _user(self, user_id: str | None) -> str | None:
+        return user_id if user_id is None or self.blinder is None else self.blinder.blind_text(user_id)
 
     def create(self) -> None:
         self.conn.executescript(SCHEMA)
@@ -86,11 +94,11 @@ class Bm25Index:
     def add(self, collection: str, doc_id: str, text: str, user_id: str | None = None) -> None:
         """Indexes ``text`` as ``doc_id``, replacing what was indexed under that id before."""
         self.remove(collection, doc_id)
-        counts = Counter(terms(text))
+        counts = Counter(terms(text, self.blinder))
         length = sum(counts.values())
         cur = self.conn.execute(
             "INSERT INTO bm25_docs (collection, doc_id, user_id, length) VALUES (?, ?, ?, ?)",
-            (collection, doc_id, user_id, length),
+            (collection, doc_id, self._user(user_id), length),
         )
         doc = cur.lastrowid
         self.conn.executemany(
@@ -145,7 +153,8 @@ class Bm25Index:
         n_docs, total = int(stats[0]), int(stats[1])
         avg_len = total / n_docs if total else 1.0
         scores: dict[str, float] = {}
-        for term in _unique(terms(query)):
+        user_id = self._user(user_id)
+        for term in _unique(terms(query, self.blinder)):
             df_row = self.conn.execute(
                 "SELECT df FROM bm25_terms WHERE collection = ? AND term = ?", (collection, term)
             ).fetchone()

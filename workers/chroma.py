@@ -10,6 +10,7 @@ safe by idempotence.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import sqlite3
@@ -25,7 +26,10 @@ import structlog
 from numpy.typing import NDArray
 
 import contracts.semantic as sem
-from contracts.errors import BusError, StoreError
+from bus.keys import KeyRing
+from bus.sealing import Blinder, open_sealed, seal
+from contracts.errors import BusError, IntegrityError, StoreError
+from contracts.inventory import InventoryItem, InventoryPage
 from workers.base import Backend, Context, handles
 from workers.bm25 import Bm25Index
 from workers.change_events import FactChanged, MessageChanged, read_event, timestamp
@@ -34,6 +38,7 @@ from workers.embedding import Embedder, MembusEmbeddingFunction, load_embedder
 log = structlog.get_logger("membus.chroma")
 
 COLLECTIONS = {"memory": "memory_facts", "conversation": "conversation_segments"}
+SEALED_METADATA = "_sealed"
 RRF_K = 60
 _msgpack = msgspec.msgpack.Encoder()
 _decode_items = msgspec.msgpack.Decoder(list[bytes])
@@ -90,6 +95,7 @@ class ChromaBackend(Backend):
         "memory.search.hybrid.request",
         "semantic.index.request",
         "semantic.remove.request",
+        "semantic.inventory.request",
     )
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:
@@ -99,6 +105,9 @@ class ChromaBackend(Backend):
         self._collections: dict[str, Any] = {}
         self.embedder: Embedder | None = settings.get("embedder")
         self.bm25: Bm25Index | None = None
+        self.keyring: KeyRing | None = settings.get("encryption")
+        """Documents and metadata sealed, filterable strings and BM25 tokens as keyed hashes (docs/security.md)."""
+        self.blinder = Blinder(self.keyring, "chroma-index") if self.keyring is not None else None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -111,7 +120,7 @@ class ChromaBackend(Backend):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # a lost tail is replayed from the log, idempotently
         conn.executescript(SIDECAR_SCHEMA)
-        self.bm25 = Bm25Index(conn)
+        self.bm25 = Bm25Index(conn, blinder=self.blinder)
         self.bm25.create()
         self._conn = conn
         if self.embedder is None:
@@ -197,8 +206,8 @@ class ChromaBackend(Backend):
                 self.collection(kind).upsert(
                     ids=[w.id for w in chosen],
                     embeddings=vectors[rows] if len(rows) < len(upserts) else vectors,
-                    documents=[w.text for w in chosen],
-                    metadatas=[w.metadata or None for w in chosen],
+                    documents=[self._stored_document(w) for w in chosen],
+                    metadatas=[self._stored_metadata(w) for w in chosen],
                 )
             gone = [w.id for w in final.values() if w.op == "delete" and w.collection == kind]
             if gone:
@@ -215,11 +224,15 @@ class ChromaBackend(Backend):
                          "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq", (seq,))
 
     def outbox_add(self, txn: ChromaTxn, seq: int, items: list[bytes]) -> None:
-        txn.conn.execute("INSERT OR REPLACE INTO outbox (seq, items) VALUES (?, ?)",
-                         (seq, _msgpack.encode(items)))
+        body = _msgpack.encode(items)
+        if self.keyring is not None:
+            body = seal(self.keyring.current, body, b"chroma|outbox|%d" % seq)
+        txn.conn.execute("INSERT OR REPLACE INTO outbox (seq, items) VALUES (?, ?)", (seq, body))
 
     def outbox_pending(self) -> list[tuple[int, list[bytes]]]:
         rows = self.conn.execute("SELECT seq, items FROM outbox ORDER BY seq").fetchall()
+        if self.keyring is not None:
+            rows = [(seq, open_sealed(self.keyring, items, b"chroma|outbox|%d" % seq)) for seq, items in rows]
         return [(int(seq), _decode_items.decode(items)) for seq, items in rows]
 
     def outbox_remove(self, seqs: list[int]) -> None:
@@ -228,6 +241,44 @@ class ChromaBackend(Backend):
 
     def stats(self) -> dict[str, Any]:
         return {kind: self.collection(kind).count() for kind in COLLECTIONS} if self._collections else {}
+
+    # -- sealing -----------------------------------------------------------------------------
+
+    def _stored_document(self, w: Write) -> str:
+        if self.keyring is None:
+            return w.text
+        blob = seal(self.keyring.current, w.text.encode(), f"chroma|{w.collection}|{w.id}|document".encode())
+        return base64.b64encode(blob).decode()
+
+    def _stored_metadata(self, w: Write) -> dict[str, str | int | float | bool] | None:
+        """Numbers and booleans stay (range filters), strings become keyed hashes (equality filters), and
+        the whole original metadata is sealed under ``_sealed``."""
+        if self.keyring is None or self.blinder is None:
+            return w.metadata or None
+        out: dict[str, str | int | float | bool] = {
+            k: self.blinder.blind_text(v) if isinstance(v, str) else v for k, v in w.metadata.items()}
+        blob = seal(self.keyring.current, json.dumps(w.metadata).encode(),
+                    f"chroma|{w.collection}|{w.id}|metadata".encode())
+        out[SEALED_METADATA] = base64.b64encode(blob).decode()
+        return out
+
+    def _opened(self, kind: str, doc_id: str, document: str | None,
+                meta: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+        """The plaintext text and metadata of a stored hit (IntegrityError if either was altered)."""
+        if self.keyring is None:
+            return document or "", dict(meta or {})
+        try:
+            doc_blob = base64.b64decode((document or "").encode(), validate=True)
+            meta_blob = base64.b64decode(str((meta or {})[SEALED_METADATA]).encode(), validate=True)
+        except (ValueError, KeyError) as exc:
+            raise IntegrityError(f"chroma {kind} {doc_id!r} is not sealed: {exc}", check="encoding") from None
+        text = open_sealed(self.keyring, doc_blob, f"chroma|{kind}|{doc_id}|document".encode()).decode()
+        plain = open_sealed(self.keyring, meta_blob, f"chroma|{kind}|{doc_id}|metadata".encode())
+        return text, json.loads(plain)
+
+    def _where(self, user_id: str | None, fields: dict[str, Any]) -> dict[str, Any] | None:
+        where = chroma_where(user_id, fields)
+        return where if where is None or self.blinder is None else _blind_where(where, self.blinder)
 
     # -- indexing ----------------------------------------------------------------------------
 
@@ -316,7 +367,7 @@ class ChromaBackend(Backend):
                         query_vector: NDArray[np.float32] | None = None) -> list[sem.SearchHit]:
         k = k or req.k
         vector = query_vector if query_vector is not None else self._embed_query(req.query)
-        where = chroma_where(req.user_id, req.where)
+        where = self._where(req.user_id, req.where)
         hits: list[sem.SearchHit] = []
         for kind in self._kinds(req.collection):
             coll = self.collection(kind)
@@ -329,8 +380,9 @@ class ChromaBackend(Backend):
                                                 found["distances"][0], strict=True):
                 relevance = 1.0 - float(dist)
                 if relevance >= req.min_relevance:
-                    hits.append(sem.SearchHit(id=doc_id, collection=kind, text=text or "", score=relevance,
-                                              semantic=relevance, metadata=dict(meta or {})))
+                    text, plain = self._opened(kind, doc_id, text, meta)
+                    hits.append(sem.SearchHit(id=doc_id, collection=kind, text=text, score=relevance,
+                                              semantic=relevance, metadata=plain))
         hits.sort(key=lambda h: (-h.score, h.id))
         return hits[:k]
 
@@ -369,7 +421,7 @@ class ChromaBackend(Backend):
     def _fetch_missing(self, req: sem.HybridSearch, vector: NDArray[np.float32], keys: list[tuple[str, str]],
                        hits: dict[tuple[str, str], sem.SearchHit]) -> None:
         """Texts, metadata and semantic relevance of keyword-only hits, with ``where`` applied."""
-        where = chroma_where(req.user_id, req.where)
+        where = self._where(req.user_id, req.where)
         for kind in COLLECTIONS:
             ids = [doc_id for c, doc_id in keys if c == kind]
             if not ids:
@@ -380,9 +432,19 @@ class ChromaBackend(Backend):
             for doc_id, text, meta, emb in rows:
                 relevance = float(np.dot(vector, np.asarray(emb, dtype=np.float32)))
                 if relevance >= req.min_relevance:
+                    text, plain = self._opened(kind, doc_id, text, meta)
                     hits[(kind, doc_id)] = sem.SearchHit(
-                        id=doc_id, collection=kind, text=text or "", score=0.0, semantic=relevance,
-                        metadata=dict(meta or {}))
+                        id=doc_id, collection=kind, text=text, score=0.0, semantic=relevance,
+                        metadata=plain)
+
+    @handles("semantic.inventory.request")
+    def on_inventory(self, txn: ChromaTxn, req: sem.SemanticInventory, ctx: Context) -> InventoryPage:
+        """The collection's ids in id order (Chroma pages by insertion, which a cursor cannot follow)."""
+        self.flush(txn)
+        ids = sorted(i for i in self.collection(req.kind).get(include=[])["ids"] if i > req.cursor)
+        page = ids[: req.limit]
+        return InventoryPage(kind=req.kind, items=[InventoryItem(id=i) for i in page],
+                             cursor=page[-1] if len(ids) > req.limit else "")
 
 
 def chroma_where(user_id: str | None, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -392,6 +454,15 @@ def chroma_where(user_id: str | None, fields: dict[str, Any]) -> dict[str, Any] 
     if not clauses:
         return None
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def _blind_where(where: Any, blinder: Blinder) -> Any:
+    """``where`` with every string compared replaced by its keyed hash, as stored (operators kept)."""
+    if isinstance(where, dict):
+        return {k: _blind_where(v, blinder) for k, v in where.items()}
+    if isinstance(where, list):
+        return [_blind_where(v, blinder) for v in where]
+    return blinder.blind_text(where) if isinstance(where, str) else where
 
 
 def _chroma_error() -> type[Exception]:

@@ -29,6 +29,7 @@ import contracts.analytics as an
 from contracts.envelope import Envelope
 from contracts.errors import BusError, StoreError, ValidationError
 from contracts.ids import id_time_ms
+from contracts.inventory import InventoryItem, InventoryPage
 from workers.base import Backend, Context, handles
 from workers.change_events import FactChanged, FeedbackChanged, MessageChanged, read_event, timestamp
 
@@ -159,13 +160,23 @@ class DuckdbBackend(Backend):
         return self.data_dir / "analytics.duckdb"
 
     @property
+    def in_memory(self) -> bool:
+        """Encrypted homes keep analytics in memory, rebuilt from the (sealed) log at every start: DuckDB's
+        own encryption needs httpfs for a secure cipher (docs/security.md)."""
+        return self.settings.get("encryption") is not None
+
+    @property
     def export_dir(self) -> Path:
         return self.data_dir / "exports"
 
     def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            con = duckdb.connect(str(self.path))
+            if self.in_memory:
+                con = duckdb.connect(":memory:")
+                con.execute("SET temp_directory = ''")  # never spill plaintext to disk
+            else:
+                con = duckdb.connect(str(self.path))
             for ddl in TABLES.values():
                 con.execute(ddl)
         except duckdb.Error as exc:
@@ -251,7 +262,7 @@ class DuckdbBackend(Backend):
                            env.causation_id, started))
 
     def observes(self, topic: str) -> bool:
-        return not topic.startswith("analytics.")
+        return not (topic.startswith("analytics.") and topic.endswith(".request"))  # those it answers
 
     def observe(self, txn: DuckTxn, payload: Any, ctx: Context) -> None:
         """Records a message that has no handler of its own (requests and replies of every worker)."""
@@ -361,6 +372,18 @@ class DuckdbBackend(Backend):
         self.con.execute(f"COPY (SELECT * FROM {req.table}) TO '{quoted}' (FORMAT parquet)").fetchall()
         count = int(self.rows(f"SELECT count(*) FROM {req.table}")[0][0])
         return an.ExportResult(path=str(target.relative_to(base)), rows=count)
+
+    @handles("analytics.inventory.request")
+    def on_inventory(self, txn: DuckTxn, req: an.AnalyticsInventory, ctx: Context) -> InventoryPage:
+        self._ask(txn, ctx)
+        key, group, created = {"messages": ("message_id", "conversation_id", "created_at"),
+                               "feedback": ("feedback_id", "user_id", "created_at"),
+                               "facts": ("fact_id", "user_id", "created_at")}[req.kind]
+        current = "NOT coalesce(removed, false)" if req.kind == "facts" else "true"
+        found = self.rows(f"SELECT {key}, coalesce({group}, ''), coalesce({created}, 0), {current} "
+                          f"FROM {req.kind} WHERE {key} > ? ORDER BY {key} LIMIT ?", [req.cursor, req.limit + 1])
+        items = [InventoryItem(id=i, group=g, ts=float(t), current=bool(c)) for i, g, t, c in found[: req.limit]]
+        return InventoryPage(kind=req.kind, items=items, cursor=items[-1].id if len(found) > req.limit else "")
 
 
 def _iso_minute(minute: int) -> str:

@@ -24,7 +24,10 @@ import msgspec
 import structlog
 
 import contracts.structured as c
+from bus.keys import KeyRing, subkey
+from bus.sealing import open_sealed, seal
 from contracts.errors import IntegrityError, NotFound, StoreError, StoreFull, ValidationError
+from contracts.inventory import InventoryItem, InventoryPage
 from schemas.registry import apply_all
 from workers import libsql_repos as repo
 from workers.base import Backend, Context, handles
@@ -73,10 +76,19 @@ def run(conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
         raise translate_error(exc, sql) from exc
 
 
+def file_key(keyring: KeyRing, generation: int | None = None) -> bytes:
+    """The libsql file key of a generation (default: the current one), derived from the store key."""
+    key = keyring.current if generation is None else next(
+        k for k in keyring.values() if k.generation == generation)
+    return subkey(key, "libsql-file")
+
+
 def connect(path: Path | str, encryption_key: bytes | str | None = None) -> Any:
     """A libsql connection in explicit-transaction mode (``isolation_level=None``).
 
-    libsql takes the key as text: bytes are passed as their hex string.
+    libsql takes the key as text and hands its UTF-8 bytes to SQLite3 Multiple Ciphers (aes256cbc), which
+    derives the page key from it: bytes are passed as their hex string, 64 characters carrying 256 random
+    bits, so the cipher's fixed-salt key derivation adds no weakness.
     """
     key = encryption_key.hex() if isinstance(encryption_key, bytes) else encryption_key
     kwargs: dict[str, Any] = {"isolation_level": None}
@@ -88,8 +100,10 @@ def connect(path: Path | str, encryption_key: bytes | str | None = None) -> Any:
 class Txn:
     """The batch transaction as handlers and repositories see it."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, sealer: repo.ColumnSealer | None = None) -> None:
         self.conn = conn
+        self.sealer = sealer
+        """Seals sensitive columns when the store is encrypted (workers/libsql_repos.py)."""
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         if not self.conn.in_transaction:
@@ -166,6 +180,9 @@ class LibsqlBackend(Backend):
         super().__init__(data_dir, **settings)
         self.path = self.data_dir / DB_FILE
         self.conn: Any = None
+        ring: KeyRing | None = settings.get("encryption")
+        self.sealer = repo.ColumnSealer(ring) if ring is not None else None
+        self.file_key: bytes | str | None = file_key(ring) if ring is not None else settings.get("encryption_key")
         self._savepoints = itertools.count(1)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -180,7 +197,7 @@ class LibsqlBackend(Backend):
                 field="synchronous",
                 expected="OFF, NORMAL, FULL or EXTRA",
             )
-        conn = connect(self.path, self.settings.get("encryption_key"))
+        conn = connect(self.path, self.file_key)
         try:
             run(conn, "PRAGMA journal_mode = WAL").fetchall()
             run(conn, f"PRAGMA busy_timeout = {int(self.settings.get('busy_timeout_ms', 5000))}").fetchall()
@@ -210,7 +227,7 @@ class LibsqlBackend(Backend):
         conn = self._open_conn()
         run(conn, "BEGIN IMMEDIATE")
         try:
-            yield Txn(conn)
+            yield Txn(conn, self.sealer)
             if not conn.in_transaction:
                 raise TransactionLost("the batch transaction ended before its commit; nothing was committed")
             run(conn, "COMMIT")
@@ -246,12 +263,16 @@ class LibsqlBackend(Backend):
         )
 
     def outbox_add(self, txn: Txn, seq: int, items: list[bytes]) -> None:
-        txn.execute(
-            "INSERT OR REPLACE INTO outbox (seq, items) VALUES (?, ?)", (seq, msgspec.msgpack.encode(items))
-        )
+        body = msgspec.msgpack.encode(items)
+        if self.sealer is not None:
+            body = seal(self.sealer.keyring.current, body, b"libsql|outbox|%d" % seq)
+        txn.execute("INSERT OR REPLACE INTO outbox (seq, items) VALUES (?, ?)", (seq, body))
 
     def outbox_pending(self) -> list[tuple[int, list[bytes]]]:
         rows = run(self._open_conn(), "SELECT seq, items FROM outbox ORDER BY seq").fetchall()
+        if self.sealer is not None:
+            ring = self.sealer.keyring
+            rows = [(seq, open_sealed(ring, items, b"libsql|outbox|%d" % seq)) for seq, items in rows]
         return [(int(seq), msgspec.msgpack.decode(items, type=list[bytes])) for seq, items in rows]
 
     def outbox_remove(self, seqs: list[int]) -> None:
@@ -589,5 +610,54 @@ class LibsqlBackend(Backend):
             raise _not_found(ctx, "consolidation state", p.state_id)
         return c.ConsolidationState(state_id=p.state_id, state=found[0], updated_at=found[1])
 
+    # -- inventory (membus check) ----------------------------------------------------------------------------
+
+    @handles("structured.inventory.request")
+    def inventory(self, txn: Txn, p: c.StructuredInventory, ctx: Context) -> InventoryPage:
+        sql = _INVENTORY_SQL[p.kind]
+        rows = txn.all(f"{sql} WHERE id > ? ORDER BY id LIMIT ?", (p.cursor, p.limit + 1))
+        items = [InventoryItem(id=r[0], group=r[1], ts=_unix(r[2]), current=bool(r[3]), has_text=bool(r[4]))
+                 for r in rows[: p.limit]]
+        return InventoryPage(kind=p.kind, items=items, cursor=items[-1].id if len(rows) > p.limit else "")
+
+
+_INVENTORY_SQL = {
+    "facts": f"SELECT id, user_id, json_extract(temporal_metadata, '$.created_at'), {repo.CURRENT}, "
+             "length(trim(text)) > 0 FROM semantic_facts",
+    "messages": "SELECT id, conversation_id, timestamp, 1, length(trim(text)) > 0 FROM messages",
+    "feedback": "SELECT id, user_id, timestamp, 1, 1 FROM feedback_events",
+}
+
+
+def _unix(value: Any) -> float:
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return 0.0
+
 
 LibsqlBackend.patterns = tuple(sorted(LibsqlBackend.handlers))
+
+
+def rekey(data_dir: Path, keyring: KeyRing, old_generation: int) -> int:
+    """After ``membus keys rotate`` (worker stopped): the file re-encrypted under the current generation's
+    file key, and every sealed column sealed again with the current key; returns the rows resealed."""
+    path = Path(data_dir) / DB_FILE
+    conn = connect(path, file_key(keyring, old_generation))
+    try:
+        run(conn, "PRAGMA journal_mode = DELETE").fetchall()  # SQLite3MC rekeys only outside WAL mode
+        run(conn, f"PRAGMA rekey = '{file_key(keyring).hex()}'").fetchall()
+        run(conn, "PRAGMA journal_mode = WAL").fetchall()
+        txn = Txn(conn, repo.ColumnSealer(keyring))
+        run(conn, "BEGIN IMMEDIATE")
+        done = repo.reseal_all(txn)
+        rows = run(conn, "SELECT seq, items FROM outbox").fetchall()
+        for seq, items in rows:
+            aad = b"libsql|outbox|%d" % seq
+            txn.execute("UPDATE outbox SET items = ? WHERE seq = ?",
+                        (seal(keyring.current, open_sealed(keyring, items, aad), aad), seq))
+        run(conn, "COMMIT")
+    finally:
+        conn.close()
+    log.info("libsql.rekeyed", path=str(path), rows=done + len(rows), generation=keyring.current.generation)
+    return done + len(rows)

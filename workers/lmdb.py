@@ -40,7 +40,10 @@ import lmdb
 import msgspec
 import structlog
 
-from contracts.errors import StoreError, StoreFull, ValidationError
+from bus.keys import KeyRing
+from bus.sealing import Blinder, open_sealed, seal
+from contracts.errors import IntegrityError, StoreError, StoreFull, ValidationError
+from contracts.inventory import InventoryItem, InventoryPage
 from contracts.working import (
     APPEND,
     CONTEXT_CHANGED,
@@ -48,6 +51,7 @@ from contracts.working import (
     CONTEXT_GET,
     CONTEXT_SET,
     CONVERSATION_CLEAR,
+    INVENTORY,
     RECENT,
     AppendMessage,
     AppendReply,
@@ -62,6 +66,7 @@ from contracts.working import (
     ConversationClearReply,
     RecentReply,
     RecentRequest,
+    WorkingInventory,
     WorkingMessage,
 )
 from workers.base import Backend, Context, handles
@@ -91,7 +96,8 @@ class LmdbSettings(msgspec.Struct, frozen=True):
     expire_per_batch: Annotated[int, msgspec.Meta(ge=0)] = 256
     """Expired items removed at the start of every batch (0: only ``expire()`` removes them)."""
     encryption: Any = None
-    """Placeholder: values will be sealed with AES-GCM in ValueCodec; nothing is done with it yet."""
+    """The store's KeyRing (bus.keys): values sealed with AES-256-GCM bound to their key and expiry, ids in
+    keys replaced by keyed hashes (bus.sealing.Blinder). None: plaintext."""
 
     @property
     def reserve(self) -> int:
@@ -113,20 +119,27 @@ class MessageChanged(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ValueCodec:
-    """Every stored value is encoded and decoded here: the one place where sealing will be added."""
+    """Every stored value is encoded and decoded here; with a keyring, sealed bound to ``aad`` (its place)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keyring: KeyRing | None = None) -> None:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+        self.keyring = keyring
 
-    def encode(self, value: Any) -> bytes:
-        return self._encoder.encode(value)
+    def encode(self, value: Any, aad: bytes) -> bytes:
+        data = self._encoder.encode(value)
+        return data if self.keyring is None else seal(self.keyring.current, data, aad)
 
-    def decode(self, data: bytes | memoryview, type_: Any = Any) -> Any:
+    def decode(self, data: bytes | memoryview, type_: Any, aad: bytes) -> Any:
         decoder = self._decoders.get(type_)
         if decoder is None:
             decoder = self._decoders[type_] = msgspec.msgpack.Decoder(type_)
-        return decoder.decode(data)
+        if self.keyring is not None:
+            data = open_sealed(self.keyring, data, aad)
+        try:
+            return decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise IntegrityError(f"lmdb value undecodable: {exc}", check="decode") from None
 
 
 def _u64(value: int) -> bytes:
@@ -275,7 +288,7 @@ class LmdbBackend(Backend):
 
     name: ClassVar[str] = "lmdb"
     patterns: ClassVar[tuple[str, ...]] = (APPEND, MESSAGE_CHANGED, RECENT, CONVERSATION_CLEAR, CONTEXT_SET,
-                                           CONTEXT_GET, CONTEXT_CLEAR)
+                                           CONTEXT_GET, CONTEXT_CLEAR, INVENTORY)
 
     def __init__(self, data_dir: Path, **settings: Any) -> None:
         super().__init__(data_dir, **settings)
@@ -290,7 +303,9 @@ class LmdbBackend(Backend):
         unknown = sorted(set(settings) - set(LmdbSettings.__struct_fields__))
         if unknown:
             log.warning("lmdb.unknown_settings", names=unknown)
-        self.codec = ValueCodec()
+        self.codec = ValueCodec(self.cfg.encryption)
+        self.ids = Blinder(self.cfg.encryption, "lmdb-ids")
+        """Conversation, session, message ids and context names in keys: keyed hashes when encrypted."""
         self.env: lmdb.Environment | None = None
         self._db: dict[str, Any] = {}
         self._pid = 0
@@ -440,12 +455,12 @@ class LmdbBackend(Backend):
         self._with_growth(txn, lambda: txn.put(self._db["tracking"], _POSITION, _u64(seq)), adds_data=False)
 
     def outbox_add(self, txn: _Batch, seq: int, items: list[bytes]) -> None:
-        body = self.codec.encode(items)
+        body = self.codec.encode(items, b"outbox" + _u64(seq))
         self._with_growth(txn, lambda: txn.put(self._db["outbox"], _u64(seq), body), adds_data=False)
 
     def outbox_pending(self) -> list[tuple[int, list[bytes]]]:
         with self._read() as r:
-            return [(int(_U64.unpack(key)[0]), self.codec.decode(value, list[bytes]))
+            return [(int(_U64.unpack(key)[0]), self.codec.decode(value, list[bytes], b"outbox" + bytes(key)))
                     for key, value in r.cursor(db=self._db["outbox"])]
 
     def outbox_remove(self, seqs: list[int]) -> None:
@@ -531,15 +546,15 @@ class LmdbBackend(Backend):
     def _append(self, txn: _Batch, conversation_id: str, message: WorkingMessage, ttl: float | None,
                 ctx: Context) -> AppendReply:
         topic = ctx.envelope.topic
-        conv = _prefix(_id_bytes(conversation_id, topic, "conversation_id"))
-        msgid = _id_bytes(message.message_id, topic, "message_id")
+        conv = self._conv(conversation_id, topic)
+        msgid = self.ids.blind(_id_bytes(message.message_id, topic, "message_id"))
         count = self._count(txn, conv)
         expires_at = message.ts + (ttl or self.cfg.ttl_seconds)
         if txn.get(self._db["msgids"], msgid) is not None or expires_at <= _now(ctx):
             return AppendReply(conversation_id, message.message_id, count, stored=False)
         key = conv + _u64(int(message.ts * 1_000_000)) + _u64(ctx.seq)
         expires = _u64(int(expires_at * 1000))
-        txn.put(self._db["messages"], key, expires + self.codec.encode(message))
+        txn.put(self._db["messages"], key, expires + self.codec.encode(message, key + expires))
         txn.put(self._db["msgids"], msgid, key)
         txn.put(self._db["expiry"], expires + _KIND_MESSAGE + key, b"")
         count += 1
@@ -568,9 +583,9 @@ class LmdbBackend(Backend):
     def _drop_message(self, txn: _Batch, key: bytes, stored: bytes, *, index: bool = True,
                       count: bool = True) -> None:
         """Deletes a message with its id entry, and (unless the caller does) its expiry entry and count."""
-        message: WorkingMessage = self.codec.decode(stored[8:], WorkingMessage)
+        message: WorkingMessage = self.codec.decode(stored[8:], WorkingMessage, key + stored[:8])
         txn.delete(self._db["messages"], key)
-        txn.delete(self._db["msgids"], message.message_id.encode())
+        txn.delete(self._db["msgids"], self.ids.blind(message.message_id.encode()))
         if index:
             txn.delete(self._db["expiry"], stored[:8] + _KIND_MESSAGE + key)
         if count:
@@ -583,20 +598,20 @@ class LmdbBackend(Backend):
 
     @handles(RECENT)
     def recent(self, txn: _Batch, payload: RecentRequest, ctx: Context) -> RecentReply:
-        conv = _prefix(_id_bytes(payload.conversation_id, ctx.envelope.topic, "conversation_id"))
+        conv = self._conv(payload.conversation_id, ctx.envelope.topic)
         messages = self._recent(txn.current, conv, payload.limit, _now(ctx))
         return RecentReply(payload.conversation_id, messages)
 
     def read_recent(self, conversation_id: str, limit: int = 20, *,
                     now: float | None = None) -> list[WorkingMessage]:
         """The most recent messages, oldest first, from a read-only transaction (no write lock)."""
-        conv = _prefix(_id_bytes(conversation_id, RECENT, "conversation_id"))
+        conv = self._conv(conversation_id, RECENT)
         with self._read() as r:
             return self._recent(r, conv, limit, time.time() if now is None else now)
 
     def _recent(self, r: lmdb.Transaction, conv: bytes, limit: int, now: float) -> list[WorkingMessage]:
         now_ms = int(now * 1000)
-        picked: list[bytes | memoryview] = []
+        picked: list[tuple[bytes, bytes | memoryview]] = []
         cursor = r.cursor(db=self._db["messages"])
         # Start past the conversation's last key and walk backwards: newest first, decode only what is kept.
         positioned = cursor.prev() if cursor.set_range(conv + b"\xff" * 16) else cursor.last()
@@ -605,16 +620,17 @@ class LmdbBackend(Backend):
                 break
             stored = cursor.value()
             if _expires_ms(stored) > now_ms:
-                picked.append(stored)
+                picked.append((bytes(cursor.key()), stored))
             positioned = cursor.prev()
         cursor.close()
-        return [self.codec.decode(stored[8:], WorkingMessage) for stored in reversed(picked)]
+        return [self.codec.decode(stored[8:], WorkingMessage, key + bytes(stored[:8]))
+                for key, stored in reversed(picked)]
 
     @handles(CONVERSATION_CLEAR)
     @_writes(adds_data=False)
     def clear_conversation(self, txn: _Batch, payload: ConversationClear,
                            ctx: Context) -> ConversationClearReply:
-        conv = _prefix(_id_bytes(payload.conversation_id, ctx.envelope.topic, "conversation_id"))
+        conv = self._conv(payload.conversation_id, ctx.envelope.topic)
         held = self._range(txn, self._db["messages"], conv)
         for key, stored in held:
             self._drop_message(txn, key, stored, count=False)
@@ -644,19 +660,19 @@ class LmdbBackend(Backend):
         old = txn.get(self._db["context"], key)
         if old is not None:
             txn.delete(self._db["expiry"], old[:8] + _KIND_CONTEXT + key)
-        txn.put(self._db["context"], key, expires + self.codec.encode(payload.value))
+        txn.put(self._db["context"], key, expires + self.codec.encode([payload.key, payload.value], key + expires))
         txn.put(self._db["expiry"], expires + _KIND_CONTEXT + key, b"")
         ctx.emit(CONTEXT_CHANGED, ContextChanged(payload.session_id, "set", [payload.key]))
         return ContextSetReply(payload.session_id, payload.key, expires_at)
 
     @handles(CONTEXT_GET)
     def context_get(self, txn: _Batch, payload: ContextGet, ctx: Context) -> ContextGetReply:
-        session = _prefix(_id_bytes(payload.session_id, ctx.envelope.topic, "session_id"))
+        session = self._session(payload.session_id, ctx.envelope.topic)
         return ContextGetReply(payload.session_id, self._context(txn.current, session, _now(ctx)))
 
     def read_context(self, session_id: str, *, now: float | None = None) -> dict[str, Any]:
         """A session's context from a read-only transaction."""
-        session = _prefix(_id_bytes(session_id, CONTEXT_GET, "session_id"))
+        session = self._session(session_id, CONTEXT_GET)
         with self._read() as r:
             return self._context(r, session, time.time() if now is None else now)
 
@@ -669,7 +685,8 @@ class LmdbBackend(Backend):
                 if bytes(key[: len(session)]) != session:
                     break
                 if _expires_ms(stored) > now_ms:
-                    values[bytes(key[len(session):]).decode()] = self.codec.decode(stored[8:])
+                    name, value = self._context_item(bytes(key), stored)
+                    values[name] = value
         cursor.close()
         return values
 
@@ -677,7 +694,7 @@ class LmdbBackend(Backend):
     @_writes(adds_data=False)
     def context_clear(self, txn: _Batch, payload: ContextClear, ctx: Context) -> ContextClearReply:
         topic = ctx.envelope.topic
-        session = _prefix(_id_bytes(payload.session_id, topic, "session_id"))
+        session = self._session(payload.session_id, topic)
         if payload.key is None:
             held = self._range(txn, self._db["context"], session)
         else:
@@ -688,13 +705,50 @@ class LmdbBackend(Backend):
             txn.delete(self._db["context"], key)
             txn.delete(self._db["expiry"], stored[:8] + _KIND_CONTEXT + key)
         if held:
-            keys = [key[len(session):].decode() for key, _ in held]
+            keys = [self._context_item(key, stored)[0] for key, stored in held]
             ctx.emit(CONTEXT_CHANGED, ContextChanged(payload.session_id, "clear", keys))
         return ContextClearReply(payload.session_id, len(held))
 
-    @staticmethod
-    def _context_key(session_id: str, key: str, topic: str) -> bytes:
-        return _prefix(_id_bytes(session_id, topic, "session_id")) + _id_bytes(key, topic, "key")
+    def _context_key(self, session_id: str, key: str, topic: str) -> bytes:
+        return self._session(session_id, topic) + self.ids.blind(_id_bytes(key, topic, "key"))
+
+    def _context_item(self, key: bytes, stored: bytes | memoryview) -> tuple[str, Any]:
+        """(context key name, value) of a stored context entry: the name is kept in the value too, since
+        the LMDB key holds only its keyed hash when the store is encrypted."""
+        name, value = self.codec.decode(stored[8:], tuple[str, Any], key + bytes(stored[:8]))
+        return name, value
+
+    def _conv(self, conversation_id: str, topic: str) -> bytes:
+        return _prefix(self.ids.blind(_id_bytes(conversation_id, topic, "conversation_id")))
+
+    def _session(self, session_id: str, topic: str) -> bytes:
+        return _prefix(self.ids.blind(_id_bytes(session_id, topic, "session_id")))
+
+    # -- inventory (membus check) ------------------------------------------------------------------
+
+    @handles(INVENTORY)
+    def inventory(self, txn: _Batch, payload: WorkingInventory, ctx: Context) -> InventoryPage:
+        """Unexpired messages in key order (conversation, then time); the cursor is the last key, in hex.
+        ``group`` is a token of the conversation, not its id (keys hold blinded ids when encryption is on)."""
+        now_ms = int(_now(ctx) * 1000)
+        items: list[InventoryItem] = []
+        last = b""
+        cursor = txn.current.cursor(db=self._db["messages"])
+        start = bytes.fromhex(payload.cursor)
+        positioned = cursor.set_range(start) if start else cursor.first()
+        if positioned and start and bytes(cursor.key()) == start:
+            positioned = cursor.next()
+        while positioned and len(items) < payload.limit:
+            key, stored = bytes(cursor.key()), cursor.value()
+            last = key
+            if _expires_ms(stored) > now_ms:
+                message: WorkingMessage = self.codec.decode(stored[8:], WorkingMessage, key + bytes(stored[:8]))
+                conversation = key[: 2 + _U16.unpack_from(key)[0]].hex()  # opaque: ids may be blinded
+                items.append(InventoryItem(id=message.message_id, group=conversation, ts=message.ts))
+            positioned = cursor.next()
+        cursor.close()
+        return InventoryPage(kind=payload.kind, items=items, cursor=last.hex() if positioned else "",
+                             info={"ttl_seconds": self.cfg.ttl_seconds, "max_messages": self.cfg.max_messages})
 
     # -- introspection -----------------------------------------------------------------------------
 

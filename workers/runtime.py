@@ -16,12 +16,14 @@ import os
 import signal
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from bus.client import Bus
+from bus.connection import Pending
 from bus.home import Home
 from bus.message import Delivery
 from bus.sealing import store_keyring
@@ -33,6 +35,14 @@ from workers.base import Backend
 from workers.registry import load
 
 log = structlog.get_logger("membus.worker")
+
+
+@dataclass
+class _Flight:
+    """An applied batch whose outbox is being logged; its deliveries are acked when that is done."""
+
+    waits: list[tuple[int, list[Pending]]]
+    acks: list[int]
 
 
 class WorkerRuntime:
@@ -49,6 +59,21 @@ class WorkerRuntime:
                                       "skipped": 0, "retried": 0, "dead_lettered": 0, "batches": 0,
                                       "last_batch": 0, "max_batch": 0, "position": 0, "errors": 0}
         self._last_status = 0.0
+        self._sending: set[int] = set()
+        """Outbox entries (by seq) published and not yet acknowledged by the broker."""
+        self._added: list[tuple[int, list[bytes]]] = []
+        """What the batch being applied adds to the outbox: published from memory, not read back."""
+        self._logged: list[int] = []
+        """Outbox entries already in the log, removed from the store in bulk (a resend would be stored once)."""
+        self._logged_since = 0.0
+        self._resync = False
+        add = self.backend.outbox_add
+
+        def tap(txn: Any, seq: int, items: list[bytes]) -> None:
+            add(txn, seq, items)
+            self._added.append((seq, items))
+
+        self.backend.outbox_add = tap  # type: ignore[method-assign]
 
     def stop(self) -> None:
         self._stop = True
@@ -64,22 +89,37 @@ class WorkerRuntime:
                 log.info("worker.started", position=position, patterns=list(self.backend.patterns))
                 with bus.consume(self.name, list(self.backend.patterns), credit=2 * self.batch_size,
                                  from_seq=position + 1) as consumer:
+                    # Two batches overlap: while the broker logs one batch's outbox, the next one is applied.
+                    flight: _Flight | None = None
                     while not self._stop:
-                        batch = consumer.fetch(self.batch_size, timeout=0.5)
+                        batch = consumer.fetch(self.batch_size, timeout=0.5 if flight is None else 0.0)
+                        landing, flight = flight, None
                         if batch:
-                            position = self._process(bus, consumer, batch, position)
-                        else:
+                            position, flight = self._process(bus, consumer, batch, position)
+                        if landing is not None:
+                            self._land(consumer, landing)
+                        elif not batch:
                             self._idle(bus)
                         self._write_status(bus.head)
+                    if flight is not None:
+                        self._land(consumer, flight)
+                    self._remove_logged(force=True)
         finally:
             self.backend.close()
             log.info("worker.stopped", position=self.stats["position"])
 
-    def _process(self, bus: Bus, consumer: Any, batch: list[Delivery], position: int) -> int:
+    def _process(self, bus: Bus, consumer: Any, batch: list[Delivery], position: int) -> tuple[int, _Flight | None]:
+        """Applies a batch; returns the new position and the batch's outbox publishes still in flight.
+
+        The caller lands the flight (waits for the outbox to be logged, clears it, acks) after applying the next
+        batch. A batch with retries is landed here, before its retry, so its retries stay in log order.
+        """
         pending = [d.message.envelope for d in batch]
         attempt = 1
+        flight: _Flight | None = None
         while pending:
             final = {e.seq for e in pending} if attempt >= self.max_attempts else set()
+            self._added.clear()
             try:
                 outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
                                                  attempt=attempt)
@@ -91,20 +131,25 @@ class WorkerRuntime:
                 time.sleep(min(self.retry_backoff_s * 2 ** min(attempt, 5), 5.0))
                 attempt += 1
                 continue
-            self._flush_outbox(bus)
-            done = [o for o in outcomes if o.status != "retry"]
-            consumer.ack([o.seq for o in done])
+            flight = _Flight(self._publish_outbox(bus), [o.seq for o in outcomes if o.status != "retry"])
             self._count(outcomes)
             retry_seqs = {o.seq for o in outcomes if o.status == "retry"}
             pending = [e for e in pending if e.seq in retry_seqs]
             if pending:
+                self._land(consumer, flight)
+                flight = None
                 if self._stop:
                     break  # not acked: the broker redelivers them to the next run
                 attempt += 1
                 self.stats["retried"] += 1
                 time.sleep(min(self.retry_backoff_s * 2 ** (attempt - 2), 5.0))
         self.stats["position"] = position
-        return position
+        return position, flight
+
+    def _land(self, consumer: Any, flight: _Flight) -> None:
+        """Acks a batch once its outbox (replies, change events) is in the log."""
+        self._settle_outbox(flight.waits)
+        consumer.ack(flight.acks)
 
     def _count(self, outcomes: list[Outcome]) -> None:
         n = len(outcomes)
@@ -118,10 +163,33 @@ class WorkerRuntime:
                 self.stats["dead_lettered"] += 1
 
     def _flush_outbox(self, bus: Bus) -> None:
-        pending = self.backend.outbox_pending()
-        if not pending:
-            return
-        waits = [(seq, [bus.publish_raw(item, timeout=30.0) for item in items]) for seq, items in pending]
+        """Publishes everything the store's outbox holds (at start, when idle, after a failed publish)."""
+        self._remove_logged(force=True)
+        self._resync = False
+        self._settle_outbox(self._publish_outbox(bus, self.backend.outbox_pending()))
+
+    def _publish_outbox(self, bus: Bus, entries: list[tuple[int, list[bytes]]] | None = None
+                        ) -> list[tuple[int, list[Pending]]]:
+        """Publishes outbox entries not already on their way: by default what the last batch added (ids are
+        deterministic: the broker stores a resent item once)."""
+        if entries is None:
+            entries, self._added = self._added, []
+            if self._resync:  # an earlier publish failed: everything the store holds, this batch's included
+                self._flush_outbox(bus)
+                return []
+        waits = [(seq, [bus.publish_raw(item, timeout=30.0) for item in items])
+                 for seq, items in entries if seq not in self._sending]
+        self._sending.update(seq for seq, _ in waits)
+        return waits
+
+    def _remove_logged(self, force: bool = False) -> None:
+        """Clears logged outbox entries from the store: in bulk, at most once a second (one store commit)."""
+        if self._logged and (force or len(self._logged) >= 5000 or time.monotonic() - self._logged_since > 1.0):
+            self.backend.outbox_remove(self._logged)
+            self._logged = []
+
+    def _settle_outbox(self, waits: list[tuple[int, list[Pending]]]) -> None:
+        """Waits until the items are logged and clears them from the outbox; a failure leaves them for later."""
         done: list[int] = []
         for seq, ps in waits:
             try:
@@ -130,10 +198,15 @@ class WorkerRuntime:
                 done.append(seq)
             except BusError as exc:
                 self.stats["errors"] += 1
+                self._resync = True  # the rest stays in the store's outbox; the next batch publishes it again
                 log.warning("outbox.publish_failed", seq=seq, error=exc.message)
                 break
+        self._sending.difference_update(seq for seq, _ in waits)
         if done:
-            self.backend.outbox_remove(done)
+            if not self._logged:
+                self._logged_since = time.monotonic()
+            self._logged.extend(done)
+        self._remove_logged()
 
     def _idle(self, bus: Bus) -> None:
         self._flush_outbox(bus)  # what a broker outage left unpublished goes out without waiting for traffic

@@ -1,0 +1,374 @@
+"""Encryption at rest: the log and every store sealed, tampering detected, nothing readable in the home."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import keyring
+import keyring.backends.fail
+import lmdb
+import msgspec
+import pytest
+
+import contracts.structured  # noqa: F401  (contracts of conversation.message.changed)
+from bus import keys
+from bus.home import Home, Settings
+from bus.keys import Argon2Params, KeyRing
+from bus.log import EventLog
+from bus.sealing import KeyRingCipher
+from contracts.envelope import Envelope, make_envelope
+from contracts.errors import IntegrityError
+from contracts.registry import encode_payload
+from tests.workers_util import System
+from workers.apply import apply_batch
+from workers.chroma import ChromaBackend
+from workers.duckdb import DuckdbBackend
+from workers.embedding import HashEmbedder
+from workers.libsql import LibsqlBackend
+from workers.lmdb import LmdbBackend
+
+SECRET = "zebrapineapple"
+CHEAP = Argon2Params(memory_kib=64, time_cost=1, parallelism=1)
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Key files go to this test's folder; no OS keyring (as on a headless machine)."""
+    for name in (keys.ENV_PASSPHRASE, keys.ENV_PASSPHRASE_FILE, keys.ENV_KEY_FILE, keys.ENV_KEY_FD,
+                 "MEMBUS_ENCRYPTION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    before = keyring.get_keyring()
+    keyring.set_keyring(keyring.backends.fail.Keyring())  # type: ignore[no-untyped-call]
+    yield
+    keyring.set_keyring(before)
+
+
+@pytest.fixture
+def ring(tmp_path: Path) -> KeyRing:
+    return keys.init(tmp_path / "keyhome", "correct horse", params=CHEAP, remember=False).keyring("store:t")
+
+
+class Log:
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def __call__(self, topic: str, payload: Any) -> Envelope:
+        self.seq += 1
+        env = make_envelope(topic, encode_payload(topic, payload), reply_to="inbox.t")
+        return msgspec.structs.replace(env, seq=self.seq)
+
+
+def flip_in_file(path: Path, needle: bytes) -> None:
+    """Flips one bit in the first occurrence of ``needle`` in the file (which must contain it)."""
+    data = bytearray(path.read_bytes())
+    at = data.find(needle)
+    assert at >= 0, f"{needle!r} not in {path}"
+    data[at + len(needle) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def files_containing(root: Path, text: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and text in p.read_bytes()]
+
+
+# -- key plumbing ----------------------------------------------------------------------------------
+
+
+def test_a_child_reads_only_the_keys_handed_to_it(tmp_path: Path) -> None:
+    master = keys.init(tmp_path / "h", None)
+    fd = keys.keyring_pipe([master.keyring("store:lmdb")])
+    code = ("from bus import keys; r = keys.inherited_keyrings(); import os; "
+            "print(sorted(r), r['store:lmdb'].current.key.hex(), os.environ.get('MEMBUS_KEY_FD'))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], pass_fds=(fd,), capture_output=True, text=True,
+                             env={**os.environ, keys.ENV_KEY_FD: str(fd)}, check=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()[-1].split()
+    finally:
+        os.close(fd)
+    assert out == ["['store:lmdb']", master.keyring("store:lmdb").current.key.hex(), "None"]
+    assert master.key.hex() not in " ".join(out)
+
+
+def test_settings_turn_encryption_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.load(tmp_path).encryption is True
+    (tmp_path / "membus.toml").write_text("encryption = false\n")
+    assert Settings.load(tmp_path).encryption is False
+    monkeypatch.setenv("MEMBUS_ENCRYPTION", "1")
+    assert Settings.load(tmp_path).encryption is True
+
+
+# -- the event log ---------------------------------------------------------------------------------
+
+
+def _log(path: Path, ring: KeyRing | None) -> EventLog:
+    log = EventLog(path, map_size=1 << 20, cipher=KeyRingCipher(ring) if ring else None)
+    log.open()
+    return log
+
+
+def _append(log: EventLog, text: str) -> int:
+    env = make_envelope("notes.note.changed", msgspec.msgpack.encode({"text": text}))
+    seq = log.append([env])[0]
+    assert isinstance(seq, int)
+    return seq
+
+
+def test_log_records_are_sealed_and_read_back(tmp_path: Path, ring: KeyRing) -> None:
+    log = _log(tmp_path / "log", ring)
+    seq = _append(log, SECRET)
+    assert SECRET.encode() in log.get(seq).body  # type: ignore[union-attr]
+    log.close()
+    assert files_containing(tmp_path / "log", SECRET.encode()) == []
+    plain = _log(tmp_path / "log", None)
+    with pytest.raises(IntegrityError, match="no key"):
+        plain.get(seq)
+    plain.close()
+
+
+def test_log_tamper_and_downgrade_are_refused(tmp_path: Path, ring: KeyRing) -> None:
+    log = _log(tmp_path / "log", ring)
+    seq = _append(log, SECRET)
+    with log.env.begin() as txn:
+        found = txn.get(keys_seq(seq), db=log._log)
+        assert found is not None
+        raw = bytes(found)
+    log.close()
+    flip_in_file(tmp_path / "log" / "data.mdb", raw[-20:])  # inside the ciphertext + tag
+    log = _log(tmp_path / "log", ring)
+    with pytest.raises(IntegrityError) as caught:
+        log.get(seq)
+    assert caught.value.fields["check"] == "tag"
+    # the header's key id set to 0 ("plaintext"): refused, not read as an opaque envelope
+    with log.env.begin(write=True) as txn:
+        txn.put(keys_seq(seq), raw[:1] + b"\x00\x00" + raw[3:], db=log._log)
+    with pytest.raises(IntegrityError) as caught:
+        log.get(seq)
+    assert caught.value.fields["check"] == "downgrade"
+    log.close()
+
+
+def keys_seq(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")
+
+
+# -- LMDB working memory ---------------------------------------------------------------------------
+
+
+def test_lmdb_values_sealed_ids_blinded_tamper_detected(tmp_path: Path, ring: KeyRing) -> None:
+    store = LmdbBackend(tmp_path / "lmdb", encryption=ring)
+    store.open()
+    log = Log()
+    apply_batch(store, [
+        log("working.message.append.request", {"conversation_id": "conv-alice", "user_id": "u1",
+                                               "role": "user", "text": SECRET}),
+        log("working.context.set.request", {"session_id": "sess-alice", "key": "mood", "value": SECRET}),
+    ])
+    assert [m.text for m in store.read_recent("conv-alice")] == [SECRET]
+    assert store.read_context("sess-alice") == {"mood": SECRET}
+    store.close()
+    for needle in (SECRET, "conv-alice", "sess-alice", "mood"):
+        assert files_containing(tmp_path / "lmdb", needle.encode()) == [], needle
+    env = lmdb.open(str(tmp_path / "lmdb"), max_dbs=8, readonly=True)
+    with env.begin() as txn:
+        value = bytes(next(iter(txn.cursor(db=env.open_db(b"messages", txn=txn))))[1])
+    env.close()
+    flip_in_file(tmp_path / "lmdb" / "data.mdb", value[-24:])
+    store = LmdbBackend(tmp_path / "lmdb", encryption=ring)
+    store.open()
+    try:
+        with pytest.raises(IntegrityError):
+            store.read_recent("conv-alice")
+    finally:
+        store.close()
+
+
+# -- libSQL -----------------------------------------------------------------------------------------
+
+
+def _libsql(path: Path, ring: KeyRing) -> LibsqlBackend:
+    store = LibsqlBackend(path, encryption=ring)
+    store.open()
+    return store
+
+
+def _append_message(store: LibsqlBackend, log: Log, text: str) -> None:
+    outcomes, _ = apply_batch(store, [log("conversation.message.append.request", {
+        "conversation_id": "c1", "user_id": "u1", "role": "user", "text": text,
+        "message_id": "m1", "metadata": {"note": SECRET}})])
+    assert outcomes[0].status == "applied", outcomes
+
+
+def _search(store: LibsqlBackend, log: Log, query: str) -> Any:
+    return apply_batch(store, [log("memory.search.text.request", {"query": query})])[0][0]
+
+
+def test_libsql_file_encrypted_and_fts_works(tmp_path: Path, ring: KeyRing) -> None:
+    store = _libsql(tmp_path / "sql", ring)
+    log = Log()
+    _append_message(store, log, f"I saw a {SECRET} today")
+    assert _search(store, log, SECRET).status == "applied"
+    with store.transaction() as txn:
+        raw_meta = txn.one("SELECT metadata FROM messages WHERE id = 'm1'")[0]
+    assert SECRET not in raw_meta  # sealed inside the (also encrypted) file
+    store.close()
+    assert files_containing(tmp_path / "sql", SECRET.encode()) == []
+    assert files_containing(tmp_path / "sql", b"SQLite format 3") == []
+    store = _libsql(tmp_path / "sql", ring)
+    out = _search(store, log, SECRET)
+    store.close()
+    assert out.status == "applied"
+
+
+def test_libsql_flipped_byte_is_an_integrity_error(tmp_path: Path, ring: KeyRing) -> None:
+    store = _libsql(tmp_path / "sql", ring)
+    _append_message(store, Log(), SECRET)
+    store.close()
+    path = tmp_path / "sql" / "membus.db"
+    data = bytearray(path.read_bytes())
+    for page in range(1, len(data) // 4096):  # one byte in every page but the header page
+        data[page * 4096 + 2000] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        store = _libsql(tmp_path / "sql", ring)
+        try:
+            with store.transaction() as txn:
+                txn.all("SELECT * FROM messages")
+        finally:
+            store.close()
+
+
+def test_libsql_sealed_value_moved_or_altered_is_refused(tmp_path: Path, ring: KeyRing) -> None:
+    store = _libsql(tmp_path / "sql", ring)
+    log = Log()
+    _append_message(store, log, SECRET)
+    with store.transaction() as txn:  # a changed plaintext copy (what a flipped CBC block would give)
+        txn.execute("UPDATE messages SET text = 'something else' WHERE id = 'm1'")
+    out = apply_batch(store, [log("conversation.history.request", {"conversation_id": "c1"})])[0][0]
+    store.close()
+    assert out.status == "failed" and out.error is not None and out.error.code == "integrity"
+
+
+# -- ChromaDB ---------------------------------------------------------------------------------------
+
+
+def test_chroma_documents_metadata_and_tokens_sealed(tmp_path: Path, ring: KeyRing) -> None:
+    store = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(), encryption=ring)
+    store.open()
+    log = Log()
+    apply_batch(store, [log("semantic.index.request", {"collection": "memory", "id": "f1", "user_id": "alice",
+                                                       "text": f"the {SECRET} is yellow",
+                                                       "metadata": {"topic": "fruitbasket"}})])
+    hits = apply_batch(store, [log("memory.search.hybrid.request", {"query": SECRET, "user_id": "alice",
+                                                                    "where": {"topic": "fruitbasket"}})])
+    store.close()
+    assert hits[0][0].status == "applied"
+    for needle in (SECRET, "fruitbasket", "alice"):
+        assert files_containing(tmp_path / "chroma", needle.encode()) == [], needle
+
+
+def test_chroma_altered_document_is_refused(tmp_path: Path, ring: KeyRing) -> None:
+    store = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(), encryption=ring)
+    store.open()
+    log = Log()
+    apply_batch(store, [log("semantic.index.request", {"collection": "memory", "id": "f1", "user_id": "u1",
+                                                       "text": SECRET})])
+    stored = store.collection("memory").get(ids=["f1"], include=["documents"])["documents"][0]
+    altered = stored[:30] + ("A" if stored[30] != "A" else "B") + stored[31:]
+    store.collection("memory").update(ids=["f1"], documents=[altered])
+    out = apply_batch(store, [log("memory.search.semantic.request", {"query": SECRET})])[0][0]
+    store.close()
+    assert out.status == "failed" and out.error is not None and out.error.code == "integrity"
+
+
+def test_chroma_sidecar_outbox_tamper_is_refused(tmp_path: Path, ring: KeyRing) -> None:
+    store = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(), encryption=ring)
+    store.open()
+    with store.transaction() as txn:
+        store.outbox_add(txn, 7, [SECRET.encode()])
+    assert store.outbox_pending() == [(7, [SECRET.encode()])]
+    (blob,) = store.conn.execute("SELECT items FROM outbox").fetchone()
+    store.conn.execute("UPDATE outbox SET items = ?", (blob[:-1] + bytes([blob[-1] ^ 1]),))
+    try:
+        with pytest.raises(IntegrityError):
+            store.outbox_pending()
+    finally:
+        store.close()
+
+
+# -- DuckDB -----------------------------------------------------------------------------------------
+
+
+def test_duckdb_keeps_analytics_in_memory_when_encrypted(tmp_path: Path, ring: KeyRing) -> None:
+    store = DuckdbBackend(tmp_path / "duck", encryption=ring)
+    store.open()
+    log = Log()
+    apply_batch(store, [log("conversation.message.changed", {
+        "op": "created", "message_id": "m1", "conversation_id": "c1", "user_id": "u1", "role": "user",
+        "text": SECRET, "created_at": 1735689600.0, "timestamp": "2025-01-01T00:00:00Z"})])
+    assert store.load_position() == 1
+    store.close()
+    assert files_containing(tmp_path / "duck", SECRET.encode()) == []
+    again = DuckdbBackend(tmp_path / "duck", encryption=ring)
+    again.open()
+    assert again.load_position() == 0  # rebuilt from the log at start: the broker replays from seq 1
+    again.close()
+
+
+# -- the whole system -------------------------------------------------------------------------------
+
+
+def test_system_home_holds_no_plaintext(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {"MEMBUS_EMBEDDING_MODEL": "hash"}
+    with System(home, worker_env=env) as system:
+        for name in ("libsql", "lmdb", "duckdb", "chroma"):
+            system.worker(name)
+        bus = system.bus
+        bus.request("conversation.message.append.request", {
+            "conversation_id": "c1", "user_id": "u1", "role": "user", "text": f"my {SECRET} story"})
+        recent = bus.request("working.recent.request", {"conversation_id": "c1"}).payload
+        assert SECRET in recent.messages[0].text
+        hits = bus.request("memory.search.text.request", {"query": SECRET}).payload
+        assert any(SECRET in h.text for h in hits.hits)
+        deadline = time.monotonic() + 60
+        while True:  # chroma follows the change event
+            sem = bus.request("memory.search.hybrid.request", {"query": SECRET, "collection": "conversation"})
+            if sem.payload.hits or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert SECRET in sem.payload.hits[0].text
+    found = subprocess.run(["grep", "-rl", SECRET, str(home)], capture_output=True, text=True)
+    assert found.stdout == "", found.stdout
+    assert found.returncode == 1
+    assert keys.metadata_path(home).exists()
+    assert Home(home).settings().encryption
+
+
+def test_log_reseal_after_rotation_and_of_plaintext_records(tmp_path: Path) -> None:
+    keyhome = tmp_path / "keyhome"
+    keys.init(keyhome, None)
+    log = _log(tmp_path / "log", None)
+    plain_seq = _append(log, "before encryption")
+    log.close()
+    log = _log(tmp_path / "log", keys.load_master_key(keyhome).keyring("log"))
+    sealed_seq = _append(log, SECRET)
+    log.close()
+    rotation = keys.rotate(keyhome)
+    log = _log(tmp_path / "log", rotation.new.keyring("log"))
+    assert log.reseal(batch=1) == 2
+    assert SECRET.encode() in log.get(sealed_seq).body  # type: ignore[union-attr]
+    assert b"before encryption" in log.get(plain_seq).body  # type: ignore[union-attr]
+    log.close()
+    old_only = _log(tmp_path / "log", rotation.old.keyring("log"))
+    for seq in (plain_seq, sealed_seq):
+        with pytest.raises(IntegrityError) as caught:
+            old_only.get(seq)
+        assert caught.value.fields["check"] == "key_id"
+    old_only.close()

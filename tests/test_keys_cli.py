@@ -1,0 +1,110 @@
+"""`membus keys init|status|change-passphrase|rotate`, and a rotation proven on a home with data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import keyring
+import keyring.backends.fail
+import pytest
+from typer.testing import CliRunner
+
+from bus import keys
+from bus.cli import app
+from bus.home import Home
+from bus.keys import Argon2Params
+from bus.log import EventLog
+from bus.sealing import KeyRingCipher
+from contracts.errors import IntegrityError
+from tests.workers_util import System
+from workers.libsql import DB_FILE, connect, file_key
+
+runner = CliRunner()
+SECRET = "quokkamarmalade"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    for name in (keys.ENV_PASSPHRASE, keys.ENV_PASSPHRASE_FILE, keys.ENV_KEY_FILE, keys.ENV_KEY_FD,
+                 "MEMBUS_ENCRYPTION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    before = keyring.get_keyring()
+    keyring.set_keyring(keyring.backends.fail.Keyring())  # type: ignore[no-untyped-call]
+    yield
+    keyring.set_keyring(before)
+
+
+def test_init_without_passphrase_then_status(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    done = runner.invoke(app, ["keys", "init", "--no-passphrase", "--home", str(home)])
+    assert done.exit_code == 0, done.output
+    assert "key-file" in done.output
+    status = runner.invoke(app, ["keys", "status", "--json", "--home", str(home)])
+    report = json.loads(status.stdout)
+    assert report["source"] == "key-file" and report["generation"] == 1 and report["encryption"] is True
+    again = runner.invoke(app, ["keys", "init", "--no-passphrase", "--home", str(home)])
+    assert again.exit_code == 1 and "already has keys" in again.output
+
+
+def test_change_passphrase_keeps_the_master_key(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    before = keys.init(home, "old secret", params=Argon2Params(64, 1, 1), remember=False)
+    done = runner.invoke(app, ["keys", "change-passphrase", "--home", str(home)],
+                         input="old secret\nnew secret\nnew secret\n")
+    assert done.exit_code == 0, done.output
+    after = keys.load_master_key(home, passphrase="new secret")
+    assert (after.key, after.key_id) == (before.key, before.key_id)
+    wrong = runner.invoke(app, ["keys", "change-passphrase", "--home", str(home)],
+                          input="old secret\nx\nx\n")
+    assert wrong.exit_code == 4
+
+
+def test_rotate_refuses_while_the_broker_runs(tmp_path: Path) -> None:
+    with System(tmp_path / "home") as system:
+        done = runner.invoke(app, ["keys", "rotate", "--home", str(system.home)])
+    assert done.exit_code == 1 and "stop membus first" in done.output
+
+
+def test_rotate_reencrypts_everything_readable_after_and_not_with_the_old_key(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with System(home) as system:
+        system.worker("libsql")
+        system.worker("lmdb")
+        system.bus.request("conversation.message.append.request", {
+            "conversation_id": "c1", "user_id": "u1", "role": "user", "text": f"a {SECRET} jar",
+            "message_id": "m1", "metadata": {"note": SECRET}})
+        assert system.bus.request("working.recent.request", {"conversation_id": "c1"}).payload.messages
+    old = keys.load_master_key(home)
+
+    done = runner.invoke(app, ["keys", "rotate", "--home", str(home)])
+    assert done.exit_code == 0, done.output
+    assert "rebuilt from the log at next start: lmdb" in done.output
+    new = keys.load_master_key(home)
+    assert new.generation == old.generation + 1
+
+    # the old key alone opens nothing: the log, the libSQL file
+    event_log = EventLog(Home(home).log_dir, cipher=KeyRingCipher(old.keyring(keys.LOG_LABEL)))
+    event_log.open()
+    try:
+        with pytest.raises(IntegrityError):
+            event_log.get(1)
+    finally:
+        event_log.close()
+    with pytest.raises(ValueError, match="not a database"):
+        conn = connect(Home(home).data_dir("libsql") / DB_FILE, file_key(old.keyring("store:libsql")))
+        conn.execute("SELECT count(*) FROM messages").fetchall()
+
+    # everything is readable with the new generation, and the rebuilt store has the message again
+    with System(home) as system:
+        system.worker("libsql")
+        system.worker("lmdb")
+        history = system.bus.request("conversation.history.request", {"conversation_id": "c1"}).payload
+        assert [m.text for m in history.messages] == [f"a {SECRET} jar"]
+        assert history.messages[0].metadata == {"note": SECRET}
+        recent = system.bus.request("working.recent.request", {"conversation_id": "c1"}).payload
+        assert [m.text for m in recent.messages] == [f"a {SECRET} jar"]
+        hits = system.bus.request("memory.search.text.request", {"query": SECRET}).payload
+        assert [h.id for h in hits.hits] == ["m1"]
