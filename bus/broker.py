@@ -463,9 +463,8 @@ class Broker:
 
     def _remember(self, envs: list[Envelope], bodies: list[bytes]) -> None:
         tail = self.tail
-        for env, body in zip(envs, bodies, strict=True):
-            tail.append((env.seq, env.topic, body))
-            self._tail_bytes += len(body)
+        tail.extend([(env.seq, env.topic, body) for env, body in zip(envs, bodies, strict=True)])
+        self._tail_bytes += sum(map(len, bodies))
         while self._tail_bytes > self.settings.tail_cache_bytes and tail:
             self._tail_bytes -= len(tail.popleft()[2])
 

@@ -48,6 +48,10 @@ def _peer_label(r: dict[str, Any]) -> str:
     return f"NATS JetStream (sync {r['sync']})"
 
 
+def _short(r: dict[str, Any]) -> str:
+    return f"Redis {r['fsync']}" if r["system"] == "redis" else f"JetStream {r['sync']}"
+
+
 def _peer_publish(result: dict[str, Any], publishers: int) -> list[dict[str, Any]]:
     return [r for r in result.get("peers", {}).get("publish", []) if r["publishers"] == publishers]
 
@@ -107,24 +111,23 @@ def draw(result: dict[str, Any], img: Path) -> list[str]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     bars = [("membus lmdb", m.get("store_pipeline_lmdb", {}).get("req_per_s")),
             ("membus libsql", m.get("store_pipeline_libsql", {}).get("req_per_s"))]
-    bars += [(_peer_label(r), r["req_per_s"]) for r in _peer_pipelines(result, "max_throughput")]
+    bars += [(_short(r), r["req_per_s"]) for r in _peer_pipelines(result, "max_throughput")]
     a1.bar(range(len(bars)), [b[1] or 0 for b in bars], color="#2f855a")
-    a1.set_xticks(range(len(bars)), [b[0].replace(" (", "\n(") for b in bars], fontsize=7)
+    a1.set_xticks(range(len(bars)), [b[0].replace(" ", "\n", 1) for b in bars], fontsize=7)
     a1.set_ylabel("requests/s (request -> store -> completion)")
     a1.set_title("Store pipeline throughput")
     lat = []
     for rate in (1000, 10_000):
         r = m.get(f"store_latency_lmdb_{rate}")
         if r:
-            lat.append((f"membus\n{rate // 1000}k/s", r.get("p50_ms"), r.get("p99_ms")))
+            lat.append((f"membus lmdb {rate // 1000}k/s", r.get("p50_ms"), r.get("p99_ms")))
         for p in _peer_pipelines(result, "fixed_rate", float(rate)):
-            short = "Redis " + p["fsync"] if p["system"] == "redis" else "JS " + p["sync"]
-            lat.append((f"{short}\n{rate // 1000}k/s", p["latency"].get("p50_ms"), p["latency"].get("p99_ms")))
+            lat.append((f"{_short(p)} {rate // 1000}k/s", p["latency"].get("p50_ms"), p["latency"].get("p99_ms")))
     xs = range(len(lat))
     a2.bar([x - 0.2 for x in xs], [v[1] or 0 for v in lat], 0.4, label="p50", color="#dd6b20")
     a2.bar([x + 0.2 for x in xs], [v[2] or 0 for v in lat], 0.4, label="p99", color="#fbd38d")
     a2.set_yscale("log")
-    a2.set_xticks(list(xs), [v[0] for v in lat], fontsize=6)
+    a2.set_xticks(list(xs), [v[0] for v in lat], fontsize=7, rotation=40, ha="right")
     a2.set_ylabel("ms (log scale)")
     a2.set_title("Store pipeline latency at fixed offered rates")
     a2.legend(fontsize=8)
@@ -157,7 +160,8 @@ def draw(result: dict[str, Any], img: Path) -> list[str]:
         ax2.set_ylabel("awaited publish latency, ms", color="#c53030")
         ax2.set_ylim(bottom=0)
         ax.set_title(f"Durable publish as the log grows to {sc['target_events']:,} events")
-        fig.legend(loc="lower left", fontsize=8)
+        lines = ax.get_lines() + ax2.get_lines()
+        ax.legend(lines, [str(line.get_label()) for line in lines], loc="lower right", fontsize=8)
         save(fig, "bench-scaling.png")
 
     # latency as the offered load rises

@@ -339,21 +339,23 @@ SEARCHES = {
 
 
 def search_latency(home: Path, count: int) -> dict[str, Any]:
-    """Sequential requests through the bus, each variant over the same varied queries, after a warm-up."""
+    """Sequential requests through the bus after a warm-up; the variants take turns on each query, so a
+    slow spell of the machine hits them all alike."""
     asked = queries(count)
-    out: dict[str, Any] = {}
+    lat: dict[str, list[float]] = {name: [] for name in SEARCHES}
+    hits = dict.fromkeys(SEARCHES, 0)
     with worker(home, "chroma"), Bus.connect(home, module="bench-search") as bus:
-        for q in queries(20, seed=SEED - 2):
-            bus.request("memory.search.hybrid.request", {"query": q}, timeout=120)
-        for name, (topic, extra) in SEARCHES.items():
-            lat, hits = [], 0
-            for q in asked:
+        for q in queries(10, seed=SEED - 2):
+            for topic, extra in SEARCHES.values():
+                bus.request(topic, {"query": q, **extra}, timeout=120)
+        for q in asked:
+            for name, (topic, extra) in SEARCHES.items():
                 t = time.perf_counter()
                 reply = bus.request(topic, {"query": q, "k": 5, **extra}, timeout=120)
-                lat.append(time.perf_counter() - t)
-                hits += len(reply.payload.hits)
-            out[name] = {"queries": count, "hits_per_query": hits / count, **bench_raw.latency_summary(lat)}
-    return out
+                lat[name].append(time.perf_counter() - t)
+                hits[name] += len(reply.payload.hits)
+    return {name: {"queries": count, "hits_per_query": hits[name] / count,
+                   **bench_raw.latency_summary(lat[name])} for name in SEARCHES}
 
 
 def breakdown(home: Path, embedder: ModelEmbedder, count: int) -> dict[str, Any]:
@@ -363,7 +365,7 @@ def breakdown(home: Path, embedder: ModelEmbedder, count: int) -> dict[str, Any]
 
     backend = chroma_backend(home, embedder)
     try:
-        steps = ("embed_query", "chroma_query", "bm25", "hybrid_total")
+        steps = ("embed_query", "chroma_query", "bm25", "bm25_user", "hybrid_total")
         parts: dict[str, list[float]] = {k: [] for k in steps}
         postings: list[int] = []
         coll = backend.collection("memory")
@@ -380,6 +382,9 @@ def breakdown(home: Path, embedder: ModelEmbedder, count: int) -> dict[str, Any]
             t = time.perf_counter()
             backend.bm25.search("memory", q, 50)
             parts["bm25"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            backend.bm25.search("memory", q, 50, "u3")
+            parts["bm25_user"].append(time.perf_counter() - t)
             t = time.perf_counter()
             backend.hybrid_search(sem.HybridSearch(query=q))
             parts["hybrid_total"].append(time.perf_counter() - t)
@@ -487,7 +492,10 @@ def analytics(count: int) -> dict[str, Any]:
 # -- the run ------------------------------------------------------------------------------------------
 
 
-def run(quick: bool) -> dict[str, Any]:
+PARTS = ("indexing", "search", "analytics")
+
+
+def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     import torch
 
     from workers.embedding import DEFAULT_MODEL, pick_device
@@ -505,10 +513,15 @@ def run(quick: bool) -> dict[str, Any]:
     _step("loading the model")
     model = raw_model()
     index_count = 300 if quick else 2000
-    out["indexing"], pool = indexing(model, index_count, 1 if quick else 3)
-    sizes = [1000, 5000] if quick else [10_000, 100_000]
-    out["search"] = search(model, pool, sizes, 20 if quick else 200)
-    out["analytics"] = analytics(5000 if quick else 100_000)
+    if "indexing" in parts:
+        out["indexing"], pool = indexing(model, index_count, 1 if quick else 3)
+    else:
+        pool = raw_encode(model, sentences(index_count))[1]
+    if "search" in parts:
+        sizes = [1000, 5000] if quick else [10_000, 100_000]
+        out["search"] = search(model, pool, sizes, 20 if quick else 200)
+    if "analytics" in parts:
+        out["analytics"] = analytics(5000 if quick else 100_000)
     out["seconds"] = time.perf_counter() - t0
     out["machine"]["load_average_at_end"] = os.getloadavg()
     return out
@@ -518,8 +531,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, one round (a smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: docs/ for a full run)")
+    ap.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
     args = ap.parse_args()
-    result = run(args.quick)
+    result = run(args.quick, tuple(args.only or PARTS))
     default = Path(tempfile.gettempdir()) / "membus-benchmarks-stores-quick.json" if args.quick \
         else ROOT / "docs" / "benchmarks-stores.json"
     out = args.out or default
