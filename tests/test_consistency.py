@@ -172,7 +172,7 @@ def test_rebuild_of_each_store_gives_the_same_answers_and_no_duplicate_messages(
                 result = rebuild(s.bus, Home(home), store, timeout=240.0)
                 assert result.position > 0 and result.stopped_pid == s.workers[store].proc.pid  # type: ignore[union-attr]
             # the worker was stopped for the rebuild (it releases its store lock just before it exits)
-            wait_until(lambda: not s.workers[store].alive, timeout=30, what=f"{store} worker exited")
+            wait_until(lambda w=s.workers[store]: not w.alive, timeout=30, what=f"{store} worker exited")
             s.worker(store)
             assert answers(s.bus, store) == before, store
             # Replayed requests republish their replies and change events under the same ids: stored once.
