@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -333,14 +334,18 @@ def confirm(bus: Any, found: list[Difference], timeout: float) -> list[Differenc
 # -- who may open a store -------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS, Windows): kill(0) said it exists
+        return True
 
 
 def _read_pid(path: Any) -> int | None:
@@ -416,7 +421,7 @@ def rebuild_flag(home: Home, name: str) -> Any:
 def rebuilding(home: Home, name: str) -> bool:
     """Whether a live process is rebuilding the store ``name`` (a flag left by a dead one is ignored)."""
     pid = _read_pid(rebuild_flag(home, name))
-    return pid is not None and pid != os.getpid() and _alive(pid)
+    return pid is not None and pid != os.getpid() and pid_alive(pid)
 
 
 def hold_store(home: Home, name: str, should_stop: Callable[[], bool]) -> StoreLock | None:
@@ -465,7 +470,7 @@ def stop_worker(home: Home, name: str, lock: StoreLock, timeout: float) -> int |
     signalled: int | None = None
     while not lock.try_acquire():
         pid = lock.holder()
-        if pid is not None and pid != signalled and _alive(pid):
+        if pid is not None and pid != signalled and pid_alive(pid):
             log.info("rebuild.stopping_worker", worker=name, pid=pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

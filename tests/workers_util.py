@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bus.client import Bus
+from bus.consistency import pid_alive
 from bus.home import Home
 from bus.message import Message
 from tests.conftest import BrokerProcess, wait_until
@@ -179,17 +180,6 @@ class System:
         self.close()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return True
 
 
 class UpProcess:
