@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import msgspec
 import structlog
 import zmq
@@ -28,9 +29,10 @@ import zmq
 from bus import protocol as P
 from bus.auth import ModuleAuthenticator
 from bus.home import Home, Settings
-from bus.log import EventLog, Record, Rejected
+from bus.log import EventLog, Prepared, Record, Rejected
 from bus.permissions import Permissions
 from bus.sealing import log_cipher
+from bus.writer import LogWriter
 from contracts.envelope import DECODE_ERRORS, Envelope, decode_batch, decode_envelope, make_envelope
 from contracts.errors import BusError, NotAuthorized
 from contracts.ids import new_id
@@ -55,6 +57,10 @@ class Client:
     groups: set[str] = field(default_factory=set)
 
 
+_Pubs = list[tuple["Client | None", bytes, list[Envelope]]]
+"""Publishes drained in one turn: (client, its batch id, envelopes); client None for the broker's own."""
+
+
 @dataclass
 class LiveSub:
     sub_id: bytes
@@ -65,9 +71,10 @@ class LiveSub:
 
 @dataclass(slots=True)
 class Inflight:
+    """Shared by every message of one DELIVER frame."""
+
     rid: bytes
     deadline: float
-    attempt: int
 
 
 @dataclass
@@ -113,6 +120,7 @@ class Broker:
         self.home = home
         self.settings = settings or home.settings()
         self.log = EventLog(home.log_dir, map_size=self.settings.log_map_size,
+                            max_map_size=self.settings.log_max_size,
                             cipher=log_cipher(home.path, self.settings.encryption))
         self.clients: dict[bytes, Client] = {}
         self.inboxes: dict[str, bytes] = {}
@@ -127,6 +135,8 @@ class Broker:
         self._denied_recently: dict[tuple[str, str, str], float] = {}
         self._audit: list[dict[str, Any]] = []
         self._publish_grants: dict[tuple[str, str], bool] = {}
+        self._committing: deque[tuple[Prepared, _Pubs]] = deque()
+        """Batches handed to the log writer, in order, with the publishes they answer."""
         self.tail: deque[tuple[int, str, bytes]] = deque()
         self._tail_bytes = 0
         """The newest records (seq, topic, plaintext envelope): groups that keep up never read the log."""
@@ -136,6 +146,7 @@ class Broker:
     def start(self) -> None:
         self.home.ensure()
         self.log.open()
+        self.writer = LogWriter(self.log)
         for name, state in self.log.load_groups().items():
             floor = int(state.get("floor", 0))
             self.groups[name] = Group(name, tuple(state.get("patterns", ())), floor + 1,
@@ -176,8 +187,14 @@ class Broker:
         self._stop = True
 
     def close(self) -> None:
+        if not self.writer.wait_idle(30):
+            log.error("broker.writer_busy_at_close")
+        self._on_reports()  # publishes the last commits' acks
+        self.writer.close()
         with contextlib.suppress(BusError):
-            self._save_groups(force=True)
+            states = {g.name: g.state() for g in self.groups.values()}
+            if states:
+                self.log.append([], groups=states)
         self.sock.close(linger=0)
         self.auth.stop()
         self.ctx.term()
@@ -190,11 +207,13 @@ class Broker:
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.writer.fileno(), zmq.POLLIN)
         next_tick = 0.0
         while not self._stop:
             now = time.monotonic()
             timeout = max(0.0, min(next_tick - now, 0.1))
             if poller.poll(int(timeout * 1000)):
+                self._on_reports()
                 self._drain()
             self._pump_groups()
             now = time.monotonic()
@@ -205,7 +224,7 @@ class Broker:
     # -- receiving -------------------------------------------------------------------------------
 
     def _drain(self) -> None:
-        pubs: list[tuple[Client, bytes, list[Envelope]]] = []
+        pubs: _Pubs = []
         for _ in range(_DRAIN):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -219,7 +238,7 @@ class Broker:
         if pubs:
             self._publish(pubs)
 
-    def _handle(self, frames: list[zmq.Frame], pubs: list[tuple[Client, bytes, list[Envelope]]]) -> None:
+    def _handle(self, frames: list[zmq.Frame], pubs: _Pubs) -> None:
         rid = frames[0].bytes
         if len(frames) < 2:
             self._malformed(rid, b"", "empty message")
@@ -319,7 +338,7 @@ class Broker:
     # -- publishing ------------------------------------------------------------------------------
 
     def _receive_pub(self, client: Client, frames: list[zmq.Frame],
-                     pubs: list[tuple[Client, bytes, list[Envelope]]]) -> None:
+                     pubs: _Pubs) -> None:
         batch_id = frames[2].bytes
         body = frames[3]
         if len(body) > self.max_frame:
@@ -388,52 +407,87 @@ class Broker:
         for ev in events:
             self.publish_internal("security.access.denied", ev)
 
-    def _publish(self, pubs: list[tuple[Client, bytes, list[Envelope]]]) -> None:
+    def _publish(self, pubs: _Pubs) -> None:
+        """Prepares the drained publishes as one batch and hands it to the writer; _landed answers them."""
         flat = [env for _, _, envs in pubs for env in envs]
-        first = self.log.head + 1
-        results = self._append(flat)
+        self._publish_grants.clear()
+        try:
+            batch = self.log.prepare(flat, self._check, self._dirty_group_states())
+        except Exception as exc:  # a read of the log failed: refuse this batch, keep serving
+            log.exception("log.prepare_failed", error=repr(exc))
+            self._refuse(pubs, exc)
+            return
+        self._committing.append((batch, pubs))
+        self.writer.submit(batch)
+        if self._audit:
+            self._flush_audit()
+
+    def _on_reports(self) -> None:
+        for report in self.writer.reports():
+            if report.error is None:
+                self.log.committed(report.batches)
+                for batch in report.batches:
+                    self._landed(batch)
+            else:
+                self._write_failed(report.batches, report.error)
+
+    def _landed(self, batch: Prepared) -> None:
+        """A batch is durable: acknowledge its publishers, then hand its records to subscribers and inboxes."""
+        done, pubs = self._committing.popleft()
+        assert done is batch, "the writer reports batches in the order they were submitted"
+        results = batch.results
         i = 0
         for client, batch_id, envs in pubs:
             out: list[Any] = []
             for _ in envs:
                 r = results[i]
                 i += 1
-                out.append(r if isinstance(r, int) else [r.code, r.message])
-            self._send(client.rid, P.PUBACK, batch_id, P.pack(out))
-        self.counters["published"] += sum(1 for r in results if isinstance(r, int))
-        fresh = [env for env in flat if env.seq >= first]
-        if fresh:
-            self._fan_out(fresh)
-        if self._audit:
-            self._flush_audit()
+                out.append(r if r.__class__ is int else [r.code, r.message])  # type: ignore[union-attr]
+            if client is not None:
+                self._send(client.rid, P.PUBACK, batch_id, P.pack(out))
+        for name, state in batch.groups.items():
+            group = self.groups.get(name)
+            if group is not None:
+                group.saved_floor = int(state["floor"])
+        if batch.last < batch.first:
+            return
+        self.counters["published"] += batch.last - batch.first + 1
+        fresh = [env for _, _, envs in pubs for env in envs if env.seq >= batch.first]
+        self._remember(fresh, batch.bodies)
+        self._fan_out(fresh)
 
-    def _append(self, envs: list[Envelope]) -> list[int | Rejected]:
-        groups = self._dirty_group_states()
-        first = self.log.head + 1
-        self._publish_grants.clear()
-        try:
-            results = self.log.append(envs, groups=groups, check=self._check)
-        except BusError as exc:
-            log.error("log.append_failed", error=exc.message)
-            return [Rejected(exc.code, exc.message) for _ in envs]
-        if self.log.last_bodies:
-            self._remember([e for e in envs if e.seq >= first], self.log.last_bodies)
-        for g in self.groups.values():
-            if g.name in groups:
-                g.saved_floor = int(groups[g.name]["floor"])
-        return results
+    def _write_failed(self, batches: list[Prepared], error: BaseException) -> None:
+        if isinstance(error, lmdb.MapFullError):
+            try:
+                self.log.grow()
+                self.writer.resume(batches)
+                return
+            except BusError as exc:
+                error = exc
+        log.error("log.write_failed", error=repr(error), batches=len(self._committing))
+        self.log.abandon()
+        self.writer.resume([], drop_queued=True)
+        committing, self._committing = self._committing, deque()
+        for _, pubs in committing:
+            self._refuse(pubs, error)
+
+    def _refuse(self, pubs: _Pubs, error: BaseException) -> None:
+        code = error.code if isinstance(error, BusError) else "store_error"
+        message = error.message if isinstance(error, BusError) else f"the log could not be written: {error!r}"
+        for client, batch_id, envs in pubs:
+            if client is not None:
+                self._send(client.rid, P.PUBACK, batch_id, P.pack([[code, message] for _ in envs]))
 
     def publish_internal(self, topic: str, payload: Any, *, correlation_id: str = "", recipient: str = "",
                          causation_id: str = "") -> int:
+        """Logs a message of the broker's own (dead letters, audit events); returns its seq (0 if refused)."""
         env = make_envelope(topic, encode_payload(topic, payload), correlation_id=correlation_id,
                             causation_id=causation_id, recipient=recipient)
         env.source = "broker"
-        result = self._append([env])[0]
-        if isinstance(result, int):
-            self._fan_out([env])
-            return result
-        log.error("broker.internal_publish_failed", topic=topic, error=result.message)
-        return 0
+        self._publish([(None, b"", [env])])
+        if not env.seq:
+            log.error("broker.internal_publish_failed", topic=topic)
+        return env.seq
 
     def _fan_out(self, envs: list[Envelope]) -> None:
         """Live subscribers and inboxes get the new records at once; groups pull them in _pump_groups."""
@@ -589,6 +643,7 @@ class Broker:
         if attempts >= group.max_attempts:
             self._dead_letter(group, seq, attempts, reason)
             return
+        group.attempts[seq] = attempts
         heapq.heappush(group.redeliver, (due, seq))
 
     def _dead_letter(self, group: Group, seq: int, attempts: int, reason: str) -> None:
@@ -655,35 +710,50 @@ class Broker:
             self._groups_dirty = True
         if not picked:
             return
-        by_member: dict[bytes, list[Any]] = defaultdict(list)
-        members = [rid for rid, c in group.members.items() if c > 0]
-        mi = 0
-        for seq, known in picked:
-            if known is None:
-                rec = self.log.get(seq)
-                if rec is None:
-                    continue
-                known = rec.body
-            while group.members[members[mi % len(members)]] <= 0:
-                mi += 1
-            rid = members[mi % len(members)]
-            group.members[rid] -= 1
-            attempt = group.attempts.get(seq, 0) + 1
-            group.attempts[seq] = attempt
-            group.inflight[seq] = Inflight(rid, now + group.ack_timeout, attempt)
-            by_member[rid].append([attempt, _Raw(known)])
-            mi += 1
-        for rid, items in by_member.items():
-            outcome = self._try_send(rid, P.DELIVER, group.name.encode(), P.pack(items))
+        self._hand_out(group, picked, now)
+
+    def _hand_out(self, group: Group, picked: list[tuple[int, bytes | None]], now: float) -> None:
+        """Splits ``picked`` evenly over the members with credit, one DELIVER frame each.
+
+        A first delivery leaves ``attempts`` alone (absent means one): only redeliveries write to it.
+        """
+        members = [(rid, c) for rid, c in group.members.items() if c > 0]
+        inflight, attempts, name = group.inflight, group.attempts, group.name.encode()
+        start = 0
+        for n, (rid, credit) in enumerate(members):
+            if start >= len(picked):
+                break
+            share = -(-(len(picked) - start) // (len(members) - n))
+            chunk = picked[start:start + min(credit, share)]
+            start += len(chunk)
+            entry = Inflight(rid, now + group.ack_timeout)
+            seqs: list[int] = []
+            items: list[Any] = []
+            for seq, known in chunk:
+                if known is None:
+                    rec = self.log.get(seq)
+                    if rec is None:
+                        continue
+                    known = rec.body
+                attempt = attempts.get(seq, 0) + 1
+                if attempt > 1:
+                    attempts[seq] = attempt
+                inflight[seq] = entry
+                seqs.append(seq)
+                items.append([attempt, _Raw(known)])
+            if not items:
+                continue
+            outcome = self._try_send(rid, P.DELIVER, name, P.pack(items))
             if outcome == "sent":
+                group.members[rid] = credit - len(items)
                 group.delivered += len(items)
                 continue
             # Not delivered: not an attempt. Put them back first in line, in order.
-            for seq in sorted(group.attempts.keys() & {s for s, _ in picked}):
-                if group.inflight.get(seq) is not None and group.inflight[seq].rid == rid:
-                    del group.inflight[seq]
-                    group.attempts[seq] -= 1
-                    heapq.heappush(group.redeliver, (now, seq))
+            for seq in seqs:
+                del inflight[seq]
+                if seq in attempts:
+                    attempts[seq] -= 1
+                heapq.heappush(group.redeliver, (now, seq))
             if outcome == "gone":
                 client = self.clients.get(rid)
                 if client is not None:
@@ -726,13 +796,14 @@ class Broker:
                 out[g.name] = g.state()
         return out
 
-    def _save_groups(self, force: bool = False) -> None:
+    def _save_groups(self) -> None:
+        """Group positions ride along with the next commit; with nothing to publish, they are a commit alone."""
         self._groups_dirty = False
-        states = {g.name: g.state() for g in self.groups.values()} if force else self._dirty_group_states()
+        states = self._dirty_group_states()
         if states:
-            self.log.save_groups(states)
-            for name, st in states.items():
-                self.groups[name].saved_floor = int(st["floor"])
+            batch = self.log.prepare([], groups=states)
+            self._committing.append((batch, []))
+            self.writer.submit(batch)
 
     def _drop_client(self, client: Client, reason: str, *, requeue: bool = True) -> None:
         self.clients.pop(client.rid, None)

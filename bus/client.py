@@ -28,7 +28,7 @@ from bus import protocol as P
 from bus.connection import Connection, GroupState, LiveState, Pending, decode_replayed
 from bus.home import Home
 from bus.message import Delivery, Message
-from contracts.envelope import Envelope, encode_envelope, make_envelope
+from contracts.envelope import Envelope, encode_envelope, encode_new, make_envelope
 from contracts.errors import BusError, ConnectionError, TimeoutError, error_from_wire
 from contracts.registry import encode_payload
 from contracts.topics import FAILED, check_pattern, check_topic
@@ -134,9 +134,9 @@ class Bus:
                        timeout: float = 30.0) -> Pending:
         """Queues a publish; ``.result()`` of what it returns is the seq once the message is durable."""
         check_topic(topic)
-        env = make_envelope(topic, encode_payload(topic, payload), correlation_id=correlation_id,
-                            causation_id=causation_id, headers=headers, message_id=message_id)
-        return self._conn.submit_publish(encode_envelope(env), timeout)
+        _, data = encode_new(topic, encode_payload(topic, payload), correlation_id=correlation_id,
+                             causation_id=causation_id, headers=headers, message_id=message_id)
+        return self._conn.submit_publish(data, timeout)
 
     def publish(self, topic: str, payload: Any, *, correlation_id: str = "", causation_id: str = "",
                 headers: dict[str, str] | None = None, message_id: str | None = None,
@@ -156,9 +156,11 @@ class Bus:
 
         Use ``reply_message(envelope)`` to turn it into a Message, raising a ``.failed`` reply's error.
         """
-        env = build_request(topic, payload, self._conn.inbox, correlation_id, headers, None)
-        waiter = self._conn.await_reply(env.id)
-        self._conn.submit_publish(encode_envelope(env), timeout)
+        check_topic(topic)
+        mid, data = encode_new(topic, encode_payload(topic, payload), correlation_id=correlation_id,
+                               reply_to=self._conn.inbox, headers=headers)
+        waiter = self._conn.await_reply(mid)
+        self._conn.submit_publish(data, timeout)
         return waiter
 
     def request(self, topic: str, payload: Any, *, timeout: float = 10.0, correlation_id: str = "",

@@ -88,11 +88,20 @@ class Pending:
         return self.value
 
 
-@dataclass(slots=True)
-class _PubItem:
-    data: bytes
-    pending: Pending
-    deadline: float
+class _PubItem(Pending):
+    """A queued publish is its own Pending: one object per message."""
+
+    __slots__ = ("data", "deadline")
+
+    def __init__(self, cond: threading.Condition, data: bytes, deadline: float) -> None:
+        # Pending.__init__ inlined: one of these is made per published message
+        self._cond = cond
+        self.done = False
+        self.value = None
+        self.error = None
+        self._callbacks = None
+        self.data = data
+        self.deadline = deadline
 
 
 @dataclass
@@ -195,10 +204,10 @@ class Connection(threading.Thread):
 
     def submit_publish(self, data: bytes, timeout: float) -> Pending:
         self._check_usable()
-        pending = Pending(self.cond)
-        self._pubq.append(_PubItem(data, pending, time.monotonic() + timeout))
+        item = _PubItem(self.cond, data, time.monotonic() + timeout)
+        self._pubq.append(item)
         self._wake()
-        return pending
+        return item
 
     def request(self, build: Callable[[int], list[bytes]]) -> Pending:
         """Sends the frames ``build(request_id)`` returns and waits for the answer with that id."""
@@ -337,10 +346,10 @@ class Connection(threading.Thread):
 
     def _fail_all(self, err: BusError) -> None:
         with self.cond:
-            items: list[Pending] = [i.pending for i in self._pubq]
+            items: list[Pending] = list(self._pubq)
             self._pubq.clear()
             for b in self._batches.values():
-                items.extend(i.pending for i in b.items)
+                items.extend(b.items)
             self._batches.clear()
             items.extend(self._requests.values())
             self._requests.clear()
@@ -363,7 +372,7 @@ class Connection(threading.Thread):
                 item = q.popleft()
                 items.append(item)
                 size += len(item.data)
-            frame = _array_header(len(items)) + b"".join(i.data for i in items)
+            frame = _array_header(len(items)) + b"".join([i.data for i in items])
             bid = self._new_id()
             self._batches[bid] = _Batch(items, frame, time.monotonic())
             self._send([P.PUB, P.pack_id(bid), frame])
@@ -374,11 +383,13 @@ class Connection(threading.Thread):
             return  # an answer to a resend we already had
         with self.cond:
             for item, r in zip(batch.items, results, strict=False):
-                if isinstance(r, int):
-                    item.pending.value = r
+                if r.__class__ is int:
+                    item.value = r
                 else:
-                    item.pending.error = error_from_wire({"code": r[0], "message": r[1]})
-                item.pending._settle()
+                    item.error = error_from_wire({"code": r[0], "message": r[1]})
+                item.done = True
+                if item._callbacks:
+                    item._settle()
             self.cond.notify_all()
         self.counters.published += len(batch.items)
 
@@ -461,8 +472,8 @@ class Connection(threading.Thread):
             if batch is not None:
                 with self.cond:
                     for item in batch.items:
-                        item.pending.error = err
-                        item.pending._settle()
+                        item.error = err
+                        item._settle()
                     self.cond.notify_all()
                 return
             if rid in self._requests:
@@ -587,11 +598,11 @@ class Connection(threading.Thread):
                 if len(live) < len(batch.items):
                     with self.cond:
                         for item in batch.items:
-                            if item.deadline <= now and not item.pending.done:
-                                item.pending.error = TimeoutError(
+                            if item.deadline <= now and not item.done:
+                                item.error = TimeoutError(
                                     "publish not acknowledged in time (it may still be logged; publish again "
                                     "with the same message_id to be sure)", message_id="")
-                                item.pending._settle()
+                                item._settle()
                         self.cond.notify_all()
                     if not live:
                         del self._batches[bid]
@@ -604,8 +615,8 @@ class Connection(threading.Thread):
             with self.cond:
                 while self._pubq and self._pubq[0].deadline <= now:
                     item = self._pubq.popleft()
-                    item.pending.error = TimeoutError("publish not sent in time: no broker", message_id="")
-                    item.pending._settle()
+                    item.error = TimeoutError("publish not sent in time: no broker", message_id="")
+                    item._settle()
                 self.cond.notify_all()
 
     def _reconnect(self) -> None:

@@ -52,6 +52,9 @@ class Settings:
     live_hwm: int = 1000
     """Frames queued per live subscriber before the broker drops (the client fills the gap from the log)."""
     log_map_size: int = 1 << 30
+    """The event log's LMDB map to start with; it doubles as the log grows."""
+    log_max_size: int = 1 << 40
+    """The most the log may grow to; past it publishes are refused with ``store_full``."""
     tail_cache_bytes: int = 8 << 20
     """Newest records kept in memory for groups and subscribers that keep up (bounded in bytes)."""
     workers: list[str] = field(default_factory=lambda: ["lmdb", "libsql", "chroma", "duckdb"])

@@ -48,6 +48,10 @@ class RecordCipher(Protocol):
 
     def seal(self, body: bytes, aad: bytes) -> bytes: ...
 
+    def sealer(self) -> Callable[[bytes, bytes], bytes]:
+        """A sealing function for one batch: ``seal(body, aad)`` (nonces drawn once per batch)."""
+        ...
+
     def open(self, key_id: int, blob: bytes, aad: bytes) -> bytes: ...
 
 
@@ -62,6 +66,24 @@ class Record:
 
 def seq_key(seq: int) -> bytes:
     return _SEQ.pack(seq)
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A batch of records ready to write: seqs assigned, records sealed (EventLog.prepare)."""
+
+    results: list[int | Rejected]
+    """Per envelope, in order: its seq (new, or the original one of a duplicate) or why it was refused."""
+    rows: list[tuple[bytes, bytes]]
+    id_rows: list[tuple[bytes, bytes]]
+    corr_rows: list[tuple[bytes, bytes]]
+    bodies: list[bytes]
+    """The plaintext envelopes of the new records, seqs first..last (the broker's tail cache)."""
+    first: int
+    last: int
+    """New seqs first..last; last < first when the batch adds no record."""
+    groups: dict[str, dict[str, Any]]
+    """Consumer-group states written in the same transaction."""
 
 
 class Rejected(Exception):
@@ -82,9 +104,12 @@ class EventLog:
         self.cipher = cipher
         self._env: lmdb.Environment | None = None
         self.head = 0
+        """The last durable seq."""
+        self._assigned = 0
+        """The last seq given to a prepared batch (ahead of ``head`` while batches are being written)."""
+        self._pending_ids: dict[bytes, bytes] = {}
+        """Message id -> seq of prepared, not yet committed records: a retry in between is still a duplicate."""
         self._last_ns = 0
-        self.last_bodies: list[bytes] = []
-        """The plaintext envelopes the last append stored, in seq order (the broker's tail cache feeds on them)."""
 
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -104,6 +129,7 @@ class EventLog:
             if cur.last():
                 self.head = _SEQ.unpack(cur.key())[0]
                 self._last_ns = _HEADER.unpack_from(cur.value())[2]
+        self._assigned = self.head
         log.info("log.opened", path=str(self.path), head=self.head)
 
     def close(self) -> None:
@@ -124,73 +150,125 @@ class EventLog:
         """Appends envelopes in one transaction with one fsync; returns a seq or a Rejected per envelope.
 
         An envelope whose id is already in the log gets its original seq (idempotent publish).
-        ``groups`` are consumer-group states written in the same transaction.
+        ``groups`` are consumer-group states written in the same transaction. The broker splits this
+        into ``prepare`` (its loop), ``write`` (its writer thread) and ``committed`` (its loop again).
         """
-        while True:
-            try:
-                return self._append_once(envelopes, groups or {}, check)
-            except lmdb.MapFullError:
-                self._grow()
+        batch = self.prepare(envelopes, check, groups)
+        try:
+            while True:
+                try:
+                    self.write([batch])
+                    break
+                except lmdb.MapFullError:
+                    self.grow()
+        except BaseException:
+            self.abandon()
+            raise
+        self.committed([batch])
+        return batch.results
 
-    def _grow(self) -> None:
+    def grow(self) -> None:
+        """Doubles the map (no transaction of this process may be open: LMDB's rule for set_mapsize)."""
         if self.map_size >= self.max_map_size:
             raise StoreFull("the event log reached its maximum size", max_map_size=self.max_map_size)
         self.map_size = min(self.map_size * 2, self.max_map_size)
         self.env.set_mapsize(self.map_size)
         log.warning("log.map_grown", map_size=self.map_size)
 
-    def _append_once(self, envelopes: Sequence[Envelope], groups: dict[str, dict[str, Any]],
-                     check: Callable[[Envelope], None] | None) -> list[int | Rejected]:
+    def prepare(self, envelopes: Sequence[Envelope], check: Callable[[Envelope], None] | None = None,
+                groups: dict[str, dict[str, Any]] | None = None) -> Prepared:
+        """Decides each envelope's fate and seq and seals its record, without writing anything.
+
+        Seqs continue from the last prepared batch, not from the durable head: batches are written in the
+        order they were prepared, or, after a failed write, abandoned together.
+        """
         results: list[int | Rejected] = []
-        head = self.head
-        last_ns = self._last_ns
-        ids_db, log_db, corr_db = self._ids, self._log, self._corr
-        cipher = self.cipher
+        head = self._assigned
+        first = head + 1
+        seal = None if self.cipher is None else self.cipher.sealer()
+        key_id = 0 if self.cipher is None else self.cipher.key_id
+        logged_ns = max(time.time_ns(), self._last_ns)  # one logged-at time per batch
+        prefixes: dict[str, bytes] = {}
+        """topic -> record header + topic: the same for every record of a topic in this batch."""
         rows: list[tuple[bytes, bytes]] = []
         plain: list[bytes] = []
-        with self.env.begin(write=True) as txn:
-            for env in envelopes:
-                id_b = env.id.encode()
-                known = txn.get(id_b, db=ids_db)
-                if known is not None:
-                    results.append(_SEQ.unpack(known)[0])
-                    continue
-                try:
-                    if check is not None:
-                        check(env)
-                    topic_b = env.topic.encode()
+        id_rows: list[tuple[bytes, bytes]] = []
+        corr_rows: list[tuple[bytes, bytes]] = []
+        id_list = [env.id.encode() for env in envelopes]
+        known: dict[bytes, bytes] = {}
+        if id_list:
+            with self.env.begin() as txn:
+                known = dict(txn.cursor(db=self._ids).getmulti(id_list))
+        pending = self._pending_ids
+        pack_seq, encode = _SEQ.pack, encode_envelope
+        for env, id_b in zip(envelopes, id_list, strict=True):
+            seen = pending.get(id_b) or (known.get(id_b) if known else None)
+            if seen is not None:
+                results.append(_SEQ.unpack(seen)[0])
+                continue
+            topic = env.topic
+            try:
+                if check is not None:
+                    check(env)
+                prefix = prefixes.get(topic)
+                if prefix is None:
+                    topic_b = topic.encode()
                     if len(topic_b) > 255:
-                        raise Rejected("validation", f"topic longer than 255 bytes: {env.topic[:40]}...")
-                except Rejected as exc:
-                    results.append(exc)
-                    continue
-                head += 1
-                now = time.time_ns()
-                last_ns = now if now > last_ns else last_ns
-                env.seq = head
-                key = _SEQ.pack(head)
-                body = encode_envelope(env)
-                plain.append(body)
-                key_id = 0
-                if cipher is not None:
-                    key_id = cipher.key_id
-                    body = cipher.seal(body, key + topic_b)
-                rows.append((key, _HEADER.pack(RECORD_VERSION, key_id, last_ns, len(topic_b)) + topic_b + body))
-                txn.put(id_b, key, db=ids_db)
-                if env.correlation_id and env.correlation_id != env.id:
-                    txn.put(env.correlation_id.encode() + b"\x00" + key, b"", db=corr_db)
-                results.append(head)
-            if rows:
-                txn.cursor(db=log_db).putmulti(rows, append=True)
+                        raise Rejected("validation", f"topic longer than 255 bytes: {topic[:40]}...")
+                    prefix = prefixes[topic] = _HEADER.pack(RECORD_VERSION, key_id, logged_ns, len(topic_b)) + topic_b
+            except Rejected as exc:
+                results.append(exc)
+                continue
+            head += 1
+            env.seq = head
+            key = pack_seq(head)
+            body = encode(env)
+            plain.append(body)
+            rows.append((key, prefix + (body if seal is None else seal(body, key + prefix[_HEADER.size:]))))
+            pending[id_b] = key
+            id_rows.append((id_b, key))
+            cid = env.correlation_id
+            if cid and cid != env.id:
+                corr_rows.append((cid.encode() + b"\x00" + key, b""))
+            results.append(head)
+        if rows:
+            self._last_ns = logged_ns
+        self._assigned = head
+        return Prepared(results, rows, id_rows, corr_rows, plain, first, head, groups or {})
+
+    def write(self, batches: Sequence[Prepared]) -> None:
+        """Writes prepared batches in one transaction and commits it with one fsync (any thread; one at a time).
+
+        Raises lmdb.MapFullError (nothing written: grow, then write the same batches again) or StoreError.
+        """
+        groups: dict[str, dict[str, Any]] = {}
+        with self.env.begin(write=True) as txn:
+            log_cur = txn.cursor(db=self._log)
+            ids_cur = txn.cursor(db=self._ids)
+            corr_cur = txn.cursor(db=self._corr)
+            for b in batches:
+                if b.rows:
+                    log_cur.putmulti(b.rows, append=True)
+                    ids_cur.putmulti(b.id_rows)
+                if b.corr_rows:
+                    corr_cur.putmulti(b.corr_rows)
+                groups.update(b.groups)
             for name, state in groups.items():
                 txn.put(name.encode(), _group_codec_enc.encode(state), db=self._groups)
-        self.head = head
-        self.last_bodies = plain
-        self._last_ns = last_ns
-        return results
 
-    def save_groups(self, groups: dict[str, dict[str, Any]]) -> None:
-        self.append([], groups=groups)
+    def committed(self, batches: Sequence[Prepared]) -> None:
+        """Records that ``write(batches)`` succeeded: the durable head moves on."""
+        pending = self._pending_ids
+        for b in batches:
+            for id_b, _ in b.id_rows:
+                pending.pop(id_b, None)
+            if b.last >= b.first:
+                self.head = b.last
+
+    def abandon(self) -> None:
+        """Forgets every prepared batch not yet committed (after a write failed for good)."""
+        self._assigned = self.head
+        self._pending_ids.clear()
 
     def load_groups(self) -> dict[str, dict[str, Any]]:
         with self.env.begin() as txn:

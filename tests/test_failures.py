@@ -18,7 +18,7 @@ import zmq
 from bus import protocol as P
 from bus.client import Bus
 from contracts.envelope import make_envelope
-from contracts.errors import BusError
+from contracts.errors import BusError, StoreFull
 from tests.conftest import BrokerProcess, wait_until
 
 
@@ -287,3 +287,38 @@ def test_client_survives_broker_restart_and_resumes_subscriptions(broker: Broker
         assert (msg.seq, msg.payload["i"]) == (seq, 1)
         assert bus._conn.counters.reconnects >= 1
     assert os.path.exists(broker.home.run_file)
+
+
+def test_log_grows_its_map_under_load_and_refuses_with_store_full_at_its_limit(tmp_path: Path) -> None:
+    small = {"MEMBUS_LOG_MAP_SIZE": str(256 << 10), "MEMBUS_LOG_MAX_SIZE": str(4 << 20)}
+    broker = BrokerProcess(tmp_path / "home", env=small).start()
+    acked: list[tuple[int, int]] = []
+    try:
+        with Bus.connect(broker.home.path, module="filler") as b:
+            refused: list[BusError] = []
+            i = 0
+            while not refused and i < 20_000:
+                window = [(i + k, b.publish_nowait("test.fill.changed", {"i": i + k, "pad": "x" * 1000}))
+                          for k in range(200)]
+                for n, p in window:
+                    try:
+                        acked.append((n, p.result(60)))
+                    except StoreFull as exc:
+                        refused.append(exc)
+                i += 200
+            assert refused, "the log never filled up"
+            assert refused[0].code == "store_full"
+            status = b.status()
+            assert status["log"]["map_size"] == 4 << 20, "the map did not grow to its limit"
+            with pytest.raises(StoreFull):  # still full, and still answering
+                b.publish("test.fill.changed", {"i": -1, "pad": "x" * 300_000})
+            assert [(m.payload["i"], m.seq) for m in b.replay(topic="test.fill.changed")] == acked
+        broker.stop()
+        broker.env["MEMBUS_LOG_MAX_SIZE"] = str(64 << 20)
+        broker.start()
+        with Bus.connect(broker.home.path, module="filler") as b:
+            seq = b.publish("test.fill.changed", {"i": -2, "pad": ""})
+            assert seq == acked[-1][1] + 1
+            assert len(list(b.replay(topic="test.fill.changed"))) == len(acked) + 1
+    finally:
+        broker.stop()
