@@ -21,9 +21,10 @@ from bus import keys
 from bus.home import Home, Settings
 from bus.keys import Argon2Params, KeyRing
 from bus.log import EventLog
-from bus.sealing import KeyRingCipher
+from bus.sealing import Blinder, KeyRingCipher, open_sealed
 from contracts.envelope import Envelope, make_envelope
 from contracts.errors import IntegrityError
+from contracts.ids import id_time_ms, new_id
 from contracts.registry import encode_payload
 from tests.workers_util import System
 from workers.apply import apply_batch
@@ -31,7 +32,7 @@ from workers.chroma import ChromaBackend
 from workers.duckdb import DuckdbBackend
 from workers.embedding import HashEmbedder
 from workers.libsql import LibsqlBackend
-from workers.lmdb import LmdbBackend
+from workers.lmdb import FORMAT, IdKeys, LmdbBackend, Sealer
 
 SECRET = "zebrapineapple"
 CHEAP = Argon2Params(memory_kib=64, time_cost=1, parallelism=1)
@@ -165,15 +166,16 @@ def test_lmdb_values_sealed_ids_blinded_tamper_detected(tmp_path: Path, ring: Ke
     store = LmdbBackend(tmp_path / "lmdb", encryption=ring)
     store.open()
     log = Log()
+    appended = log("working.message.append.request", {"conversation_id": "conv-alice", "user_id": "u1",
+                                                      "role": "user", "text": SECRET})
     apply_batch(store, [
-        log("working.message.append.request", {"conversation_id": "conv-alice", "user_id": "u1",
-                                               "role": "user", "text": SECRET}),
+        appended,
         log("working.context.set.request", {"session_id": "sess-alice", "key": "mood", "value": SECRET}),
     ])
     assert [m.text for m in store.read_recent("conv-alice")] == [SECRET]
     assert store.read_context("sess-alice") == {"mood": SECRET}
     store.close()
-    for needle in (SECRET, "conv-alice", "sess-alice", "mood"):
+    for needle in (SECRET, "conv-alice", "sess-alice", "mood", appended.id):
         assert files_containing(tmp_path / "lmdb", needle.encode()) == [], needle
     env = lmdb.open(str(tmp_path / "lmdb"), max_dbs=8, readonly=True)
     with env.begin() as txn:
@@ -185,6 +187,120 @@ def test_lmdb_values_sealed_ids_blinded_tamper_detected(tmp_path: Path, ring: Ke
     try:
         with pytest.raises(IntegrityError):
             store.read_recent("conv-alice")
+    finally:
+        store.close()
+
+
+def _lmdb(path: Path, ring: KeyRing) -> LmdbBackend:
+    store = LmdbBackend(path, encryption=ring)
+    store.open()
+    return store
+
+
+def _appends(log: Log, conversation: str, ids: list[str | None]) -> list[Envelope]:
+    return [log("working.message.append.request",
+                {"conversation_id": conversation, "user_id": "u1", "role": "user", "text": SECRET,
+                 **({"message_id": i} if i else {})}) for i in ids]
+
+
+def _raw(store: LmdbBackend, db: str) -> list[tuple[bytes, bytes]]:
+    assert store.env is not None
+    with store.env.begin() as txn:
+        return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=store._db[db])]
+
+
+def test_lmdb_keys_are_the_blinders_hashes_and_message_ids_lead_with_their_time(tmp_path: Path,
+                                                                               ring: KeyRing) -> None:
+    ids, blinder = IdKeys(ring, "lmdb-ids"), Blinder(ring, "lmdb-ids")
+    for value in (b"conv-alice", b"x" * 240):
+        assert ids.blind(value) == ids.recurring(value) == ids.recurring(value) == blinder.blind(value)
+    ulid = new_id()
+    assert ids.message(ulid.encode()) == id_time_ms(ulid).to_bytes(6, "big") + blinder.blind(ulid.encode())
+    assert ids.message(b"m1") == bytes(6) + blinder.blind(b"m1")  # not a ULID: no time to lead with
+
+    store = _lmdb(tmp_path / "lmdb", ring)
+    log = Log()
+    try:
+        envs = [env for n in range(4) for env in _appends(log, f"conv-{n}", [None, None])]
+        for n in range(0, len(envs), 2):
+            apply_batch(store, envs[n:n + 2])
+        held = _raw(store, "msgids")
+        assert {key for key, _ in held} == {ids.message(env.id.encode()) for env in envs}
+        # the index grows at its end, in the order the ids were made, like the plaintext one
+        assert [key[:6] for key, _ in held] == [id_time_ms(env.id).to_bytes(6, "big") for env in envs]
+    finally:
+        store.close()
+
+
+def test_lmdb_sealer_nonces_are_fresh_per_record_and_after_a_fork(ring: KeyRing) -> None:
+    sealer = Sealer(ring.current)
+    sealed = [sealer.seal(b"value %d" % n, b"place %d" % n) for n in range(600)]  # more than one block
+    assert len({blob[9:21] for blob in sealed}) == 600
+    assert [open_sealed(ring, blob, b"place %d" % n) for n, blob in enumerate(sealed)] == \
+        [b"value %d" % n for n in range(600)]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child seals once and reports its nonce
+        try:
+            os.write(write, sealer.seal(b"child", b"aad")[9:21])
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        os.waitpid(pid, 0)
+        child_nonce = os.read(read, 64)
+    finally:
+        os.close(read)
+    assert len(child_nonce) == 12
+    assert child_nonce != sealer.seal(b"parent", b"aad")[9:21]
+
+
+def test_lmdb_outbox_record_tamper_is_refused(tmp_path: Path, ring: KeyRing) -> None:
+    store = _lmdb(tmp_path / "lmdb", ring)
+    try:
+        apply_batch(store, _appends(Log(), "conv-alice", [None, None]))
+        [(key, value)] = _raw(store, "outbox")
+        assert SECRET.encode() not in value
+        assert store.outbox_pending()[0][0] == 1
+        assert store.env is not None
+        for bad, check in ((value[:-1] + bytes([value[-1] ^ 1]), "tag"),  # a byte of the sealed items
+                           (value[:4] + (7).to_bytes(8, "big") + value[12:], "tag"),  # seq 1 relabelled 7
+                           (value[:10], "length")):
+            with store.env.begin(write=True) as txn:
+                txn.put(key, bad, db=store._db["outbox"])
+            with pytest.raises(IntegrityError) as caught:
+                store.outbox_pending()
+            assert caught.value.fields["check"] == check
+    finally:
+        store.close()
+
+
+def test_an_lmdb_store_of_format_1_gets_its_message_ids_rekeyed_at_open(tmp_path: Path, ring: KeyRing) -> None:
+    store = _lmdb(tmp_path / "lmdb", ring)
+    log = Log()
+    envs = _appends(log, "conv-alice", ["m1", None]) + _appends(log, "conv-bob", [None, "m4"])
+    apply_batch(store, envs)
+    made = ["m1", envs[1].id, envs[2].id, "m4"]
+    ids, blinder = IdKeys(ring, "lmdb-ids"), Blinder(ring, "lmdb-ids")
+    assert store.env is not None
+    with store.env.begin(write=True) as txn:  # what format 1 wrote: keyed hashes alone, no format entry
+        for message_id in made:
+            new = ids.message(message_id.encode())
+            target = txn.get(new, db=store._db["msgids"])
+            assert target is not None
+            txn.delete(new, db=store._db["msgids"])
+            txn.put(blinder.blind(message_id.encode()), target, db=store._db["msgids"])
+        txn.delete(b"format", db=store._db["tracking"])
+    store.close()
+
+    store = _lmdb(tmp_path / "lmdb", ring)
+    try:
+        assert {key for key, _ in _raw(store, "msgids")} == {ids.message(m.encode()) for m in made}
+        assert dict(_raw(store, "tracking"))[b"format"] == FORMAT.to_bytes(8, "big")
+        [again] = apply_batch(store, _appends(log, "conv-alice", ["m1"]))[0]
+        assert again.reply.stored is False  # still known by its id
+        apply_batch(store, [log("working.conversation.clear.request", {"conversation_id": "conv-bob"})])
+        assert {key for key, _ in _raw(store, "msgids")} == {ids.message(m.encode()) for m in made[:2]}
     finally:
         store.close()
 

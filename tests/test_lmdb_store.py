@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import msgspec
 import pytest
 
 import contracts.structured  # noqa: F401  (the libSQL contract of conversation.message.changed)
+from bus.keys import DerivedKey, KeyRing
 from contracts.envelope import Envelope, decode_envelope, make_envelope
 from contracts.errors import StoreFull
 from contracts.registry import decode_payload, encode_payload
@@ -25,7 +27,7 @@ from contracts.working import (
 )
 from workers.apply import Outcome, apply_batch
 from workers.base import Context
-from workers.lmdb import MESSAGE_CHANGED, LmdbBackend
+from workers.lmdb import MESSAGE_CHANGED, LmdbBackend, ValueCodec
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -60,9 +62,20 @@ def open_store(path: Path, **settings: Any) -> LmdbBackend:
     return store
 
 
+def sealing_ring() -> KeyRing:
+    key = DerivedKey(os.urandom(32), os.urandom(8), "store:lmdb", 1)
+    return KeyRing([key], key)
+
+
+@pytest.fixture(params=["plain", "sealed"])
+def at_rest(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The store's settings for encryption at rest: none, or a keyring (values sealed, ids blinded)."""
+    return {} if request.param == "plain" else {"encryption": sealing_ring()}
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[LmdbBackend]:
-    s = open_store(tmp_path / "lmdb")
+def store(tmp_path: Path, at_rest: dict[str, Any]) -> Iterator[LmdbBackend]:
+    s = open_store(tmp_path / "lmdb", **at_rest)
     yield s
     s.close()
 
@@ -92,12 +105,20 @@ def published(store: LmdbBackend) -> list[tuple[int, Envelope, Any]]:
 
 
 def assert_consistent(store: LmdbBackend) -> None:
-    """Every message has its id entry and one expiry entry, and the per-conversation counts add up."""
+    """Every message has its id entry and one expiry entry, and the per-conversation counts add up; in an
+    encrypted store, every committed value is sealed (none is left a placeholder) and opens."""
     entries = store.stats()["entries"]
     assert entries["msgids"] == entries["messages"]
     assert entries["expiry"] == entries["messages"] + entries["context"]
     with store._read() as r:
         counts = [int.from_bytes(v, "big") for _, v in r.cursor(db=store._db["convs"])]
+        if store.cfg.encryption is not None:
+            for key, stored in r.cursor(db=store._db["messages"]):
+                assert stored[8] == 1 and len(stored) > 8 + 37
+                store._message(bytes(key), stored)
+            for key, stored in r.cursor(db=store._db["context"]):
+                assert stored[8] == 1 and len(stored) > 8 + 37
+                store._context_item(bytes(key), stored)
     assert sum(counts) == entries["messages"]
 
 
@@ -152,8 +173,8 @@ def test_an_append_without_message_id_is_keyed_by_its_envelope(store: LmdbBacken
     assert (held.role, held.ts) == ("assistant", env.ts / 1e9)
 
 
-def test_each_conversation_keeps_at_most_max_messages(tmp_path: Path, log: Log) -> None:
-    store = open_store(tmp_path / "lmdb", max_messages=5)
+def test_each_conversation_keeps_at_most_max_messages(tmp_path: Path, log: Log, at_rest: dict[str, Any]) -> None:
+    store = open_store(tmp_path / "lmdb", max_messages=5, **at_rest)
     try:
         outcomes = apply(store, [log(APPEND, message("c1", n)) for n in range(8)])
         assert outcomes[-1].reply.count == 5
@@ -216,14 +237,15 @@ def test_a_follower_event_missing_fields_fails_naming_the_topic(store: LmdbBacke
 # -- exactly once: position and outbox ----------------------------------------------------------
 
 
-def test_the_position_is_recorded_with_the_writes_and_survives_reopen(tmp_path: Path, log: Log) -> None:
-    store = open_store(tmp_path / "lmdb")
+def test_the_position_is_recorded_with_the_writes_and_survives_reopen(tmp_path: Path, log: Log,
+                                                                    at_rest: dict[str, Any]) -> None:
+    store = open_store(tmp_path / "lmdb", **at_rest)
     assert store.load_position() == 0
     _, position = apply_batch(store, [log(APPEND, message("c1", n)) for n in range(3)])
     assert position == 3
     store.close()
 
-    store = open_store(tmp_path / "lmdb")
+    store = open_store(tmp_path / "lmdb", **at_rest)
     try:
         assert store.load_position() == 3
         assert texts(store, "c1") == ["message 0", "message 1", "message 2"]
@@ -270,6 +292,81 @@ def test_the_outbox_holds_replies_and_change_events(store: LmdbBackend, log: Log
     assert (body.session_id, body.key) == ("s1", "mood")
 
     store.outbox_remove([1])
+    assert [seq for seq, _ in store.outbox_pending()] == [2]
+
+
+def test_values_read_back_in_the_transaction_that_wrote_them(store: LmdbBackend, log: Log) -> None:
+    """Encrypted values are sealed when the transaction commits; until then the transaction reads its own."""
+    outcomes = apply(store, [log(APPEND, message("c1", n)) for n in range(3)]
+                     + [log(RECENT, {"conversation_id": "c1", "limit": 2}),
+                        log(CONTEXT_SET, {"session_id": "s1", "key": "mood", "value": "calm"}),
+                        log(CONTEXT_GET, {"session_id": "s1"}),
+                        log(CONTEXT_CLEAR, {"session_id": "s1", "key": "mood"}),
+                        log(CONTEXT_SET, {"session_id": "s1", "key": "mood", "value": "happy"}),
+                        log(CONVERSATION_CLEAR, {"conversation_id": "c1"}),
+                        log(APPEND, message("c1", 9))])
+    assert [m.text for m in outcomes[3].reply.messages] == ["message 1", "message 2"]
+    assert outcomes[5].reply.values == {"mood": "calm"}
+    assert outcomes[6].events[0][1].keys == ["mood"]
+    assert outcomes[8].reply.removed == 3
+    assert texts(store, "c1") == ["message 9"]
+    assert store.read_context("s1") == {"mood": "happy"}
+    assert_consistent(store)
+
+
+def test_a_value_rewritten_in_a_savepoint_rolled_back_keeps_the_first(store: LmdbBackend, log: Log) -> None:
+    first = log(CONTEXT_SET, {"session_id": "s1", "key": "mood", "value": "calm"}, ts=T0)
+    second = log(CONTEXT_SET, {"session_id": "s1", "key": "mood", "value": "angry"}, ts=T0)  # same key, expiry
+    with store.transaction() as txn:
+        store.context_set(txn, decode_payload(CONTEXT_SET, first.payload), Context(first.seq, first, store.name))
+        with pytest.raises(RuntimeError), store.savepoint(txn):
+            store.context_set(txn, decode_payload(CONTEXT_SET, second.payload),
+                              Context(second.seq, second, store.name))
+            raise RuntimeError("handler failed")
+    assert store.read_context("s1", now=T0) == {"mood": "calm"}
+    assert_consistent(store)
+
+
+def test_a_transactions_outbox_is_one_record_and_part_of_it_can_be_removed(store: LmdbBackend, log: Log) -> None:
+    first = [log(APPEND, message("c1", n)) for n in range(3)]
+    second = [log(APPEND, message("c2", n)) for n in range(2)]
+    apply(store, first)
+    apply(store, second)
+    assert store.stats()["entries"]["outbox"] == 2
+    assert [seq for seq, _ in store.outbox_pending()] == [1, 2, 3, 4, 5]
+    items = dict(store.outbox_pending())
+
+    store.outbox_remove([2, 4, 5, 99])  # a publish failed half-way through the first transaction
+    assert store.outbox_pending() == [(1, items[1]), (3, items[3])]
+    assert store.stats()["entries"]["outbox"] == 1
+    store.outbox_remove([1, 3])
+    assert store.outbox_pending() == []
+    assert store.stats()["entries"]["outbox"] == 0
+
+
+def test_a_savepoint_rolled_back_takes_its_outbox_entries_with_it(store: LmdbBackend, log: Log) -> None:
+    with store.transaction() as txn:
+        store.outbox_add(txn, 1, [b"kept"])
+        with pytest.raises(RuntimeError), store.savepoint(txn):
+            store.outbox_add(txn, 2, [b"dropped"])
+            raise RuntimeError("handler failed")
+        store.outbox_add(txn, 3, [b"also kept"])
+    assert store.outbox_pending() == [(1, [b"kept"]), (3, [b"also kept"])]
+
+
+def test_outbox_entries_of_one_seq_each_from_an_older_store_are_read_and_removed(
+        store: LmdbBackend, log: Log) -> None:
+    codec = ValueCodec(store.cfg.encryption)
+    assert store.env is not None
+    with store.env.begin(write=True) as txn:  # as the previous version wrote them: one record per seq
+        for seq in (1, 2):
+            key = seq.to_bytes(8, "big")
+            txn.put(key, codec.encode([f"old {seq}".encode()], b"outbox" + key), db=store._db["outbox"])
+    log.seq = 2
+    apply(store, [log(APPEND, message("c1", 0))])
+    assert [seq for seq, _ in store.outbox_pending()] == [1, 2, 3]
+    assert store.outbox_pending()[:2] == [(1, [b"old 1"]), (2, [b"old 2"])]
+    store.outbox_remove([1, 3])
     assert [seq for seq, _ in store.outbox_pending()] == [2]
 
 
@@ -334,8 +431,8 @@ def test_recent_requests_skip_expired_messages(store: LmdbBackend, log: Log) -> 
 # -- map growth and the cap ----------------------------------------------------------------------
 
 
-def test_the_map_grows_when_full_and_nothing_is_lost(tmp_path: Path, log: Log) -> None:
-    store = open_store(tmp_path / "lmdb", map_size=64 * KiB)
+def test_the_map_grows_when_full_and_nothing_is_lost(tmp_path: Path, log: Log, at_rest: dict[str, Any]) -> None:
+    store = open_store(tmp_path / "lmdb", map_size=64 * KiB, **at_rest)
     try:
         assert store.map_size == 64 * KiB
         text = "x" * 300
@@ -353,7 +450,7 @@ def test_the_map_grows_when_full_and_nothing_is_lost(tmp_path: Path, log: Log) -
     finally:
         store.close()
 
-    reopened = open_store(tmp_path / "lmdb", map_size=64 * KiB)
+    reopened = open_store(tmp_path / "lmdb", map_size=64 * KiB, **at_rest)
     try:
         assert sum(len(texts(reopened, f"c{c}")) for c in range(7)) == 500
         assert one(reopened, log(APPEND, message("c0", 1000))).status == "applied"
@@ -362,8 +459,8 @@ def test_the_map_grows_when_full_and_nothing_is_lost(tmp_path: Path, log: Log) -
 
 
 def test_at_max_map_size_appends_fail_with_store_full_and_the_store_stays_usable(
-        tmp_path: Path, log: Log) -> None:
-    store = open_store(tmp_path / "lmdb", map_size=64 * KiB, max_map_size=2 * MiB)
+        tmp_path: Path, log: Log, at_rest: dict[str, Any]) -> None:
+    store = open_store(tmp_path / "lmdb", map_size=64 * KiB, max_map_size=2 * MiB, **at_rest)
     try:
         text = "y" * 3000
         applied = 0

@@ -10,8 +10,9 @@ msgids      message id                                       key in ``messages``
 convs       conversation                                     number of messages held
 context     session + context key                            expires_at (ms) + value
 expiry      expires_at (ms) + kind + key of the item         (empty)
-tracking    b"position"                                      last applied log seq
-outbox      log seq                                          encoded envelopes to publish
+tracking    b"position", b"format"                           last applied log seq, ``FORMAT``
+outbox      last log seq of a transaction + b"b"             its entries: count, their seqs, then one value
+                                                             with each seq's encoded envelopes to publish
 ==========  ===============================================  ==============================================
 
 Conversations and sessions are length-prefixed in keys, so a conversation's messages are one
@@ -28,6 +29,7 @@ journal replayed; the failed step then runs again. At the cap, writes that add d
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import struct
 import time
@@ -40,8 +42,8 @@ import lmdb
 import msgspec
 import structlog
 
-from bus.keys import KeyRing
-from bus.sealing import Blinder, open_sealed, seal
+from bus.keys import NONCE_LEN, DerivedKey, KeyRing, subkey
+from bus.sealing import VERSION, open_sealed
 from contracts.errors import IntegrityError, StoreError, StoreFull, ValidationError
 from contracts.inventory import InventoryItem, InventoryPage
 from contracts.working import (
@@ -80,7 +82,13 @@ KiB = 1024
 MiB = 1024 * KiB
 _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
 _POSITION = b"position"
+_FORMAT = b"format"
+FORMAT = 2
+"""Version of the store's layout, kept under ``tracking``; 1 (no entry): ``msgids`` keys without the ULID time."""
+_OUTBOX_BATCH = b"b"
+"""Suffix of an outbox record's key (the record's last seq): it holds the entries of one transaction."""
 _KIND_MESSAGE, _KIND_CONTEXT = b"m", b"c"
 _ID_MAX_BYTES = 240
 """Two ids and the framing stay under LMDB's 511-byte key limit."""
@@ -118,6 +126,43 @@ class MessageChanged(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
 
 
+_forks = 0
+"""Forks this process is a child of: a child never uses random bytes drawn before the fork (Sealer)."""
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+class Sealer:
+    """``bus.sealing.seal`` (the same record format, opened by ``open_sealed``) with its nonces drawn from
+    ``os.urandom`` in blocks: one system call per 256 records instead of one per record. Each nonce is still
+    an independent random 96-bit value; a forked child draws its own block. Seals only inside LMDB write
+    transactions, which one writer at a time holds."""
+
+    _BLOCK = 256 * NONCE_LEN
+
+    def __init__(self, key: DerivedKey) -> None:
+        self._header = bytes([VERSION]) + key.key_id
+        self._encrypt = key.aead.encrypt
+        self._pool = b""
+        self._at = 0
+        self._forks = _forks
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        at = self._at
+        if at >= len(self._pool) or self._forks != _forks:
+            self._pool, self._forks, at = os.urandom(self._BLOCK), _forks, 0
+        nonce = self._pool[at : at + NONCE_LEN]
+        self._at = at + NONCE_LEN
+        header = self._header
+        return header + nonce + self._encrypt(nonce, plaintext, header + aad)
+
+
 class ValueCodec:
     """Every stored value is encoded and decoded here; with a keyring, sealed bound to ``aad`` (its place)."""
 
@@ -125,10 +170,11 @@ class ValueCodec:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
         self.keyring = keyring
+        self._sealer = None if keyring is None else Sealer(keyring.current)
 
     def encode(self, value: Any, aad: bytes) -> bytes:
         data = self._encoder.encode(value)
-        return data if self.keyring is None else seal(self.keyring.current, data, aad)
+        return data if self._sealer is None else self._sealer.seal(data, aad)
 
     def decode(self, data: bytes | memoryview, type_: Any, aad: bytes) -> Any:
         decoder = self._decoders.get(type_)
@@ -140,6 +186,70 @@ class ValueCodec:
             return decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise IntegrityError(f"lmdb value undecodable: {exc}", check="decode") from None
+
+
+_CROCKFORD = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TO_BASE32 = bytes(b"0123456789abcdefghijklmnopqrstuv"[_CROCKFORD.index(c)] if c in _CROCKFORD else ord("!")
+                   for c in range(256))
+"""Crockford base32 (ULIDs, contracts/ids.py) to the digits ``int(_, 32)`` reads; "!" makes it fail."""
+_NO_TIME = bytes(6)
+_ulid_times: dict[bytes, bytes] = {}
+"""Recent ULID time prefixes (10 characters) and their value: ids made in one millisecond share one."""
+
+
+def _ulid_ms(raw_id: bytes) -> bytes:
+    """The 48-bit creation time (ms, big-endian) of an id that is a ULID, else six zero bytes."""
+    if len(raw_id) != 26:
+        return _NO_TIME
+    prefix = raw_id[:10]
+    ms = _ulid_times.get(prefix)
+    if ms is None:
+        try:
+            value = int(prefix.translate(_TO_BASE32), 32)
+        except ValueError:
+            return _NO_TIME
+        if len(_ulid_times) >= 1024:
+            _ulid_times.clear()
+        ms = _ulid_times[prefix] = _U64.pack(value)[2:] if value >> 48 == 0 else _NO_TIME
+    return ms
+
+
+class IdKeys:
+    """What ids become in LMDB keys. Without a keyring, the ids themselves. With one, their keyed hashes:
+    the values of ``bus.sealing.Blinder(keyring, purpose)`` (keyed BLAKE2b, 16 bytes), computed from a keyed
+    state made once and remembered for conversation and session ids, which recur; a message id's key starts
+    with the id's own ULID time, so that the ``msgids`` index grows at its end like the plaintext one."""
+
+    MEMO = 4096
+
+    def __init__(self, keyring: KeyRing | None, purpose: str) -> None:
+        self._keyed = None if keyring is None else hashlib.blake2b(key=subkey(keyring.current, purpose),
+                                                                  digest_size=16)
+        self._memo: dict[bytes, bytes] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._keyed is not None
+
+    def blind(self, raw_id: bytes) -> bytes:
+        if self._keyed is None:
+            return raw_id
+        h = self._keyed.copy()
+        h.update(raw_id)
+        return h.digest()
+
+    def recurring(self, raw_id: bytes) -> bytes:
+        """``blind``, remembered: for ids that come back (conversations, sessions)."""
+        blinded = self._memo.get(raw_id)
+        if blinded is None:
+            if len(self._memo) >= self.MEMO:
+                self._memo.clear()
+            blinded = self._memo[raw_id] = self.blind(raw_id)
+        return blinded
+
+    def message(self, raw_id: bytes) -> bytes:
+        """The key of a message id in ``msgids``."""
+        return raw_id if self._keyed is None else _ulid_ms(raw_id) + self.blind(raw_id)
 
 
 def _u64(value: int) -> bytes:
@@ -183,6 +293,9 @@ class _Batch:
         self._marks: list[int] = [0]
         """Journal length when each level (root, then savepoints) began."""
         self.journal: list[Write] = []
+        self.outbox: list[tuple[int, list[bytes]]] = []
+        """Outbox entries added in this transaction: written as one record when it commits."""
+        self._outbox_marks: list[int] = [0]
 
     @property
     def current(self) -> lmdb.Transaction:
@@ -208,20 +321,23 @@ class _Batch:
     def begin_savepoint(self) -> None:
         self._levels.append(self._env.begin(write=True, parent=self.current))
         self._marks.append(len(self.journal))
+        self._outbox_marks.append(len(self.outbox))
 
     def release_savepoint(self) -> None:
-        txn, mark = self._levels.pop(), self._marks.pop()
+        txn, mark, outbox_mark = self._levels.pop(), self._marks.pop(), self._outbox_marks.pop()
         try:
             txn.commit()
         except BaseException:
             del self.journal[mark:]
+            del self.outbox[outbox_mark:]
             raise
 
     def rollback_savepoint(self) -> None:
-        mark = self._marks.pop()
+        mark, outbox_mark = self._marks.pop(), self._outbox_marks.pop()
         if self._levels:  # empty when a failed replay aborted everything
             self._levels.pop().abort()
         del self.journal[mark:]
+        del self.outbox[outbox_mark:]
 
     def commit(self) -> None:
         root = self.current
@@ -304,7 +420,7 @@ class LmdbBackend(Backend):
         if unknown:
             log.warning("lmdb.unknown_settings", names=unknown)
         self.codec = ValueCodec(self.cfg.encryption)
-        self.ids = Blinder(self.cfg.encryption, "lmdb-ids")
+        self.ids = IdKeys(self.cfg.encryption, "lmdb-ids")
         """Conversation, session, message ids and context names in keys: keyed hashes when encrypted."""
         self.env: lmdb.Environment | None = None
         self._db: dict[str, Any] = {}
@@ -336,7 +452,39 @@ class LmdbBackend(Backend):
         self._page_size = int(env.stat()["psize"])
         self._map_size = int(env.info()["map_size"])
         _opened.add(path)
+        try:
+            self._upgrade()
+        except BaseException:
+            self.close()
+            raise
         log.info("lmdb.opened", path=str(path), map_size=env.info()["map_size"])
+
+    def _upgrade(self) -> None:
+        """Brings a store written by an earlier version to ``FORMAT``. Format 1 keyed message ids by their
+        keyed hash alone: an encrypted store's ``msgids`` is rebuilt from its messages (IdKeys.message)."""
+        tracking, msgids = self._db["tracking"], self._db["msgids"]
+        with self._read() as r:
+            raw = r.get(_FORMAT, db=tracking)
+        found = 1 if raw is None else int(_U64.unpack(raw)[0])
+        if found == FORMAT:
+            return
+        if found > FORMAT:
+            raise StoreError(f"the LMDB store has format {found}, newer than this version's {FORMAT}",
+                             path=str(self.data_dir), format=found)
+        with self._write(expire_step=False) as txn:
+            rekeyed = 0
+            if self.ids.enabled:
+                stale = [key for key, _ in self._range(txn, msgids, b"")]
+                fresh = [(self.ids.message(self._message(key, stored).message_id.encode()), key)
+                         for key, stored in self._range(txn, self._db["messages"], b"")]
+                for key in stale:
+                    self._with_growth(txn, functools.partial(txn.delete, msgids, key), adds_data=False)
+                for msgid, key in fresh:
+                    self._with_growth(txn, functools.partial(txn.put, msgids, msgid, key), adds_data=False)
+                rekeyed = len(fresh)
+            self._with_growth(txn, functools.partial(txn.put, tracking, _FORMAT, _u64(FORMAT)), adds_data=False)
+        if found != 1 or rekeyed:  # a new store only gets its format entry
+            log.info("lmdb.upgraded", path=str(self.data_dir), old=found, new=FORMAT, msgids_rekeyed=rekeyed)
 
     def close(self) -> None:
         if self.env is not None:
@@ -373,6 +521,9 @@ class LmdbBackend(Backend):
                 self._with_growth(txn, lambda: self._expire_some(txn, time.time(), self.cfg.expire_per_batch),
                                   adds_data=False)
             yield txn
+            if txn.outbox:
+                key, value = self._outbox_record(txn.outbox)
+                self._with_growth(txn, functools.partial(txn.put, self._db["outbox"], key, value), adds_data=False)
             while True:
                 try:
                     txn.commit()
@@ -455,19 +606,51 @@ class LmdbBackend(Backend):
         self._with_growth(txn, lambda: txn.put(self._db["tracking"], _POSITION, _u64(seq)), adds_data=False)
 
     def outbox_add(self, txn: _Batch, seq: int, items: list[bytes]) -> None:
-        body = self.codec.encode(items, b"outbox" + _u64(seq))
-        self._with_growth(txn, lambda: txn.put(self._db["outbox"], _u64(seq), body), adds_data=False)
+        txn.outbox.append((seq, items))
+
+    def _outbox_record(self, entries: list[tuple[int, list[bytes]]]) -> tuple[bytes, bytes]:
+        """One outbox record for a transaction's entries (in seq order): sealed once, not once per entry."""
+        seqs = b"".join([_u64(seq) for seq, _ in entries])
+        key = seqs[-8:] + _OUTBOX_BATCH
+        head = _U32.pack(len(entries)) + seqs
+        return key, head + self.codec.encode([items for _, items in entries], b"outbox" + key + head)
+
+    def _outbox_seqs(self, key: bytes, value: bytes | memoryview) -> list[int]:
+        if len(key) == 8:  # an entry of its own (stores written before batch records)
+            return [int(_U64.unpack(key)[0])]
+        count = int(_U32.unpack_from(value)[0]) if len(value) >= 4 else -1
+        if count < 1 or len(value) < 4 + 8 * count:
+            raise IntegrityError("lmdb outbox record truncated", check="length", length=len(value))
+        return [int(_U64.unpack_from(value, 4 + 8 * i)[0]) for i in range(count)]
+
+    def _outbox_entries(self, key: bytes, value: bytes | memoryview) -> list[tuple[int, list[bytes]]]:
+        seqs = self._outbox_seqs(key, value)
+        if len(key) == 8:
+            return [(seqs[0], self.codec.decode(value, list[bytes], b"outbox" + key))]
+        head = 4 + 8 * len(seqs)
+        items = self.codec.decode(value[head:], list[list[bytes]], b"outbox" + key + bytes(value[:head]))
+        if len(items) != len(seqs):
+            raise IntegrityError("lmdb outbox record holds another number of entries than it names",
+                                 check="decode")
+        return list(zip(seqs, items, strict=True))
 
     def outbox_pending(self) -> list[tuple[int, list[bytes]]]:
         with self._read() as r:
-            return [(int(_U64.unpack(key)[0]), self.codec.decode(value, list[bytes], b"outbox" + bytes(key)))
-                    for key, value in r.cursor(db=self._db["outbox"])]
+            return [entry for key, value in r.cursor(db=self._db["outbox"])
+                    for entry in self._outbox_entries(bytes(key), value)]
 
     def outbox_remove(self, seqs: list[int]) -> None:
+        done = set(seqs)
         outbox = self._db["outbox"]
         with self._write(expire_step=False) as txn:
-            for seq in seqs:
-                self._with_growth(txn, functools.partial(txn.delete, outbox, _u64(seq)), adds_data=False)
+            for key, value in self._range(txn, outbox, b""):
+                held = self._outbox_seqs(key, value)
+                if done.isdisjoint(held):
+                    continue
+                self._with_growth(txn, functools.partial(txn.delete, outbox, key), adds_data=False)
+                if not done.issuperset(held):  # part of a record was logged (a publish failed half-way)
+                    record = self._outbox_record([e for e in self._outbox_entries(key, value) if e[0] not in done])
+                    self._with_growth(txn, functools.partial(txn.put, outbox, *record), adds_data=False)
 
     @contextmanager
     def _read(self) -> Iterator[lmdb.Transaction]:
@@ -547,7 +730,7 @@ class LmdbBackend(Backend):
                 ctx: Context) -> AppendReply:
         topic = ctx.envelope.topic
         conv = self._conv(conversation_id, topic)
-        msgid = self.ids.blind(_id_bytes(message.message_id, topic, "message_id"))
+        msgid = self.ids.message(_id_bytes(message.message_id, topic, "message_id"))
         count = self._count(txn, conv)
         expires_at = message.ts + (ttl or self.cfg.ttl_seconds)
         if txn.get(self._db["msgids"], msgid) is not None or expires_at <= _now(ctx):
@@ -580,12 +763,16 @@ class LmdbBackend(Backend):
             raise StoreError("conversation count and messages disagree", conversation=conv[2:].decode())
         return key
 
+    def _message(self, key: bytes, stored: bytes | memoryview) -> WorkingMessage:
+        message: WorkingMessage = self.codec.decode(stored[8:], WorkingMessage, key + bytes(stored[:8]))
+        return message
+
     def _drop_message(self, txn: _Batch, key: bytes, stored: bytes, *, index: bool = True,
                       count: bool = True) -> None:
         """Deletes a message with its id entry, and (unless the caller does) its expiry entry and count."""
-        message: WorkingMessage = self.codec.decode(stored[8:], WorkingMessage, key + stored[:8])
+        message = self._message(key, stored)
         txn.delete(self._db["messages"], key)
-        txn.delete(self._db["msgids"], self.ids.blind(message.message_id.encode()))
+        txn.delete(self._db["msgids"], self.ids.message(message.message_id.encode()))
         if index:
             txn.delete(self._db["expiry"], stored[:8] + _KIND_MESSAGE + key)
         if count:
@@ -710,7 +897,7 @@ class LmdbBackend(Backend):
         return ContextClearReply(payload.session_id, len(held))
 
     def _context_key(self, session_id: str, key: str, topic: str) -> bytes:
-        return self._session(session_id, topic) + self.ids.blind(_id_bytes(key, topic, "key"))
+        return self._session(session_id, topic) + self.ids.recurring(_id_bytes(key, topic, "key"))
 
     def _context_item(self, key: bytes, stored: bytes | memoryview) -> tuple[str, Any]:
         """(context key name, value) of a stored context entry: the name is kept in the value too, since
@@ -719,10 +906,10 @@ class LmdbBackend(Backend):
         return name, value
 
     def _conv(self, conversation_id: str, topic: str) -> bytes:
-        return _prefix(self.ids.blind(_id_bytes(conversation_id, topic, "conversation_id")))
+        return _prefix(self.ids.recurring(_id_bytes(conversation_id, topic, "conversation_id")))
 
     def _session(self, session_id: str, topic: str) -> bytes:
-        return _prefix(self.ids.blind(_id_bytes(session_id, topic, "session_id")))
+        return _prefix(self.ids.recurring(_id_bytes(session_id, topic, "session_id")))
 
     # -- inventory (membus check) ------------------------------------------------------------------
 
