@@ -839,7 +839,8 @@ class Broker:
             groups[g.name] = {"patterns": list(g.patterns), "acked": floor, "next": g.next_seq,
                               "lag": head - floor, "inflight": len(g.inflight),
                               "redelivery_pending": len(g.redeliver), "members": len(g.members),
-                              "delivered": g.delivered, "dead_letters": g.dead_letters}
+                              "delivered": g.delivered, "dead_letters": g.dead_letters,
+                              "ack_timeout_s": g.ack_timeout}
         clients = [{"name": c.name, "source": c.source, "subs": len(c.subs), "groups": sorted(c.groups),
                     "idle_s": round(time.monotonic() - c.last_seen, 2)} for c in self.clients.values()]
         counters = dict(self.counters)

@@ -142,6 +142,50 @@ def message_event(i: int, text: str) -> dict[str, Any]:
 # -- processes -----------------------------------------------------------------------------------------
 
 
+class CpuShare:
+    """CPU time during a block: used by this benchmark and its processes (broker, worker), and by everything else
+    on the machine, in cores (Linux /proc only; None elsewhere). On a shared machine the second is the noise."""
+
+    def __init__(self) -> None:
+        self.ours_s: float | None = None
+        self.others_cores: float | None = None
+
+    @staticmethod
+    def _ticks(path: str) -> list[str] | None:
+        try:
+            with open(path) as f:
+                return f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+
+    def _sample(self) -> tuple[float, float] | None:
+        """(machine busy seconds, seconds used by this process and its descendants)."""
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:8]]
+        except OSError:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        stats = {int(p): st for p in os.listdir("/proc") if p.isdigit() and (st := self._ticks(f"/proc/{p}/stat"))}
+        family, grew = {os.getpid()}, True
+        while grew:
+            kids = {pid for pid, st in stats.items() if int(st[1]) in family} - family
+            family |= kids
+            grew = bool(kids)
+        ours = sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in family if pid in stats)
+        return (sum(fields) - fields[3] - fields[4]) / hz, ours / hz
+
+    def __enter__(self) -> CpuShare:
+        self._start, self._t0 = self._sample(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end, wall = self._sample(), time.perf_counter() - self._t0
+        if self._start is not None and end is not None and wall > 0:
+            self.ours_s = end[1] - self._start[1]
+            self.others_cores = round(max(0.0, (end[0] - self._start[0]) - self.ours_s) / wall, 2)
+
+
 def _step(name: str) -> None:
     load = os.getloadavg()[0]
     print(f"[bench-stores {time.strftime('%H:%M:%S')} load {load:.2f}] {name}", file=sys.stderr, flush=True)
@@ -201,14 +245,17 @@ def through_worker(group: str, topic: str, payloads: list[dict[str, Any]],
         publish_all(bus, topic, warmup)
         wait_drained(bus, group)
         load = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        publish_all(bus, topic, payloads)
-        published = time.perf_counter() - t0
-        wait_drained(bus, group)
-        seconds = time.perf_counter() - t0
+        with CpuShare() as cpu:
+            t0 = time.perf_counter()
+            publish_all(bus, topic, payloads)
+            published = time.perf_counter() - t0
+            wait_drained(bus, group)
+            seconds = time.perf_counter() - t0
         status = bus.status()["groups"][group]
     return {"items": len(payloads), "seconds": seconds, "items_per_s": len(payloads) / seconds,
-            "publish_seconds": published, "delivered": status["delivered"], "load_at_start": load}
+            "publish_seconds": published, "delivered": status["delivered"], "load_at_start": load,
+            "cpu_ms_per_item": None if cpu.ours_s is None else 1000 * cpu.ours_s / len(payloads),
+            "others_cores": cpu.others_cores}
 
 
 # -- 1. indexing throughput ----------------------------------------------------------------------------
@@ -223,12 +270,14 @@ def raw_model() -> Any:
     return SentenceTransformer(str(bundled_model_path()), device=pick_device())
 
 
-def raw_encode(model: Any, texts: list[str]) -> tuple[float, NDArray[np.float32]]:
+def raw_encode(model: Any, texts: list[str], cpu: CpuShare | None = None) -> tuple[float, NDArray[np.float32]]:
     model.encode(texts[:ENCODE_BATCH], batch_size=ENCODE_BATCH, normalize_embeddings=True)  # warm-up
-    t = time.perf_counter()
-    vectors = model.encode(texts, batch_size=ENCODE_BATCH, normalize_embeddings=True, convert_to_numpy=True,
-                           show_progress_bar=False)
-    return time.perf_counter() - t, np.asarray(vectors, dtype=np.float32)
+    with cpu or CpuShare():
+        t = time.perf_counter()
+        vectors = model.encode(texts, batch_size=ENCODE_BATCH, normalize_embeddings=True, convert_to_numpy=True,
+                               show_progress_bar=False)
+        seconds = time.perf_counter() - t
+    return seconds, np.asarray(vectors, dtype=np.float32)
 
 
 def indexing(model: Any, count: int, rounds: int) -> tuple[dict[str, Any], NDArray[np.float32]]:
@@ -240,9 +289,12 @@ def indexing(model: Any, count: int, rounds: int) -> tuple[dict[str, Any], NDArr
     vectors = np.zeros((0, 0), dtype=np.float32)
     for r in range(rounds):
         _step(f"indexing: raw encode of {count} texts (round {r + 1})")
-        seconds, vectors = raw_encode(model, texts)
-        raw_runs.append({"seconds": seconds, "items_per_s": count / seconds,
-                         "load_at_start": os.getloadavg()[0]})
+        load = os.getloadavg()[0]
+        cpu = CpuShare()
+        seconds, vectors = raw_encode(model, texts, cpu)
+        raw_runs.append({"seconds": seconds, "items_per_s": count / seconds, "load_at_start": load,
+                         "cpu_ms_per_item": None if cpu.ours_s is None else 1000 * cpu.ours_s / count,
+                         "others_cores": cpu.others_cores})
         _step(f"indexing: {count} memory.fact.changed through the chroma worker (round {r + 1})")
         bus_runs.append(through_worker("chroma", "memory.fact.changed", events, warm))
     raw_rate = statistics.median(r["items_per_s"] for r in raw_runs)
@@ -495,7 +547,8 @@ def analytics(count: int) -> dict[str, Any]:
 PARTS = ("indexing", "search", "analytics")
 
 
-def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+def run(quick: bool, parts: tuple[str, ...] = PARTS, rounds: int | None = None,
+        texts: int | None = None) -> dict[str, Any]:
     import torch
 
     from workers.embedding import DEFAULT_MODEL, pick_device
@@ -512,9 +565,9 @@ def run(quick: bool, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     t0 = time.perf_counter()
     _step("loading the model")
     model = raw_model()
-    index_count = 300 if quick else 2000
+    index_count = texts or (300 if quick else 2000)
     if "indexing" in parts:
-        out["indexing"], pool = indexing(model, index_count, 1 if quick else 3)
+        out["indexing"], pool = indexing(model, index_count, rounds or (1 if quick else 3))
     else:
         pool = raw_encode(model, sentences(index_count))[1]
     if "search" in parts:
@@ -532,8 +585,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, one round (a smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: docs/ for a full run)")
     ap.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
+    ap.add_argument("--rounds", type=int, help="indexing: rounds of raw and bus (default 3, 1 with --quick)")
+    ap.add_argument("--texts", type=int, help="indexing: texts per round (default 2000, 300 with --quick)")
     args = ap.parse_args()
-    result = run(args.quick, tuple(args.only or PARTS))
+    result = run(args.quick, tuple(args.only or PARTS), args.rounds, args.texts)
     default = Path(tempfile.gettempdir()) / "membus-benchmarks-stores-quick.json" if args.quick \
         else ROOT / "docs" / "benchmarks-stores.json"
     out = args.out or default

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from base64 import b64encode
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from bus import keys
 from bus.home import Home, Settings
 from bus.keys import Argon2Params, KeyRing
 from bus.log import EventLog
-from bus.sealing import Blinder, KeyRingCipher, open_sealed
+from bus.sealing import Blinder, KeyRingCipher, open_sealed, seal
 from contracts.envelope import Envelope, make_envelope
 from contracts.errors import IntegrityError
 from contracts.ids import id_time_ms, new_id
@@ -389,18 +390,37 @@ def test_chroma_documents_metadata_and_tokens_sealed(tmp_path: Path, ring: KeyRi
         assert files_containing(tmp_path / "chroma", needle.encode()) == [], needle
 
 
-def test_chroma_altered_document_is_refused(tmp_path: Path, ring: KeyRing) -> None:
+def test_chroma_keeps_no_document_and_refuses_an_altered_sealed_record(tmp_path: Path, ring: KeyRing) -> None:
     store = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(), encryption=ring)
     store.open()
     log = Log()
     apply_batch(store, [log("semantic.index.request", {"collection": "memory", "id": "f1", "user_id": "u1",
                                                        "text": SECRET})])
-    stored = store.collection("memory").get(ids=["f1"], include=["documents"])["documents"][0]
-    altered = stored[:30] + ("A" if stored[30] != "A" else "B") + stored[31:]
-    store.collection("memory").update(ids=["f1"], documents=[altered])
+    got = store.collection("memory").get(ids=["f1"], include=["documents", "metadatas"])
+    assert got["documents"][0] is None  # the text is inside the sealed record, not in Chroma's text index
+    meta = dict(got["metadatas"][0])
+    sealed = str(meta["_sealed"])
+    meta["_sealed"] = sealed[:30] + ("A" if sealed[30] != "A" else "B") + sealed[31:]
+    store.collection("memory").update(ids=["f1"], metadatas=[meta])
     out = apply_batch(store, [log("memory.search.semantic.request", {"query": SECRET})])[0][0]
     store.close()
     assert out.status == "failed" and out.error is not None and out.error.code == "integrity"
+
+
+def test_chroma_reads_records_sealed_in_the_earlier_two_part_format(tmp_path: Path, ring: KeyRing) -> None:
+    store = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(), encryption=ring)
+    store.open()
+    log = Log()
+    apply_batch(store, [log("semantic.index.request", {"collection": "memory", "id": "f1", "user_id": "u1",
+                                                       "text": SECRET})])
+    meta = dict(store.collection("memory").get(ids=["f1"], include=["metadatas"])["metadatas"][0])
+    document = seal(ring.current, SECRET.encode(), b"chroma|memory|f1|document")
+    meta["_sealed"] = b64encode(seal(ring.current, b'{"user_id": "u1"}', b"chroma|memory|f1|metadata")).decode()
+    store.collection("memory").update(ids=["f1"], documents=[b64encode(document).decode()], metadatas=[meta])
+    out = apply_batch(store, [log("memory.search.semantic.request", {"query": SECRET})])[0][0]
+    store.close()
+    assert out.status == "applied"
+    assert [(h.id, h.text, h.metadata) for h in out.reply.hits] == [("f1", SECRET, {"user_id": "u1"})]
 
 
 def test_chroma_sidecar_outbox_tamper_is_refused(tmp_path: Path, ring: KeyRing) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from bus.client import Bus, reply_message
+from bus.home import Settings
 from bus.protocol import DEAD_LETTER_TOPIC
 from contracts import analytics, semantic, structured, working
 from contracts.envelope import make_envelope
@@ -207,8 +208,8 @@ def test_messages_redelivered_after_an_ack_timeout_are_applied_once(spec: Worker
     # With an ack timeout of a millisecond, whatever the worker holds at each broker tick is redelivered,
     # while the first delivery still waits in the worker's queue or is being applied.
     broker_env = {"MEMBUS_ACK_TIMEOUT_S": "0.001", "MEMBUS_MAX_ATTEMPTS": "100000"}
-    with System(tmp_path / "home", broker_env=broker_env,
-                worker_env={"MEMBUS_WORKER_BATCH_SIZE": "50"}) as system:
+    worker_env = {"MEMBUS_WORKER_BATCH_SIZE": "50", "MEMBUS_WORKER_ACK_TIMEOUT_S": "0.001"}
+    with System(tmp_path / "home", broker_env=broker_env, worker_env=worker_env) as system:
         bus = system.bus
         n = 2000
         publish_all(bus, spec.write_topic, [spec.write(i) for i in range(n)])
@@ -219,6 +220,17 @@ def test_messages_redelivered_after_an_ack_timeout_are_applied_once(spec: Worker
         assert st["applied"] == n, f"{st['applied']} applications for {n} writes"
         assert_each_write_once(spec, bus, n)
         assert_one_change_event_per_write(spec, bus)
+
+
+def test_a_slow_store_joins_its_group_with_its_own_ack_timeout(system: System) -> None:
+    if import_error("chroma"):
+        pytest.skip(f"worker 'chroma' cannot be imported: {import_error('chroma')}")
+    system.worker("chroma")
+    system.worker("lmdb")
+    wait_until(lambda: {"chroma", "lmdb"} <= set(system.bus.status()["groups"]), timeout=30)
+    groups = system.bus.status()["groups"]
+    assert groups["chroma"]["ack_timeout_s"] == load("chroma").ack_timeout_s > Settings().ack_timeout_s
+    assert groups["lmdb"]["ack_timeout_s"] == Settings().ack_timeout_s
 
 
 def test_kill_9_mid_batch_resumes_with_nothing_lost_or_doubled(spec: WorkerSpec, system: System) -> None:

@@ -65,6 +65,9 @@ class Backend(ABC):
     """The worker's name; also its consumer group and its folder under the data dir."""
     patterns: ClassVar[tuple[str, ...]]
     """Topic patterns the worker's consumer group receives."""
+    ack_timeout_s: ClassVar[float | None] = None
+    """How long the broker waits for an ack before it redelivers; None: the broker's default. A store whose
+    batches take long sets more (a dead worker is still noticed at once, by its connection and heartbeats)."""
     handlers: ClassVar[dict[str, Callable[..., Any]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

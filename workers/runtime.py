@@ -47,13 +47,14 @@ class _Flight:
 
 class WorkerRuntime:
     def __init__(self, name: str, home: Home, *, batch_size: int = 500, max_attempts: int = 5,
-                 retry_backoff_s: float = 0.2, **settings: Any) -> None:
+                 retry_backoff_s: float = 0.2, ack_timeout_s: float | None = None, **settings: Any) -> None:
         self.name = name
         self.home = home
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.retry_backoff_s = retry_backoff_s
         self.backend: Backend = load(name)(home.data_dir(name), **settings)
+        self.ack_timeout_s = ack_timeout_s or self.backend.ack_timeout_s
         self._stop = False
         self.stats: dict[str, Any] = {"worker": name, "pid": os.getpid(), "applied": 0, "observed": 0, "failed": 0,
                                       "skipped": 0, "retried": 0, "dead_lettered": 0, "batches": 0,
@@ -88,7 +89,7 @@ class WorkerRuntime:
                 self.stats["position"] = position
                 log.info("worker.started", position=position, patterns=list(self.backend.patterns))
                 with bus.consume(self.name, list(self.backend.patterns), credit=2 * self.batch_size,
-                                 from_seq=position + 1) as consumer:
+                                 ack_timeout=self.ack_timeout_s, from_seq=position + 1) as consumer:
                     # Two batches overlap: while the broker logs one batch's outbox, the next one is applied.
                     flight: _Flight | None = None
                     while not self._stop:
@@ -241,7 +242,7 @@ def read_worker_status(home: Home) -> dict[str, dict[str, Any]]:
 
 
 RUNTIME_ENV = {"batch_size": "MEMBUS_WORKER_BATCH_SIZE", "max_attempts": "MEMBUS_WORKER_MAX_ATTEMPTS",
-               "retry_backoff_s": "MEMBUS_WORKER_RETRY_BACKOFF_S"}
+               "retry_backoff_s": "MEMBUS_WORKER_RETRY_BACKOFF_S", "ack_timeout_s": "MEMBUS_WORKER_ACK_TIMEOUT_S"}
 """Runtime settings a deployment (or a test) can set from the environment."""
 
 
@@ -249,7 +250,7 @@ def runtime_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, var in RUNTIME_ENV.items():
         if environ.get(var):
-            out[key] = float(environ[var]) if key == "retry_backoff_s" else int(environ[var])
+            out[key] = float(environ[var]) if key.endswith("_s") else int(environ[var])
     return out
 
 
