@@ -5,8 +5,43 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import MutableMapping
+from contextvars import ContextVar
+from typing import Any
 
 import structlog
+
+from contracts.envelope import Envelope
+
+_handling: ContextVar[tuple[Envelope, str] | None] = ContextVar("membus_handling", default=None)
+
+
+class handling:  # lower case, like contextlib.suppress: it reads as `with handling(envelope, worker):`
+    """Lines logged inside carry the message's topic, seq and correlation id, and the worker. One context
+    variable set per message; the fields are only built for a line that is actually written."""
+
+    __slots__ = ("_token", "_value")
+
+    def __init__(self, envelope: Envelope, worker: str) -> None:
+        self._value = (envelope, worker)
+
+    def __enter__(self) -> None:
+        self._token = _handling.set(self._value)
+
+    def __exit__(self, *exc: object) -> None:
+        _handling.reset(self._token)
+
+
+def add_message_fields(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the fields of the message being handled (see :func:`handling`)."""
+    current = _handling.get()
+    if current is not None:
+        envelope, worker = current
+        event.setdefault("topic", envelope.topic)
+        event.setdefault("seq", envelope.seq)
+        event.setdefault("correlation_id", envelope.correlation_id)
+        event.setdefault("worker", worker)
+    return event
 
 
 def configure(*, level: str | None = None, json: bool | None = None, process: str = "") -> None:
@@ -15,6 +50,7 @@ def configure(*, level: str | None = None, json: bool | None = None, process: st
     as_json = json if json is not None else (os.environ.get("MEMBUS_LOG_JSON") == "1" or not sys.stderr.isatty())
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_message_fields,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

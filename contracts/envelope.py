@@ -85,13 +85,14 @@ def encode_new(
     correlation_id: str = "",
     causation_id: str = "",
     reply_to: str = "",
+    recipient: str = "",
     headers: dict[str, str] | None = None,
     message_id: str | None = None,
 ) -> tuple[str, bytes]:
     """(id, wire bytes) of ``make_envelope(...)`` without building the Struct: the publish hot path."""
     mid = message_id or new_id()
     return mid, _encoder.encode((mid, topic, msgspec.Raw(payload_bytes), 0, time.time_ns(), "",
-                                 correlation_id or mid, causation_id, reply_to, "", CONTRACT_VERSION,
+                                 correlation_id or mid, causation_id, reply_to, recipient, CONTRACT_VERSION,
                                  headers or _NO_HEADERS))
 
 

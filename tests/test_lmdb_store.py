@@ -10,9 +10,12 @@ from typing import Any
 
 import msgspec
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 import contracts.structured  # noqa: F401  (the libSQL contract of conversation.message.changed)
 from bus.keys import DerivedKey, KeyRing
+from bus.logs import add_message_fields
 from contracts.envelope import Envelope, decode_envelope, make_envelope
 from contracts.errors import StoreFull
 from contracts.registry import decode_payload, encode_payload
@@ -508,6 +511,19 @@ def test_an_invalid_payload_fails_naming_the_topic_and_field(store: LmdbBackend,
     assert store.load_position() == 1
     [(_, reply, body)] = published(store)
     assert reply.topic == "working.message.append.failed" and body["fields"]["field"] == "conversation_id"
+
+
+def test_a_failure_is_logged_with_the_message_topic_seq_correlation_id_and_worker(store: LmdbBackend) -> None:
+    bad = make_envelope(APPEND, msgspec.msgpack.encode({"conversation_id": 123}), reply_to="inbox.t",
+                        correlation_id="corr-1")
+    with capture_logs(processors=[add_message_fields]) as logs:
+        one(store, msgspec.structs.replace(bad, seq=7))
+        structlog.get_logger().info("after")  # logged outside any message: carries none of its fields
+    [failed] = [e for e in logs if e["event"] == "message.failed"]
+    assert {k: failed[k] for k in ("topic", "seq", "correlation_id", "worker")} == {
+        "topic": APPEND, "seq": 7, "correlation_id": "corr-1", "worker": "lmdb"}
+    [after] = [e for e in logs if e["event"] == "after"]
+    assert not {"topic", "seq", "correlation_id", "worker"} & set(after)
 
 
 def test_an_id_too_long_for_a_key_fails_naming_the_field(store: LmdbBackend, log: Log) -> None:

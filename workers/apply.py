@@ -14,8 +14,9 @@ from typing import Any
 
 import structlog
 
+from bus.logs import handling
 from bus.protocol import DEAD_LETTER_TOPIC
-from contracts.envelope import Envelope, encode_envelope, make_envelope
+from contracts.envelope import Envelope, encode_new
 from contracts.errors import BusError, HandlerError, UnknownTopic
 from contracts.registry import decode_payload, encode_payload, to_builtins
 from contracts.topics import reply_topics
@@ -47,16 +48,16 @@ def derived_id(worker: str, seq: int, index: int) -> str:
 
 def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
     """The encoded change events, then the reply, that an outcome publishes."""
-    out: list[Envelope] = []
+    out: list[bytes] = []
     for i, (topic, payload) in enumerate(outcome.events):
-        out.append(make_envelope(topic, encode_payload(topic, payload), correlation_id=env.correlation_id,
-                                 causation_id=env.id, message_id=derived_id(worker, env.seq, i)))
+        out.append(encode_new(topic, encode_payload(topic, payload), correlation_id=env.correlation_id,
+                              causation_id=env.id, message_id=derived_id(worker, env.seq, i))[1])
     if outcome.status == "failed" and isinstance(outcome.error, HandlerError):
         dead = {"group": worker, "seq": env.seq, "topic": env.topic, "message_id": env.id,
                 "attempts": outcome.error.fields.get("attempts", 0), "reason": outcome.error.message}
-        out.append(make_envelope(DEAD_LETTER_TOPIC, encode_payload(DEAD_LETTER_TOPIC, dead),
-                                 correlation_id=env.correlation_id, causation_id=env.id,
-                                 message_id=derived_id(worker, env.seq, 999)))
+        out.append(encode_new(DEAD_LETTER_TOPIC, encode_payload(DEAD_LETTER_TOPIC, dead),
+                              correlation_id=env.correlation_id, causation_id=env.id,
+                              message_id=derived_id(worker, env.seq, 999))[1])
     if env.reply_to and outcome.status in ("applied", "failed"):
         complete, failed = reply_topics(env.topic)
         if outcome.status == "applied":
@@ -64,9 +65,9 @@ def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
         else:
             assert outcome.error is not None
             topic, body = failed, encode_payload(failed, outcome.error.to_wire())
-        out.append(make_envelope(topic, body, correlation_id=env.correlation_id, causation_id=env.id,
-                                 recipient=env.reply_to, message_id=derived_id(worker, env.seq, 1000)))
-    return [encode_envelope(e) for e in out]
+        out.append(encode_new(topic, body, correlation_id=env.correlation_id, causation_id=env.id,
+                              recipient=env.reply_to, message_id=derived_id(worker, env.seq, 1000))[1])
+    return out
 
 
 def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None = None,
@@ -111,9 +112,7 @@ def _apply_one(backend: Backend, txn: Any, env: Envelope, final: int) -> Outcome
     """``final``: the number of this attempt when it is the last one, else 0."""
     handler = backend.handlers.get(env.topic)
     ctx = Context(seq=env.seq, envelope=env, worker=backend.name)
-    bound = structlog.contextvars.bound_contextvars(topic=env.topic, seq=env.seq,
-                                                    correlation_id=env.correlation_id, worker=backend.name)
-    with bound:
+    with handling(env, backend.name):
         try:
             if handler is None and backend.observes(env.topic):
                 try:
