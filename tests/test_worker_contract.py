@@ -9,6 +9,7 @@ read every effect back, and a request the worker must refuse with a ValidationEr
 from __future__ import annotations
 
 import functools
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from bus.client import Bus, reply_message
-from bus.home import Settings
+from bus.home import Home, Settings
 from bus.protocol import DEAD_LETTER_TOPIC
 from contracts import analytics, semantic, structured, working
 from contracts.envelope import make_envelope
@@ -354,6 +355,31 @@ def test_while_a_worker_is_down_the_bus_and_other_stores_work_and_it_catches_up(
     wait_caught_up(bus, spec.name)
     assert_each_write_once(spec, bus, n)
     assert_one_change_event_per_write(spec, bus)
+
+
+def test_a_store_that_lost_its_last_commits_catches_up_from_the_log_with_nothing_doubled(
+        spec: WorkerSpec, system: System, tmp_path: Path) -> None:
+    """What an OS crash can do to a store that does not sync every commit (LMDB with metasync off, SQLite
+    with synchronous=NORMAL): its newest transactions are gone, position included. The log still has them."""
+    bus = system.bus
+    worker = system.worker(spec.name)
+    n = 150
+    publish_all(bus, spec.write_topic, [spec.write(i) for i in range(n)])
+    wait_caught_up(bus, spec.name)
+    assert worker.stop() == 0, worker.log_tail()
+    store = Home(system.home).data_dir(spec.name)
+    shutil.copytree(store, tmp_path / "before")
+    worker = system.worker(spec.name)
+    publish_all(bus, spec.write_topic, [spec.write(i) for i in range(n, 2 * n)])
+    wait_caught_up(bus, spec.name)
+    assert worker.stop() == 0, worker.log_tail()
+    shutil.rmtree(store)
+    shutil.copytree(tmp_path / "before", store)
+    worker = system.worker(spec.name)
+    wait_caught_up(bus, spec.name)
+    assert_each_write_once(spec, bus, 2 * n)
+    assert_one_change_event_per_write(spec, bus)
+    assert worker.fresh_status()["applied"] >= n, "the lost commits were not applied again"
 
 
 def test_a_killed_worker_still_listed_as_member_makes_nothing_dead_letter(system: System) -> None:

@@ -190,7 +190,9 @@ class LibsqlBackend(Backend):
     def open(self) -> None:
         """Opens the file (WAL, busy timeout, foreign keys on) and brings its schema to the latest version."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        synchronous = str(self.settings.get("synchronous", "FULL")).upper()
+        # NORMAL in WAL mode: an OS crash can roll back the newest commits, position included (the file stays
+        # consistent); the worker resumes from its older position and the log re-applies them
+        synchronous = str(self.settings.get("synchronous", "NORMAL")).upper()
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValidationError(
                 f"invalid libsql setting synchronous={synchronous!r}",

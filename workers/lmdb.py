@@ -440,7 +440,10 @@ class LmdbBackend(Backend):
         used = data_file.stat().st_size if data_file.exists() else 0
         map_size = max(self.cfg.map_size, min(self.cfg.max_map_size, 2 * used))
         try:
-            env = lmdb.open(str(path), map_size=map_size, max_dbs=len(_DATABASES), subdir=True)
+            # metasync off: a commit syncs its data pages but not the meta page, so an OS crash can undo the
+            # last commit, position included (the file stays consistent). The worker then resumes from its
+            # older position and the log re-applies what was undone; a process crash loses nothing.
+            env = lmdb.open(str(path), map_size=map_size, max_dbs=len(_DATABASES), subdir=True, metasync=False)
         except lmdb.Error as exc:
             raise StoreError(f"cannot open LMDB environment {path}: {exc}", path=str(path)) from exc
         try:
@@ -488,6 +491,7 @@ class LmdbBackend(Backend):
 
     def close(self) -> None:
         if self.env is not None:
+            self.env.sync(True)
             self.env.close()
             _opened.discard(self.data_dir.resolve())
             self.env = None
