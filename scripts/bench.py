@@ -10,9 +10,12 @@ Every figure comes from this run on this machine; medians of --runs runs with mi
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,9 +41,20 @@ PAYLOAD = 256
 # -- processes --------------------------------------------------------------------------------------
 
 
+@functools.cache
+def temporary_config() -> str:
+    """A config folder for this run, deleted at exit, in this process's environment so that every process it
+    starts inherits it: a temporary home without an OS keyring keeps its key file there, not in ~/.config."""
+    folder = tempfile.mkdtemp(prefix="membus-bench-config-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["XDG_CONFIG_HOME"] = folder
+    return folder
+
+
 @contextmanager
 def system(workers: tuple[str, ...] = ()) -> Iterator[Path]:
     """A broker (and workers) in a temporary home, always stopped."""
+    temporary_config()
     with tempfile.TemporaryDirectory(prefix="membus-bench-") as tmp:
         home = Path(tmp) / "home"
         env = {**os.environ, "MEMBUS_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1"}

@@ -260,8 +260,9 @@ def tables(result: dict[str, Any], images: list[str]) -> str:
     for worker in ("lmdb", "libsql"):
         r = m.get(f"store_pipeline_{worker}")
         if r:
-            add(f"| membus, {worker} worker | log: group commit + fsync; store: one synced transaction per batch, "
-                f"sealed | {_spread(r, 'req_per_s')} | "
+            store = "metasync off" if worker == "lmdb" else "WAL, synchronous=NORMAL"
+            add(f"| membus, {worker} worker | log: group commit + fsync; store: one transaction per batch ({store}: "
+                f"an OS crash can undo the newest, re-applied from the log), sealed | {_spread(r, 'req_per_s')} | "
                 f"{lat_at(1000, m.get(f'store_latency_{worker}_1000'))} | "
                 f"{lat_at(10_000, m.get(f'store_latency_{worker}_10000'))} | |")
     for r in _peer_pipelines(result, "max_throughput"):

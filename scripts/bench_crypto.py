@@ -8,7 +8,7 @@ Encryption on and off run in the same process, alternately (``MEMBUS_ENCRYPTION`
 homes of scripts/bench.py through the environment), and the medians are compared. The LMDB pipeline also
 reports the CPU time per request of the broker, the worker and the requester (from ``/proc``), which other
 jobs on the machine disturb much less than the wall-clock rate. Key files of the temporary homes go to a
-temporary config folder, never to ``~/.config``.
+temporary config folder (``bench.temporary_config``), never to ``~/.config``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -161,9 +160,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="off/on pairs of each comparison (default 3)")
     ap.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="membus-bench-keys-") as config:
-        os.environ["XDG_CONFIG_HOME"] = config  # key files of the temporary homes
-        result = run(args.quick, 1 if args.quick else args.runs, tuple(args.only or PARTS))
+    result = run(args.quick, 1 if args.quick else args.runs, tuple(args.only or PARTS))
     print(json.dumps(result, indent=2, default=str))
 
 
