@@ -390,12 +390,23 @@ def test_chroma_documents_metadata_and_tokens_sealed(tmp_path: Path, ring: KeyRi
         assert files_containing(tmp_path / "chroma", needle.encode()) == [], needle
 
 
-def test_chroma_keeps_no_document_and_refuses_an_altered_sealed_record(tmp_path: Path, ring: KeyRing) -> None:
+@pytest.fixture
+def sealed_fact(tmp_path: Path, ring: KeyRing) -> Iterator[tuple[ChromaBackend, Log]]:
+    """An encrypted chroma store holding fact f1 (user u1, text SECRET), and the log that wrote it."""
     store = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(), encryption=ring)
     store.open()
     log = Log()
     apply_batch(store, [log("semantic.index.request", {"collection": "memory", "id": "f1", "user_id": "u1",
                                                        "text": SECRET})])
+    try:
+        yield store, log
+    finally:
+        store.close()
+
+
+def test_chroma_keeps_no_document_and_refuses_an_altered_sealed_record(
+        sealed_fact: tuple[ChromaBackend, Log]) -> None:
+    store, log = sealed_fact
     got = store.collection("memory").get(ids=["f1"], include=["documents", "metadatas"])
     assert got["documents"][0] is None  # the text is inside the sealed record, not in Chroma's text index
     meta = dict(got["metadatas"][0])
@@ -403,22 +414,17 @@ def test_chroma_keeps_no_document_and_refuses_an_altered_sealed_record(tmp_path:
     meta["_sealed"] = sealed[:30] + ("A" if sealed[30] != "A" else "B") + sealed[31:]
     store.collection("memory").update(ids=["f1"], metadatas=[meta])
     out = apply_batch(store, [log("memory.search.semantic.request", {"query": SECRET})])[0][0]
-    store.close()
     assert out.status == "failed" and out.error is not None and out.error.code == "integrity"
 
 
-def test_chroma_reads_records_sealed_in_the_earlier_two_part_format(tmp_path: Path, ring: KeyRing) -> None:
-    store = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(), encryption=ring)
-    store.open()
-    log = Log()
-    apply_batch(store, [log("semantic.index.request", {"collection": "memory", "id": "f1", "user_id": "u1",
-                                                       "text": SECRET})])
+def test_chroma_reads_records_sealed_in_the_earlier_two_part_format(
+        sealed_fact: tuple[ChromaBackend, Log], ring: KeyRing) -> None:
+    store, log = sealed_fact
     meta = dict(store.collection("memory").get(ids=["f1"], include=["metadatas"])["metadatas"][0])
     document = seal(ring.current, SECRET.encode(), b"chroma|memory|f1|document")
     meta["_sealed"] = b64encode(seal(ring.current, b'{"user_id": "u1"}', b"chroma|memory|f1|metadata")).decode()
     store.collection("memory").update(ids=["f1"], documents=[b64encode(document).decode()], metadatas=[meta])
     out = apply_batch(store, [log("memory.search.semantic.request", {"query": SECRET})])[0][0]
-    store.close()
     assert out.status == "applied"
     assert [(h.id, h.text, h.metadata) for h in out.reply.hits] == [("f1", SECRET, {"user_id": "u1"})]
 
