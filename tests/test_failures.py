@@ -167,7 +167,9 @@ def test_live_subscriber_that_misses_messages_recovers_them_from_the_log(bus: Bu
 
 
 def test_broker_drops_live_frames_for_a_stuck_subscriber_and_says_where_the_gap_is(tmp_path: Path) -> None:
-    b = BrokerProcess(tmp_path / "home", env={"MEMBUS_LIVE_HWM": "5"}).start()
+    # The raw socket sends no heartbeats while the test publishes 40 MB; a loaded machine may take longer
+    # than the default 5 s client timeout, and a dropped client would get no frames at all.
+    b = BrokerProcess(tmp_path / "home", env={"MEMBUS_LIVE_HWM": "5", "MEMBUS_CLIENT_TIMEOUT_S": "600"}).start()
     try:
         s = _raw_socket(b)
         s.rcvhwm = 5
