@@ -9,10 +9,15 @@ LMDB, one environment, named databases:
 
 A record is ``header | topic | body``. The header is version (1 byte), key id (2
 bytes, 0 = plaintext), logged-at time (unix ns, 8 bytes, non-decreasing along the
-log) and topic length (1 byte). The body is the envelope's MessagePack, or, when
-the key id is not 0, the envelope sealed (nonce and tag inside the body) with the
-seq and topic bound as associated data. Everything appended in one call is
-committed with one fsync (group commit).
+log) and topic length (1 byte). Version 1: the body is the envelope's MessagePack
+(key id 0), or the envelope sealed on its own with the seq and topic bound as
+associated data. Version 2 (what a sealing log writes): records are sealed in
+blocks of up to 64 consecutive seqs with one AES-GCM call; each record's body is
+``index in block (2) | block length (2) | its slice of the block's seal``, and the
+slices of a block, joined in seq order, are one sealed record (bus/sealing.py) whose
+associated data binds the first seq, the count, and every record's topic and length.
+Reading one record opens its whole block (a one-block cache serves the neighbours).
+Everything appended in one call is committed with one fsync (group commit).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import lmdb
 import msgspec
 import structlog
 
+from bus.sealing import OVERHEAD, TAG_LEN
 from contracts.envelope import Envelope, encode_envelope
 from contracts.errors import IntegrityError, StoreError, StoreFull
 from contracts.topics import matches_any
@@ -35,8 +41,19 @@ from contracts.topics import matches_any
 log = structlog.get_logger("membus.log")
 
 RECORD_VERSION = 1
+BLOCK_VERSION = 2
+BLOCK_RECORDS = 64
+BLOCK_BYTES = 64 << 10
+"""A block closes at 64 records or 64 KB of envelopes: one AES-GCM call and one nonce for all of them, and a
+reader of one record opens at most that much."""
 _HEADER = struct.Struct(">BHQB")
 _SEQ = struct.Struct(">Q")
+_PLACE = struct.Struct(">HH")
+"""A block record's index in its block and the block's length."""
+_BLOCK_AAD = struct.Struct(">QH")
+_LEN = struct.Struct(">I")
+_SEAL_LEAD = OVERHEAD - TAG_LEN
+"""The sealed record's version, key id and nonce: the first record of a block carries them, the last the tag."""
 _group_codec_enc = msgspec.msgpack.Encoder()
 _group_codec_dec = msgspec.msgpack.Decoder()
 
@@ -46,10 +63,8 @@ class RecordCipher(Protocol):
 
     key_id: int
 
-    def seal(self, body: bytes, aad: bytes) -> bytes: ...
-
-    def sealer(self) -> Callable[[bytes, bytes], bytes]:
-        """A sealing function for one batch: ``seal(body, aad)`` (nonces drawn once per batch)."""
+    def seal(self, body: bytes, aad: bytes) -> bytes:
+        """``version (1) | key id (8) | nonce (12) | ciphertext | tag (16)``: what the block slices split."""
         ...
 
     def open(self, key_id: int, blob: bytes, aad: bytes) -> bytes: ...
@@ -110,11 +125,12 @@ class EventLog:
         self._pending_ids: dict[bytes, bytes] = {}
         """Message id -> seq of prepared, not yet committed records: a retry in between is still a duplicate."""
         self._last_ns = 0
+        self._last_block: tuple[int, int, list[bytes]] | None = None
 
     def open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         env = lmdb.open(str(self.path), map_size=self.map_size, max_dbs=8, sync=True, metasync=True,
-                        readahead=False, meminit=False)
+                        readahead=False)
         self._env = env
         self._log = env.open_db(b"log")
         self._ids = env.open_db(b"ids")
@@ -185,12 +201,14 @@ class EventLog:
         results: list[int | Rejected] = []
         head = self._assigned
         first = head + 1
-        seal = None if self.cipher is None else self.cipher.sealer()
+        sealing = self.cipher is not None
         key_id = 0 if self.cipher is None else self.cipher.key_id
+        version = BLOCK_VERSION if sealing else RECORD_VERSION
         logged_ns = max(time.time_ns(), self._last_ns)  # one logged-at time per batch
         prefixes: dict[str, bytes] = {}
         """topic -> record header + topic: the same for every record of a topic in this batch."""
         rows: list[tuple[bytes, bytes]] = []
+        prefixes_of_rows: list[bytes] = []
         plain: list[bytes] = []
         id_rows: list[tuple[bytes, bytes]] = []
         corr_rows: list[tuple[bytes, bytes]] = []
@@ -215,7 +233,7 @@ class EventLog:
                     topic_b = topic.encode()
                     if len(topic_b) > 255:
                         raise Rejected("validation", f"topic longer than 255 bytes: {topic[:40]}...")
-                    prefix = prefixes[topic] = _HEADER.pack(RECORD_VERSION, key_id, logged_ns, len(topic_b)) + topic_b
+                    prefix = prefixes[topic] = _HEADER.pack(version, key_id, logged_ns, len(topic_b)) + topic_b
             except Rejected as exc:
                 results.append(exc)
                 continue
@@ -224,17 +242,50 @@ class EventLog:
             key = pack_seq(head)
             body = encode(env)
             plain.append(body)
-            rows.append((key, prefix + (body if seal is None else seal(body, key + prefix[_HEADER.size:]))))
+            if sealing:
+                prefixes_of_rows.append(prefix)
+            else:
+                rows.append((key, prefix + body))
             pending[id_b] = key
             id_rows.append((id_b, key))
             cid = env.correlation_id
             if cid and cid != env.id:
                 corr_rows.append((cid.encode() + b"\x00" + key, b""))
             results.append(head)
+        if sealing and plain:
+            rows = self._sealed_rows(first, prefixes_of_rows, plain)
         if rows:
             self._last_ns = logged_ns
         self._assigned = head
         return Prepared(results, rows, id_rows, corr_rows, plain, first, head, groups or {})
+
+    def _sealed_rows(self, first: int, prefixes: list[bytes], bodies: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """The rows of records ``first``.. sealed in blocks (``prefixes``: each record's header + topic)."""
+        assert self.cipher is not None
+        seal, pack_seq, pack_place, pack_len = self.cipher.seal, _SEQ.pack, _PLACE.pack, _LEN.pack
+        rows: list[tuple[bytes, bytes]] = []
+        start, total = 0, len(bodies)
+        while start < total:
+            end, size = start, 0
+            while end < total and end - start < BLOCK_RECORDS and (
+                    end == start or size + len(bodies[end]) <= BLOCK_BYTES):
+                size += len(bodies[end])
+                end += 1
+            n = end - start
+            block_bodies = bodies[start:end]
+            aad = [_BLOCK_AAD.pack(first + start, n)]
+            for prefix, body in zip(prefixes[start:end], block_bodies, strict=True):
+                aad.append(prefix[_HEADER.size - 1:])
+                aad.append(pack_len(len(body)))
+            sealed = memoryview(seal(b"".join(block_bodies), b"".join(aad)))
+            cut = _SEAL_LEAD
+            for i, body in enumerate(block_bodies):
+                lo, cut = (0 if i == 0 else cut), cut + len(body)
+                hi = len(sealed) if i == n - 1 else cut
+                seq = first + start + i
+                rows.append((pack_seq(seq), b"".join((prefixes[start + i], pack_place(i, n), sealed[lo:hi]))))
+            start = end
+        return rows
 
     def write(self, batches: Sequence[Prepared]) -> None:
         """Writes prepared batches in one transaction and commits it with one fsync (any thread; one at a time).
@@ -278,19 +329,68 @@ class EventLog:
 
     def _decode(self, key: bytes, raw: bytes | memoryview[int]) -> Record:
         version, key_id, logged_ns, tlen = _HEADER.unpack_from(raw)
-        if version != RECORD_VERSION:
-            raise IntegrityError(f"log record {_SEQ.unpack(key)[0]} has unknown format {version}")
+        seq = _SEQ.unpack(key)[0]
+        if version not in (RECORD_VERSION, BLOCK_VERSION):
+            raise IntegrityError(f"log record {seq} has unknown format {version}", check="version", seq=seq)
         start = _HEADER.size
         topic_b = bytes(raw[start:start + tlen])
-        body = bytes(raw[start + tlen:])
-        if key_id:
-            if self.cipher is None:
-                raise IntegrityError("log record is sealed but no key is loaded", seq=_SEQ.unpack(key)[0])
-            body = self.cipher.open(key_id, body, key + topic_b)
-        elif self.cipher is not None:  # the header's key id is not authenticated: 0 would be a downgrade
-            raise IntegrityError("log record is not sealed but encryption is on", seq=_SEQ.unpack(key)[0],
-                                 check="downgrade")
-        return Record(_SEQ.unpack(key)[0], topic_b.decode(), logged_ns, body)
+        if key_id == 0 and self.cipher is not None:  # the header's key id is not authenticated: 0 is a downgrade
+            raise IntegrityError("log record is not sealed but encryption is on", seq=seq, check="downgrade")
+        if (key_id or version == BLOCK_VERSION) and self.cipher is None:
+            raise IntegrityError("log record is sealed but no key is loaded", seq=seq)
+        if version == BLOCK_VERSION:
+            index, count = _PLACE.unpack_from(raw, start + tlen)
+            body = self._block(seq - index, count)[index]
+        elif key_id:
+            assert self.cipher is not None
+            body = self.cipher.open(key_id, bytes(raw[start + tlen:]), key + topic_b)
+        else:
+            body = bytes(raw[start + tlen:])
+        return Record(seq, topic_b.decode(), logged_ns, body)
+
+    def _block(self, first: int, count: int) -> list[bytes]:
+        """The envelopes of the block of records ``first``..``first + count - 1``, opened (the last one cached)."""
+        cached = self._last_block
+        if cached is not None and cached[0] == first and cached[1] == count:
+            return cached[2]
+        with self.env.begin(buffers=True) as txn:
+            bodies = self._open_block(txn, first, count)
+        self._last_block = (first, count, bodies)
+        return bodies
+
+    def _open_block(self, txn: lmdb.Transaction, first: int, count: int) -> list[bytes]:
+        assert self.cipher is not None
+        slices: list[memoryview[int] | bytes] = []
+        aad: list[bytes] = [_BLOCK_AAD.pack(first, count)]
+        lengths: list[int] = []
+        block_key_id = None
+        for index in range(count):
+            seq = first + index
+            raw = txn.get(_SEQ.pack(seq), db=self._log)
+            if raw is None:
+                raise IntegrityError(f"log record {seq} of the block at {first} is missing", check="block", seq=seq)
+            version, key_id, _ns, tlen = _HEADER.unpack_from(raw)
+            start = _HEADER.size + tlen
+            if version != BLOCK_VERSION or _PLACE.unpack_from(raw, start) != (index, count) or (
+                    block_key_id is not None and key_id != block_key_id):
+                raise IntegrityError(f"log record {seq} does not belong to the block at {first}", check="block",
+                                     seq=seq)
+            block_key_id = key_id
+            piece = raw[start + _PLACE.size:]
+            length = len(piece) - (_SEAL_LEAD if index == 0 else 0) - (TAG_LEN if index == count - 1 else 0)
+            if length < 0:
+                raise IntegrityError(f"log record {seq} is too short", check="length", seq=seq)
+            slices.append(piece)
+            aad.append(bytes(raw[_HEADER.size - 1:start]))
+            aad.append(_LEN.pack(length))
+            lengths.append(length)
+        assert block_key_id is not None
+        plain = memoryview(self.cipher.open(block_key_id, b"".join(slices), b"".join(aad)))
+        bodies, at = [], 0
+        for length in lengths:
+            bodies.append(bytes(plain[at:at + length]))
+            at += length
+        return bodies
 
     def get(self, seq: int) -> Record | None:
         with self.env.begin(buffers=True) as txn:
@@ -401,27 +501,44 @@ class EventLog:
             rows: list[tuple[bytes, bytes]] = []
             with self.env.begin(write=True) as txn:
                 cur = txn.cursor(db=self._log)
-                if not cur.set_range(_SEQ.pack(seq)):
-                    break
-                for key, raw in cur:
-                    seq = _SEQ.unpack(key)[0] + 1
+                while len(rows) < batch:
+                    if not cur.set_range(_SEQ.pack(seq)):
+                        seq = self.head + 1
+                        break
+                    key, raw = cur.key(), cur.value()
+                    seq = _SEQ.unpack(key)[0]
                     version, key_id, logged_ns, tlen = _HEADER.unpack_from(raw)
+                    if version == BLOCK_VERSION:
+                        index, count = _PLACE.unpack_from(raw, _HEADER.size + tlen)
+                        if key_id != cipher.key_id:
+                            rows.extend(self._resealed_block(txn, seq - index, count))
+                        seq += count - index
+                        continue
                     if key_id != cipher.key_id:
                         topic_b = raw[_HEADER.size:_HEADER.size + tlen]
                         # key id 0: a record from before encryption was turned on, sealed now
                         plain = raw[_HEADER.size + tlen:] if key_id == 0 else self._decode(key, raw).body
-                        body = cipher.seal(plain, key + topic_b)
                         header = _HEADER.pack(version, cipher.key_id, logged_ns, tlen)
-                        rows.append((key, header + topic_b + body))
-                    if len(rows) >= batch:
-                        break
-                else:
-                    seq = self.head + 1
+                        rows.append((key, header + topic_b + cipher.seal(plain, key + topic_b)))
+                    seq += 1
                 for key, value in rows:
                     txn.put(key, value, db=self._log)
             done += len(rows)
+        self._last_block = None
         log.info("log.resealed", records=done, key_id=cipher.key_id)
         return done
+
+    def _resealed_block(self, txn: lmdb.Transaction, first: int, count: int) -> list[tuple[bytes, bytes]]:
+        assert self.cipher is not None
+        bodies = self._open_block(txn, first, count)
+        prefixes = []
+        for seq in range(first, first + count):
+            raw = txn.get(_SEQ.pack(seq), db=self._log)
+            assert raw is not None, "_open_block read every record of the block"
+            _version, _key_id, logged_ns, tlen = _HEADER.unpack_from(raw)
+            prefixes.append(_HEADER.pack(BLOCK_VERSION, self.cipher.key_id, logged_ns, tlen)
+                            + raw[_HEADER.size:_HEADER.size + tlen])
+        return self._sealed_rows(first, prefixes, bodies)
 
     def stats(self) -> dict[str, Any]:
         info = self.env.info()

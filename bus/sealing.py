@@ -8,17 +8,14 @@ The header (version + key id) and the caller's associated data (the record's pla
 the log, the LMDB key, ``table + rowid + column`` for libSQL) are authenticated, so a record moved to
 another place, a changed byte, a wrong key or a wrong aad all raise IntegrityError; wrong data is never
 returned. Nonces are random 96-bit: safe for 2**32 records per derived key (NIST SP 800-38D), and every
-purpose and every generation has its own key. ``sealer`` (the log's batches) draws one random 96-bit
-nonce per batch and counts up from it for the records after the first: the same bound, counted as the
-chance that two batches' ranges overlap, without a system call per record.
+purpose and every generation has its own key. The event log seals its records in blocks (bus/log.py):
+one nonce per block of up to 64 records.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -37,22 +34,6 @@ def seal(key: DerivedKey, plaintext: bytes, aad: bytes) -> bytes:
     header = _VERSION_BYTE + key.key_id
     nonce = os.urandom(NONCE_LEN)
     return header + nonce + key.aead.encrypt(nonce, plaintext, header + aad)
-
-
-def sealer(key: DerivedKey) -> Callable[[bytes, bytes], bytes]:
-    """``seal`` for one batch of records: one random nonce, counted up for each record after the first."""
-    header = _VERSION_BYTE + key.key_id
-    encrypt = key.aead.encrypt
-    counter = itertools.count(int.from_bytes(os.urandom(NONCE_LEN), "big"))
-
-    def seal_one(plaintext: bytes, aad: bytes) -> bytes:
-        nonce = (next(counter) & _NONCE_MASK).to_bytes(NONCE_LEN, "big")
-        return header + nonce + encrypt(nonce, plaintext, header + aad)
-
-    return seal_one
-
-
-_NONCE_MASK = (1 << (8 * NONCE_LEN)) - 1
 
 
 def open_sealed(keyring: KeyRing, blob: bytes | memoryview, aad: bytes) -> bytes:
@@ -94,9 +75,6 @@ class KeyRingCipher:
 
     def seal(self, body: bytes, aad: bytes) -> bytes:
         return seal(self.keyring.current, body, aad)
-
-    def sealer(self) -> Callable[[bytes, bytes], bytes]:
-        return sealer(self.keyring.current)
 
     def open(self, key_id: int, blob: bytes | memoryview, aad: bytes) -> bytes:
         body = open_sealed(self.keyring, blob, aad)

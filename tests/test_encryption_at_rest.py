@@ -23,7 +23,7 @@ from bus.home import Home, Settings
 from bus.keys import Argon2Params, KeyRing
 from bus.log import EventLog
 from bus.sealing import Blinder, KeyRingCipher, open_sealed, seal
-from contracts.envelope import Envelope, make_envelope
+from contracts.envelope import Envelope, decode_envelope, make_envelope
 from contracts.errors import IntegrityError
 from contracts.ids import id_time_ms, new_id
 from contracts.registry import encode_payload
@@ -158,6 +158,96 @@ def test_log_tamper_and_downgrade_are_refused(tmp_path: Path, ring: KeyRing) -> 
 
 def keys_seq(seq: int) -> bytes:
     return seq.to_bytes(8, "big")
+
+
+def _append_many(log: EventLog, texts: list[str], topics: tuple[str, ...] = ("notes.note.changed",)) -> list[int]:
+    envs = [make_envelope(topics[i % len(topics)], msgspec.msgpack.encode({"text": t})) for i, t in enumerate(texts)]
+    seqs = log.append(envs)
+    assert all(isinstance(s, int) for s in seqs)
+    return seqs  # type: ignore[return-value]
+
+
+def _rows(log: EventLog, first: int, last: int) -> list[bytes]:
+    with log.env.begin() as txn:
+        return [bytes(txn.get(keys_seq(s), db=log._log)) for s in range(first, last + 1)]
+
+
+def _text(body: bytes) -> str:
+    return str(msgspec.msgpack.decode(decode_envelope(body).payload)["text"])
+
+
+def _place(raw: bytes) -> tuple[int, int]:
+    start = 12 + raw[11]  # header (version, key id, logged-at, topic length) + topic
+    return int.from_bytes(raw[start:start + 2], "big"), int.from_bytes(raw[start + 2:start + 4], "big")
+
+
+def test_log_seals_one_block_per_64_records_and_reads_each_record_alone(tmp_path: Path, ring: KeyRing) -> None:
+    log = _log(tmp_path / "log", ring)
+    texts = [f"{SECRET} {i} " + "y" * (i % 7) * 30 for i in range(150)]
+    texts[100] = SECRET + "z" * 70_000  # past the block's byte limit: a block of its own
+    seqs = _append_many(log, texts, ("notes.note.changed", "notes.todo.changed"))
+    rows = _rows(log, seqs[0], seqs[-1])
+    assert {raw[0] for raw in rows} == {2}
+    starts = [s for s, raw in zip(seqs, rows, strict=True) if _place(raw)[0] == 0]
+    assert starts == [seqs[0], seqs[64], seqs[100], seqs[101]]
+    assert [_place(raw)[1] for raw in rows[:1] + rows[64:65] + rows[100:102]] == [64, 36, 1, 49]
+    assert files_containing(tmp_path / "log", SECRET.encode()) == []
+    for i in [149, 0, 63, 64, 100, 101, 5, 120]:  # out of order: each read opens its record's block
+        record = log.get(seqs[i])
+        assert record is not None and _text(record.body) == texts[i]
+        assert record.topic == ("notes.note.changed", "notes.todo.changed")[i % 2]
+    page, _, done = log.read(from_seq=seqs[0], limit=1000)
+    assert done and [_text(r.body) for r in page] == texts
+    log.close()
+
+
+def test_log_block_altered_anywhere_is_refused_and_other_blocks_still_read(tmp_path: Path, ring: KeyRing) -> None:
+    log = _log(tmp_path / "log", ring)
+    seqs = _append_many(log, [f"{SECRET} {i}" for i in range(70)])
+    rows = _rows(log, seqs[0], seqs[-1])
+    log.close()
+    flip_in_file(tmp_path / "log" / "data.mdb", rows[30][-8:])  # inside one record's slice of the first block
+    log = _log(tmp_path / "log", ring)
+    for i in (0, 30, 63):
+        with pytest.raises(IntegrityError) as caught:
+            log.get(seqs[i])
+        assert caught.value.fields["check"] == "tag"
+    assert log.get(seqs[64]) is not None  # the second block is intact
+    log.close()
+
+
+def test_log_block_records_moved_resized_or_missing_are_refused(tmp_path: Path, ring: KeyRing) -> None:
+    log = _log(tmp_path / "log", ring)
+    seqs = _append_many(log, [f"{SECRET} {i}" for i in range(10)], ("notes.note.changed", "notes.todo.changed"))
+    rows = _rows(log, seqs[0], seqs[-1])
+
+    def put(changes: dict[int, bytes | None]) -> None:
+        with log.env.begin(write=True) as txn:
+            for i, raw in changes.items():
+                if raw is None:
+                    txn.delete(keys_seq(seqs[i]), db=log._log)
+                else:
+                    txn.put(keys_seq(seqs[i]), raw, db=log._log)
+        log._last_block = None
+
+    def refused(check: str) -> None:
+        with pytest.raises(IntegrityError) as caught:
+            log.get(seqs[2])
+        assert caught.value.fields["check"] == check
+        put(dict(enumerate(rows)))
+        assert log.get(seqs[2]) is not None
+
+    # one byte of ciphertext moved from record 3's slice to record 4's: the same block bytes, other lengths
+    put({3: rows[3][:-1], 4: rows[4][:12 + rows[4][11] + 4] + rows[3][-1:] + rows[4][12 + rows[4][11] + 4:]})
+    refused("tag")
+    put({4: rows[5], 5: rows[4]})  # two records swapped
+    refused("block")
+    same_length_topic = rows[4].replace(b"notes.note.changed", b"notes.note.changex")
+    put({4: same_length_topic})  # a topic renamed in clear
+    refused("tag")
+    put({6: None})
+    refused("block")
+    log.close()
 
 
 # -- LMDB working memory ---------------------------------------------------------------------------

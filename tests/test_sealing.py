@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bus import keys
 from bus.keys import Argon2Params, DerivedKey, KeyRing, KeySource, MasterKey, init, load_master_key, rotate
-from bus.sealing import OVERHEAD, VERSION, KeyRingCipher, open_sealed, seal, sealer
+from bus.sealing import OVERHEAD, VERSION, KeyRingCipher, open_sealed, seal
 from contracts.errors import IntegrityError
 
 CHEAP = Argon2Params(memory_kib=64, time_cost=1, parallelism=1)
@@ -149,15 +149,3 @@ def test_the_log_cipher_adapter_checks_the_generation_in_the_header() -> None:
         after.open(2, blob, AAD)
     assert err.value.fields["check"] == "generation"
     assert after.open(2, after.seal(b"new body", AAD), AAD) == b"new body"
-
-
-def test_a_batch_sealer_counts_nonces_up_from_a_fresh_random_start(ring: KeyRing) -> None:
-    header = 1 + keys.KEY_ID_LEN
-    seals = [sealer(ring.current), sealer(ring.current)]
-    batches = [[seal_one(b"record %d" % i, AAD + bytes([i])) for i in range(50)] for seal_one in seals]
-    for batch in batches:
-        nonces = [int.from_bytes(b[header:header + keys.NONCE_LEN], "big") for b in batch]
-        assert nonces == [nonces[0] + i for i in range(50)]
-        assert [open_sealed(ring, b, AAD + bytes([i])) for i, b in enumerate(batch)] == [
-            b"record %d" % i for i in range(50)]
-    assert batches[0][0][header:header + keys.NONCE_LEN] != batches[1][0][header:header + keys.NONCE_LEN]
