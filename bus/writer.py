@@ -2,9 +2,10 @@
 preparing and delivering while the disk syncs (LMDB releases the GIL in the commit's fsync).
 
 Everything that arrives while one commit is in flight becomes the next commit (group commit without a
-timer). Batches are written in the order they were submitted. After a failed write the writer halts:
-the batches it could not write and every one queued behind it come back in one report, and nothing
-more is written until the broker ``resume``s it (after growing the map, or after giving up on them).
+timer). A small batch that finds the writer idle can be written on the caller's thread (``write_now``).
+Batches are written in the order they were submitted. After a failed write the writer halts: the
+batches it could not write and every one queued behind it come back in one report, and nothing more
+is written until the broker ``resume``s it (after growing the map, or after giving up on them).
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ class LogWriter:
             self._todo.append(batch)
             self._cond.notify()
 
+    def write_now(self, batch: Prepared) -> bool:
+        """Writes ``batch`` on the caller's thread if nothing is queued or being written, and leaves its report
+        for ``reports()``; otherwise does nothing and returns False (``submit`` it). An idle broker's lone
+        publish skips two thread hand-offs (to the writer and back) on its way to the ack."""
+        with self._cond:
+            if self._todo or self._busy or self._halted or self._closing:
+                return False
+            self._busy = True
+        self._write([batch])
+        return True
+
     @property
     def idle(self) -> bool:
         with self._cond:
@@ -94,18 +106,22 @@ class LogWriter:
                     return
                 batches, self._todo = self._todo, []
                 self._busy = True
-            error: BaseException | None = None
-            try:
-                self._log.write(batches)
-            except BaseException as exc:  # reported to the broker's loop, which decides
-                error = exc
-            with self._cond:
-                if error is not None:
-                    batches.extend(self._todo)
-                    self._todo = []
-                    self._halted = True
-                self._reports.append(Report(batches, error))
-                self._busy = False
-                self._cond.notify_all()
+            self._write(batches)
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"x")
+
+    def _write(self, batches: list[Prepared]) -> None:
+        """Writes ``batches`` (the caller set ``_busy``) and leaves the report."""
+        error: BaseException | None = None
+        try:
+            self._log.write(batches)
+        except BaseException as exc:  # reported to the broker's loop, which decides
+            error = exc
+        with self._cond:
+            if error is not None:
+                batches.extend(self._todo)
+                self._todo = []
+                self._halted = True
+            self._reports.append(Report(batches, error))
+            self._busy = False
+            self._cond.notify_all()

@@ -110,7 +110,8 @@ class ChromaBackend(Backend):
         self.embedder: Embedder | None = settings.get("embedder")
         self.bm25: Bm25Index | None = None
         self.keyring: KeyRing | None = settings.get("encryption")
-        """Documents and metadata sealed, filterable strings and BM25 tokens as keyed hashes (docs/security.md)."""
+        """Text and metadata sealed together in the metadata (no document kept), filterable strings and BM25
+        tokens as keyed hashes (docs/security.md)."""
         self.blinder = Blinder(self.keyring, "chroma-index") if self.keyring is not None else None
 
     # -- lifecycle ---------------------------------------------------------------------------
