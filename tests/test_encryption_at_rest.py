@@ -510,10 +510,14 @@ def test_chroma_keeps_no_document_and_refuses_an_altered_sealed_record(
 def test_chroma_reads_records_sealed_in_the_earlier_two_part_format(
         sealed_fact: tuple[ChromaBackend, Log], ring: KeyRing) -> None:
     store, log = sealed_fact
-    meta = dict(store.collection("memory").get(ids=["f1"], include=["metadatas"])["metadatas"][0])
+    stored = store.collection("memory").get(ids=["f1"], include=["metadatas", "embeddings"])
+    meta = dict(stored["metadatas"][0])
     document = seal(ring.current, SECRET.encode(), b"chroma|memory|f1|document")
     meta["_sealed"] = b64encode(seal(ring.current, b'{"user_id": "u1"}', b"chroma|memory|f1|metadata")).decode()
-    store.collection("memory").update(ids=["f1"], documents=[b64encode(document).decode()], metadatas=[meta])
+    # the text's own vector, as the old format stored it: without it Chroma would embed the ciphertext, a random
+    # vector that passes the query's relevance threshold only sometimes
+    store.collection("memory").update(ids=["f1"], documents=[b64encode(document).decode()], metadatas=[meta],
+                                      embeddings=[stored["embeddings"][0]])
     out = apply_batch(store, [log("memory.search.semantic.request", {"query": SECRET})])[0][0]
     assert out.status == "applied"
     assert [(h.id, h.text, h.metadata) for h in out.reply.hits] == [("f1", SECRET, {"user_id": "u1"})]
