@@ -340,6 +340,8 @@ class EventLog:
             raise IntegrityError("log record is sealed but no key is loaded", seq=seq)
         if version == BLOCK_VERSION:
             index, count = _PLACE.unpack_from(raw, start + tlen)
+            if not index < count <= BLOCK_RECORDS or index >= seq:
+                raise IntegrityError(f"log record {seq} has an impossible place in its block", check="block", seq=seq)
             body = self._block(seq - index, count)[index]
         elif key_id:
             assert self.cipher is not None

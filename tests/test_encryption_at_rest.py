@@ -247,6 +247,9 @@ def test_log_block_records_moved_resized_or_missing_are_refused(tmp_path: Path, 
     refused("tag")
     put({6: None})
     refused("block")
+    at = 12 + rows[2][11]
+    put({2: rows[2][:at] + (12).to_bytes(2, "big") + rows[2][at + 2:]})  # index 12 of a block of 10
+    refused("block")
     log.close()
 
 
