@@ -279,6 +279,51 @@ def test_a_savepoint_rolls_back_only_its_own_writes(store: LmdbBackend, log: Log
     assert_consistent(store)
 
 
+def test_nested_savepoints_undo_only_the_inner_writes_then_the_outer(store: LmdbBackend, log: Log) -> None:
+    envs = [log(APPEND, message("c1", n)) for n in range(4)]
+
+    def append(txn: Any, env: Envelope) -> None:
+        store.append(txn, decode_payload(APPEND, env.payload), Context(env.seq, env, store.name))
+
+    with store.transaction() as txn:
+        append(txn, envs[0])
+        with store.savepoint(txn):
+            append(txn, envs[1])
+            with pytest.raises(RuntimeError), store.savepoint(txn):
+                append(txn, envs[2])
+                raise RuntimeError("inner handler failed")
+            assert [m.text for m in store._recent(txn.current, store._conv("c1", APPEND), 10, T0)] == [
+                "message 0", "message 1"]  # the transaction reads what is left after the rollback
+        with pytest.raises(RuntimeError), store.savepoint(txn):
+            append(txn, envs[3])
+            raise RuntimeError("outer handler failed")
+        append(txn, log(APPEND, message("c1", 5)))
+    assert texts(store, "c1") == ["message 0", "message 1", "message 5"]
+    assert_consistent(store)
+
+
+def test_a_savepoint_rolled_back_after_the_map_grew_inside_it_keeps_the_earlier_writes(
+        tmp_path: Path, log: Log, at_rest: dict[str, Any]) -> None:
+    store = open_store(tmp_path / "lmdb", map_size=64 * KiB, **at_rest)
+    try:
+        big = "x" * 2000
+        with store.transaction() as txn:
+            for n in range(5):
+                env = log(APPEND, message("c1", n, text=f"{n} {big}"))
+                store.append(txn, decode_payload(APPEND, env.payload), Context(env.seq, env, store.name))
+            with pytest.raises(RuntimeError), store.savepoint(txn):
+                for n in range(5, 80):
+                    env = log(APPEND, message("c2", n, text=f"{n} {big}"))
+                    store.append(txn, decode_payload(APPEND, env.payload), Context(env.seq, env, store.name))
+                assert store.map_size > 64 * KiB
+                raise RuntimeError("handler failed after the map grew")
+        assert [t.split()[0] for t in texts(store, "c1")] == ["0", "1", "2", "3", "4"]
+        assert texts(store, "c2") == []
+        assert_consistent(store)
+    finally:
+        store.close()
+
+
 def test_the_outbox_holds_replies_and_change_events(store: LmdbBackend, log: Log) -> None:
     set_env = log(CONTEXT_SET, {"session_id": "s1", "key": "mood", "value": "calm"})
     append_env = log(APPEND, message("c1", 0))

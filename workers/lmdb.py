@@ -284,25 +284,30 @@ Write = tuple[Any, bytes, bytes | None]
 
 
 class _Batch:
-    """The write transaction handed to handlers: LMDB's (nested) write transactions plus a journal
-    of every write, so the whole transaction can be replayed into a bigger map after MapFullError."""
+    """The write transaction handed to handlers: one LMDB write transaction plus a journal of every write.
+
+    Savepoints are marks in the journal, not LMDB nested transactions (a nested begin and commit per message
+    cost about a tenth of the worker's CPU). Rolling one back aborts the transaction and replays the journal
+    up to its mark, which only happens when a handler fails after it wrote something. The same replay moves
+    the whole transaction into a bigger map after MapFullError.
+    """
 
     def __init__(self, env: lmdb.Environment) -> None:
         self._env = env
-        self._levels: list[lmdb.Transaction] = [env.begin(write=True)]
-        self._marks: list[int] = [0]
-        """Journal length when each level (root, then savepoints) began."""
+        self._txn: lmdb.Transaction | None = env.begin(write=True)
+        self._marks: list[tuple[int, int]] = []
+        """(journal length, outbox length) when each open savepoint began."""
         self.journal: list[Write] = []
         self.outbox: list[tuple[int, list[bytes]]] = []
         """Outbox entries added in this transaction: written as one record when it commits."""
-        self._outbox_marks: list[int] = [0]
 
     @property
     def current(self) -> lmdb.Transaction:
-        """The innermost open transaction: read from it, write through put/delete."""
-        if not self._levels:
+        """The open transaction: read from it, write through put/delete."""
+        txn = self._txn
+        if txn is None:
             raise StoreError("the LMDB transaction was aborted: its writes no longer fit in the map")
-        return self._levels[-1]
+        return txn
 
     def get(self, db: Any, key: bytes) -> bytes | None:
         value = self.current.get(key, db=db)
@@ -318,56 +323,65 @@ class _Batch:
             self.journal.append((db, key, None))
         return found
 
+    def savepoint(self) -> _Savepoint:
+        return _Savepoint(self)
+
     def begin_savepoint(self) -> None:
-        self._levels.append(self._env.begin(write=True, parent=self.current))
-        self._marks.append(len(self.journal))
-        self._outbox_marks.append(len(self.outbox))
+        self._marks.append((len(self.journal), len(self.outbox)))
 
     def release_savepoint(self) -> None:
-        txn, mark, outbox_mark = self._levels.pop(), self._marks.pop(), self._outbox_marks.pop()
-        try:
-            txn.commit()
-        except BaseException:
-            del self.journal[mark:]
-            del self.outbox[outbox_mark:]
-            raise
+        self._marks.pop()
 
     def rollback_savepoint(self) -> None:
-        mark, outbox_mark = self._marks.pop(), self._outbox_marks.pop()
-        if self._levels:  # empty when a failed replay aborted everything
-            self._levels.pop().abort()
-        del self.journal[mark:]
+        mark, outbox_mark = self._marks.pop()
         del self.outbox[outbox_mark:]
+        if len(self.journal) > mark and self._txn is not None:
+            self.replay(mark)
 
     def commit(self) -> None:
-        root = self.current
-        self._levels.pop()
-        root.commit()
+        txn = self.current
+        self._txn = None
+        txn.commit()
 
     def abort(self) -> None:
-        while self._levels:
-            self._levels.pop().abort()
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
 
     def replay(self, keep: int) -> None:
-        """Aborts everything, then replays the first ``keep`` writes, reopening each savepoint where it
-        began. Raises MapFullError if they do not fit, leaving everything aborted."""
+        """Aborts the transaction and replays its first ``keep`` writes in a new one. Raises MapFullError
+        if they do not fit, leaving everything aborted."""
         self.abort()
         del self.journal[keep:]
-        start = 0
+        txn = self._env.begin(write=True)
         try:
-            for end in [*self._marks[1:], keep]:
-                parent = self._levels[-1] if self._levels else None
-                txn = self._env.begin(write=True, parent=parent)
-                self._levels.append(txn)
-                for db, key, value in self.journal[start:end]:
-                    if value is None:
-                        txn.delete(key, db=db)
-                    else:
-                        txn.put(key, value, db=db)
-                start = end
+            for db, key, value in self.journal:
+                if value is None:
+                    txn.delete(key, db=db)
+                else:
+                    txn.put(key, value, db=db)
         except BaseException:
-            self.abort()
+            txn.abort()
             raise
+        self._txn = txn
+
+
+class _Savepoint:
+    """``with batch.savepoint():`` the writes inside are undone alone if the block raises."""
+
+    __slots__ = ("_batch",)
+
+    def __init__(self, batch: _Batch) -> None:
+        self._batch = batch
+
+    def __enter__(self) -> None:
+        self._batch.begin_savepoint()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self._batch.release_savepoint()
+        else:
+            self._batch.rollback_savepoint()
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -427,6 +441,7 @@ class LmdbBackend(Backend):
         self._pid = 0
         self._page_size = 4096
         self._map_size = 0
+        self._budget = self.cfg.max_map_size - self.cfg.reserve
         self.counters = {"expiry_visited": 0, "expired": 0, "map_grown": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -540,15 +555,8 @@ class LmdbBackend(Backend):
                 raise StoreError(f"lmdb: {exc}", exception=type(exc).__name__) from exc
             raise
 
-    @contextmanager
-    def savepoint(self, txn: _Batch) -> Iterator[None]:
-        txn.begin_savepoint()
-        try:
-            yield
-        except BaseException:
-            txn.rollback_savepoint()
-            raise
-        txn.release_savepoint()
+    def savepoint(self, txn: _Batch) -> AbstractContextManager[None]:
+        return txn.savepoint()
 
     def _with_growth(self, txn: _Batch, step: Callable[[], Any], *, adds_data: bool, topic: str = "") -> Any:
         """Runs ``step`` (which writes through ``txn``); when the map is full, grows it and runs it again."""
@@ -585,7 +593,7 @@ class LmdbBackend(Backend):
     def _check_budget(self, txn: _Batch, topic: str) -> None:
         """Refuses new data once the live pages fill max_map_size less the reserve, so that a full
         store still answers, records its position and can be cleared."""
-        budget = self.cfg.max_map_size - self.cfg.reserve
+        budget = self._budget
         if self._map_size <= budget:
             return  # the live pages cannot outgrow the map
         pages = 0
