@@ -444,11 +444,10 @@ class Broker:
         results = batch.results
         i = 0
         for client, batch_id, envs in pubs:
-            out: list[Any] = []
-            for _ in envs:
-                r = results[i]
-                i += 1
-                out.append(r if r.__class__ is int else [r.code, r.message])  # type: ignore[union-attr]
+            out: list[Any] = results[i:i + len(envs)]
+            i += len(envs)
+            if batch.refused:
+                out = [r if r.__class__ is int else [r.code, r.message] for r in out]
             if client is not None:
                 self._send(client.rid, P.PUBACK, batch_id, P.pack(out))
         for name, state in batch.groups.items():
@@ -458,9 +457,9 @@ class Broker:
         if batch.last < batch.first:
             return
         self.counters["published"] += batch.last - batch.first + 1
-        fresh = [env for _, _, envs in pubs for env in envs if env.seq >= batch.first]
-        self._remember(fresh, batch.bodies)
-        self._fan_out(fresh)
+        self._remember(batch)
+        if batch.addressed or any(client.subs for client in self.clients.values()):
+            self._fan_out([env for _, _, envs in pubs for env in envs if env.seq >= batch.first])
 
     def _write_failed(self, batches: list[Prepared], error: BaseException) -> None:
         if isinstance(error, lmdb.MapFullError):
@@ -521,10 +520,10 @@ class Broker:
         for rid, batch in replies.items():  # one INBOX frame per client per turn
             self._send(rid, P.INBOX, P.pack(batch))
 
-    def _remember(self, envs: list[Envelope], bodies: list[bytes]) -> None:
+    def _remember(self, batch: Prepared) -> None:
         tail = self.tail
-        tail.extend([(env.seq, env.topic, body) for env, body in zip(envs, bodies, strict=True)])
-        self._tail_bytes += sum(map(len, bodies))
+        tail.extend(zip(range(batch.first, batch.last + 1), batch.topics, batch.bodies, strict=True))
+        self._tail_bytes += sum(map(len, batch.bodies))
         while self._tail_bytes > self.settings.tail_cache_bytes and tail:
             self._tail_bytes -= len(tail.popleft()[2])
 

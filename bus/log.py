@@ -22,6 +22,8 @@ Everything appended in one call is committed with one fsync (group commit).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -83,6 +85,12 @@ def seq_key(seq: int) -> bytes:
     return _SEQ.pack(seq)
 
 
+@functools.cache
+def _places(count: int) -> tuple[bytes, ...]:
+    """The place fields (index, count) of the records of a block of ``count``."""
+    return tuple(_PLACE.pack(i, count) for i in range(count))
+
+
 @dataclass(slots=True)
 class Prepared:
     """A batch of records ready to write: seqs assigned, records sealed (EventLog.prepare)."""
@@ -94,11 +102,17 @@ class Prepared:
     corr_rows: list[tuple[bytes, bytes]]
     bodies: list[bytes]
     """The plaintext envelopes of the new records, seqs first..last (the broker's tail cache)."""
+    topics: list[str]
+    """The topics of the new records, seqs first..last."""
     first: int
     last: int
     """New seqs first..last; last < first when the batch adds no record."""
     groups: dict[str, dict[str, Any]]
     """Consumer-group states written in the same transaction."""
+    refused: int = 0
+    """How many of ``results`` are Rejected."""
+    addressed: int = 0
+    """How many new records have a recipient (replies to route to an inbox)."""
 
 
 class Rejected(Exception):
@@ -210,6 +224,8 @@ class EventLog:
         rows: list[tuple[bytes, bytes]] = []
         prefixes_of_rows: list[bytes] = []
         plain: list[bytes] = []
+        topics: list[str] = []
+        refused = addressed = 0
         id_rows: list[tuple[bytes, bytes]] = []
         corr_rows: list[tuple[bytes, bytes]] = []
         id_list = [env.id.encode() for env in envelopes]
@@ -236,18 +252,22 @@ class EventLog:
                     prefix = prefixes[topic] = _HEADER.pack(version, key_id, logged_ns, len(topic_b)) + topic_b
             except Rejected as exc:
                 results.append(exc)
+                refused += 1
                 continue
             head += 1
             env.seq = head
             key = pack_seq(head)
             body = encode(env)
             plain.append(body)
+            topics.append(topic)
             if sealing:
                 prefixes_of_rows.append(prefix)
             else:
                 rows.append((key, prefix + body))
             pending[id_b] = key
             id_rows.append((id_b, key))
+            if env.recipient:
+                addressed += 1
             cid = env.correlation_id
             if cid and cid != env.id:
                 corr_rows.append((cid.encode() + b"\x00" + key, b""))
@@ -257,33 +277,38 @@ class EventLog:
         if rows:
             self._last_ns = logged_ns
         self._assigned = head
-        return Prepared(results, rows, id_rows, corr_rows, plain, first, head, groups or {})
+        return Prepared(results, rows, id_rows, corr_rows, plain, topics, first, head, groups or {}, refused,
+                        addressed)
 
     def _sealed_rows(self, first: int, prefixes: list[bytes], bodies: list[bytes]) -> list[tuple[bytes, bytes]]:
-        """The rows of records ``first``.. sealed in blocks (``prefixes``: each record's header + topic)."""
+        """The rows of records ``first``.. sealed in blocks (``prefixes``: each record's header + topic).
+
+        Written as chains of C-level map/zip calls: this runs for every record the broker logs."""
         assert self.cipher is not None
-        seal, pack_seq, pack_place, pack_len = self.cipher.seal, _SEQ.pack, _PLACE.pack, _LEN.pack
+        seal, pack_len, join = self.cipher.seal, _LEN.pack, b"".join
+        lens = list(map(len, bodies))
+        heads = {p: p[_HEADER.size - 1:] for p in set(prefixes)}
+        """Header + topic -> topic length + topic: the record's part of the associated data."""
         rows: list[tuple[bytes, bytes]] = []
         start, total = 0, len(bodies)
         while start < total:
-            end, size = start, 0
-            while end < total and end - start < BLOCK_RECORDS and (
-                    end == start or size + len(bodies[end]) <= BLOCK_BYTES):
-                size += len(bodies[end])
-                end += 1
+            end = min(start + BLOCK_RECORDS, total)
+            if sum(lens[start:end]) > BLOCK_BYTES:
+                end, size = start + 1, lens[start]
+                while end < total and end - start < BLOCK_RECORDS and size + lens[end] <= BLOCK_BYTES:
+                    size += lens[end]
+                    end += 1
             n = end - start
-            block_bodies = bodies[start:end]
-            aad = [_BLOCK_AAD.pack(first + start, n)]
-            for prefix, body in zip(prefixes[start:end], block_bodies, strict=True):
-                aad.append(prefix[_HEADER.size - 1:])
-                aad.append(pack_len(len(body)))
-            sealed = memoryview(seal(b"".join(block_bodies), b"".join(aad)))
-            cut = _SEAL_LEAD
-            for i, body in enumerate(block_bodies):
-                lo, cut = (0 if i == 0 else cut), cut + len(body)
-                hi = len(sealed) if i == n - 1 else cut
-                seq = first + start + i
-                rows.append((pack_seq(seq), b"".join((prefixes[start + i], pack_place(i, n), sealed[lo:hi]))))
+            block_prefixes, block_lens = prefixes[start:end], lens[start:end]
+            aad = _BLOCK_AAD.pack(first + start, n) + join(map(join, zip(
+                map(heads.__getitem__, block_prefixes), map(pack_len, block_lens), strict=True)))
+            sealed = memoryview(seal(join(bodies[start:end]), aad))
+            bounds = list(itertools.accumulate(block_lens, initial=_SEAL_LEAD))
+            # the first slice leads with the seal's header, the last ends with its tag
+            bounds[0], bounds[n] = 0, len(sealed)
+            slices = map(sealed.__getitem__, map(slice, bounds, bounds[1:]))
+            rows.extend(zip(map(_SEQ.pack, range(first + start, first + end)),
+                            map(join, zip(block_prefixes, _places(n), slices, strict=True)), strict=True))
             start = end
         return rows
 
@@ -311,10 +336,14 @@ class EventLog:
         """Records that ``write(batches)`` succeeded: the durable head moves on."""
         pending = self._pending_ids
         for b in batches:
-            for id_b, _ in b.id_rows:
-                pending.pop(id_b, None)
             if b.last >= b.first:
                 self.head = b.last
+        if self.head == self._assigned:  # nothing else in flight: the usual case, and no per-id work
+            pending.clear()
+            return
+        for b in batches:
+            for id_b, _ in b.id_rows:
+                pending.pop(id_b, None)
 
     def abandon(self) -> None:
         """Forgets every prepared batch not yet committed (after a write failed for good)."""
