@@ -39,6 +39,9 @@ class LogWriter:
         self._busy = False
         self._halted = False
         self._closing = False
+        self._idle_waiters = 0
+        """Threads in ``wait_idle``: the only ones a finished write must wake (the writer thread re-checks its
+        work on its own, and waking it for nothing after a ``write_now`` costs the loop a GIL round trip)."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._thread = threading.Thread(target=self._run, name="membus-log-writer", daemon=True)
@@ -88,7 +91,11 @@ class LogWriter:
 
     def wait_idle(self, timeout: float) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: (not self._todo or self._halted) and not self._busy, timeout)
+            self._idle_waiters += 1
+            try:
+                return self._cond.wait_for(lambda: (not self._todo or self._halted) and not self._busy, timeout)
+            finally:
+                self._idle_waiters -= 1
 
     def close(self) -> None:
         with self._cond:
@@ -124,4 +131,5 @@ class LogWriter:
                 self._halted = True
             self._reports.append(Report(batches, error))
             self._busy = False
-            self._cond.notify_all()
+            if self._idle_waiters:
+                self._cond.notify_all()
