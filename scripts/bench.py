@@ -481,6 +481,7 @@ def raw_figures(quick: bool) -> dict[str, Any]:
     n = 20_000 if quick else 200_000
     _step("raw ceilings")
     return {"zmq_push_pull": bench_raw.zmq_push_pull(count=n),
+            "minimal_durable_broker": bench_raw.minimal_durable_broker(count=2 * n),
             "lmdb_batch_put": bench_raw.lmdb_batch_put(total=n // 2),
             "libsql_batch_insert": libsql_batch_insert(rows=n // 6),
             "codec": bench_raw.codec_compare(count=50_000 if quick else 200_000)}

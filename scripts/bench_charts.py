@@ -234,6 +234,12 @@ def tables(result: dict[str, Any], images: list[str]) -> str:
         for r in _peer_publish(result, pubs):
             add(f"| {_peer_label(r)} | {r['durability']} | {pubs} | {_fmt(r['msgs_per_s'])} | "
                 f"{_ratio(mine, r['msgs_per_s'])} |")
+    mdb = raw.get("minimal_durable_broker")
+    if mdb:
+        same = m.get(f"durable_publish_{mdb['publishers']}", {}).get("msgs_per_s")
+        add(f"| minimal ROUTER broker + coalescing clients (ceiling: no envelope checks, id index, sealing or "
+            f"consumers) | {mdb['durability']} | {mdb['publishers']} | {_fmt(mdb['msgs_per_s'])} | "
+            f"{_ratio(same, mdb['msgs_per_s'])} |")
     zmq = raw.get("zmq_push_pull", {}).get("msgs_per_s")
     add(f"| raw pyzmq PUSH/PULL (ceiling) | none | 1 | {_fmt(zmq)} | "
         f"{_ratio(m.get('durable_publish_1', {}).get('msgs_per_s'), zmq)} |")
@@ -354,6 +360,10 @@ def tables(result: dict[str, Any], images: list[str]) -> str:
     add("| part | figure |")
     add("| --- | ---: |")
     add(f"| pyzmq PUSH/PULL, tcp loopback, 256 B, no durability | {_fmt(zmq)} msgs/s |")
+    if mdb:
+        add(f"| minimal durable broker (ROUTER, LMDB group commit, {mdb['publishers']} clients sending frames of "
+            f"{mdb['envelopes_per_frame']} envelopes): CPU per message broker / clients | {_fmt(mdb['msgs_per_s'])} "
+            f"msgs/s; {mdb['broker_cpu_us_per_msg']} / {mdb['client_cpu_us_per_msg']} µs |")
     add(f"| LMDB batch put, {lm.get('puts_per_txn', '?')} puts per synced transaction | {_fmt(lm.get('puts_per_s'))} "
         f"puts/s ({_fmt(lm.get('txns_per_s'))} commits/s) |")
     add(f"| libSQL batch insert, {ls.get('batch', '?')} rows per commit, {ls.get('durability')} | "

@@ -1,6 +1,7 @@
 """Raw ceilings: what the parts under membus can do alone on this machine.
 
 - pyzmq PUSH/PULL over tcp loopback (sender and receiver in separate processes),
+- a minimal durable broker: a ROUTER logging coalesced frames of envelopes to LMDB with group commit,
 - LMDB batch puts, one synced transaction per batch,
 - msgspec against msgpack + hand-written validation, for the envelope codec.
 
@@ -20,6 +21,7 @@ import os
 import platform
 import queue
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -34,6 +36,7 @@ from contracts.errors import TimeoutError as BusTimeoutError
 
 PAYLOAD_BYTES = 256
 LOOPBACK = "127.0.0.1"
+_U64 = struct.Struct(">Q")
 JOIN_TIMEOUT_S = 5.0
 
 # ---------------------------------------------------------------- shared helpers
@@ -209,6 +212,129 @@ def _libzmq_version() -> str:
     return str(zmq.zmq_version())
 
 
+# ---------------------------------------------------------------- a minimal durable broker
+
+
+_MIN_FRAME = 1000
+"""Envelopes per PUB frame in the minimal broker's clients (membus's client coalesces up to 1024)."""
+_MIN_WINDOW = 4
+"""Frames a minimal client keeps in flight (membus's client: 4)."""
+
+
+def _minimal_broker(total: int, results: Any, time_limit: float) -> None:
+    """A ROUTER that logs every envelope of every PUB frame under its own seq in LMDB (one synced transaction
+    per loop turn: group commit) and then acks each frame with its first seq: no envelope decoding, no id
+    index, no sealing, no consumers. What membus's broker does per message, minus everything it adds."""
+    import lmdb
+    import zmq
+
+    workdir = tempfile.mkdtemp(prefix="membus-bench-minimal-")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    env = lmdb.open(workdir, map_size=max(1 << 28, total * 600), sync=True, metasync=True)
+    split = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
+    pack = _U64.pack
+    try:
+        results.put(("port", sock.bind_to_random_port(f"tcp://{LOOPBACK}")))
+        deadline = time.monotonic() + time_limit
+        seq = 0
+        cpu0 = time.process_time()
+        while seq < total:
+            if time.monotonic() > deadline or not sock.poll(int(time_limit * 1000)):
+                raise BusTimeoutError("minimal broker: no frames in time", logged=seq)
+            turn: list[tuple[bytes, bytes]] = []
+            rows: list[tuple[bytes, Any]] = []
+            for _ in range(1000):
+                try:
+                    rid, frame = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                envelopes = split(frame)
+                rows += zip(map(pack, range(seq + 1, seq + 1 + len(envelopes))), envelopes, strict=True)
+                turn.append((rid, pack(seq + 1)))
+                seq += len(envelopes)
+            with env.begin(write=True) as txn:
+                txn.cursor().putmulti(rows, append=True)
+            for rid, first in turn:
+                sock.send_multipart([rid, first])
+        results.put(("broker", seq, time.process_time() - cpu0))
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        env.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _minimal_client(port: int, count: int, start: Any, results: Any) -> None:
+    """Makes every envelope as membus's client does (``encode_new``: a ULID, the time, MessagePack) and sends
+    them coalesced, ``_MIN_FRAME`` per frame, ``_MIN_WINDOW`` frames in flight; no per-message future."""
+    import zmq
+
+    from contracts.envelope import encode_new
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    data = msgspec.msgpack.encode({"blob": "x" * (PAYLOAD_BYTES - 16)})
+    header = b"\xdc" + _MIN_FRAME.to_bytes(2, "big")
+    try:
+        sock.connect(f"tcp://{LOOPBACK}:{port}")
+        start.wait(JOIN_TIMEOUT_S * 6)
+        t0, cpu0 = time.monotonic(), time.process_time()
+        in_flight = sent = 0
+        while sent < count:
+            if in_flight >= _MIN_WINDOW:
+                sock.recv()
+                in_flight -= 1
+            frame = header + b"".join([encode_new("bench.load.changed", data)[1] for _ in range(_MIN_FRAME)])
+            sock.send(frame)
+            in_flight += 1
+            sent += _MIN_FRAME
+        for _ in range(in_flight):
+            sock.recv()
+        results.put(("client", t0, time.monotonic(), time.process_time() - cpu0))
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def minimal_durable_broker(count: int = 400_000, *, publishers: int = 2, time_limit: float = 120.0) -> dict[str, Any]:
+    """The ceiling the bus-core issue quotes: a minimal ROUTER broker with LMDB group commit, fed by clients
+    that coalesce envelopes into frames, each process separate, same payloads as the durable-publish figure."""
+    per = -(-count // publishers // _MIN_FRAME) * _MIN_FRAME
+    ctx = spawn_context()
+    results = ctx.Queue()
+    start = ctx.Event()
+    deadline = time.monotonic() + time_limit
+    with spawned([(_minimal_broker, (per * publishers, results, time_limit))]) as broker:
+        (kind, port) = collect(results, broker, 1, deadline)[0]
+        assert kind == "port"
+        with spawned([(_minimal_client, (port, per, start, results)) for _ in range(publishers)]) as clients:
+            start.set()
+            reports = collect(results, [*broker, *clients], publishers + 1, deadline)
+            wait_for_children([*clients, *broker], deadline)
+    spans = [r for r in reports if r[0] == "client"]
+    (_, logged, broker_cpu) = next(r for r in reports if r[0] == "broker")
+    seconds = max(r[2] for r in spans) - min(r[1] for r in spans)
+    return {
+        "system": "minimal ROUTER broker",
+        "workload": "durable_publish",
+        "durability": "LMDB sync=True, metasync=True: one synced transaction per loop turn (group commit)",
+        "publishers": publishers,
+        "envelopes_per_frame": _MIN_FRAME,
+        "frames_in_flight": _MIN_WINDOW,
+        "payload_bytes": PAYLOAD_BYTES,
+        "count": per * publishers,
+        "logged": logged,
+        "seconds": round(seconds, 4),
+        "msgs_per_s": rate(per * publishers, seconds),
+        "broker_cpu_us_per_msg": round(broker_cpu / logged * 1e6, 2),
+        "client_cpu_us_per_msg": round(sum(r[3] for r in spans) / logged * 1e6, 2),
+        "versions": lib_versions("pyzmq", "lmdb", "msgspec"),
+    }
+
+
 # ---------------------------------------------------------------- LMDB synced batches
 
 
@@ -371,6 +497,7 @@ def run_all(*, quick: bool = False) -> dict[str, Any]:
     return {
         "machine": machine(),
         "zmq_push_pull": zmq_push_pull(1_000_000 // scale),
+        "minimal_durable_broker": minimal_durable_broker(400_000 // scale),
         "lmdb_batch_500": lmdb_batch_put(500_000 // scale, batch=500),
         "lmdb_batch_1000": lmdb_batch_put(500_000 // scale, batch=1000),
         "codec": codec_compare(500_000 // scale),

@@ -166,6 +166,12 @@ def test_zmq_push_pull_delivers_every_message() -> None:
     assert figures["transport"] == "tcp loopback"
 
 
+def test_minimal_durable_broker_logs_every_envelope_its_clients_send() -> None:
+    figures = _is_json(bench_raw.minimal_durable_broker(5000, publishers=2))
+    assert figures["count"] == figures["logged"] == 6000  # 2 clients x 3 frames of 1000 (counts round up to frames)
+    assert figures["broker_cpu_us_per_msg"] > 0 and figures["client_cpu_us_per_msg"] > 0
+
+
 @pytest.mark.parametrize("batch", [500, 1000])
 def test_lmdb_batch_put_stores_every_put(batch: int) -> None:
     figures = _is_json(bench_raw.lmdb_batch_put(2500, batch=batch))
