@@ -32,6 +32,7 @@ from bus.home import Home, Settings
 from bus.log import EventLog, Prepared, Record, Rejected
 from bus.permissions import Permissions
 from bus.sealing import log_cipher
+from bus.tail import TailCache
 from bus.writer import LogWriter
 from contracts.envelope import DECODE_ERRORS, Envelope, decode_batch, decode_envelope, make_envelope
 from contracts.errors import BusError, NotAuthorized
@@ -140,9 +141,8 @@ class Broker:
         self._publish_grants: dict[tuple[str, str], bool] = {}
         self._committing: deque[tuple[Prepared, _Pubs]] = deque()
         """Batches handed to the log writer, in order, with the publishes they answer."""
-        self.tail: deque[tuple[int, str, bytes]] = deque()
-        self._tail_bytes = 0
-        """The newest records (seq, topic, plaintext envelope): groups that keep up never read the log."""
+        self.tail = TailCache(self.settings.tail_cache_bytes)
+        """The newest records: groups that keep up never read the log."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -457,9 +457,9 @@ class Broker:
         if batch.last < batch.first:
             return
         self.counters["published"] += batch.last - batch.first + 1
-        self._remember(batch)
+        self.tail.add(batch.first, batch.topics, batch.bodies)
         if batch.addressed or any(client.subs for client in self.clients.values()):
-            self._fan_out([env for _, _, envs in pubs for env in envs if env.seq >= batch.first])
+            self._fan_out([env for _, _, envs in pubs for env in envs if env.seq >= batch.first], batch.bodies)
 
     def _write_failed(self, batches: list[Prepared], error: BaseException) -> None:
         if isinstance(error, lmdb.MapFullError):
@@ -494,15 +494,13 @@ class Broker:
             log.error("broker.internal_publish_failed", topic=topic)
         return env.seq
 
-    def _fan_out(self, envs: list[Envelope]) -> None:
-        """Live subscribers and inboxes get the new records at once; groups pull them in _pump_groups."""
+    def _fan_out(self, envs: list[Envelope], bodies: list[bytes]) -> None:
+        """Live subscribers and inboxes get the new records (``bodies``: their stored envelopes) at once; groups
+        pull them in _pump_groups."""
         first, last = envs[0].seq, envs[-1].seq
-        encoded: list[bytes] | None = None
         for client in list(self.clients.values()):
             for sub in client.subs.values():
-                if encoded is None:
-                    encoded = self._bodies(envs)
-                picked = [_Raw(encoded[i]) for i, e in enumerate(envs) if matches_any(sub.patterns, e.topic)]
+                picked = [_Raw(bodies[i]) for i, e in enumerate(envs) if matches_any(sub.patterns, e.topic)]
                 if not picked:
                     continue
                 start = first if sub.gap else sub.covered + 1
@@ -519,22 +517,6 @@ class Broker:
                     replies.setdefault(rid, []).append(env)
         for rid, batch in replies.items():  # one INBOX frame per client per turn
             self._send(rid, P.INBOX, P.pack(batch))
-
-    def _remember(self, batch: Prepared) -> None:
-        tail = self.tail
-        tail.extend(zip(range(batch.first, batch.last + 1), batch.topics, batch.bodies, strict=True))
-        self._tail_bytes += sum(map(len, batch.bodies))
-        while self._tail_bytes > self.settings.tail_cache_bytes and tail:
-            self._tail_bytes -= len(tail.popleft()[2])
-
-    def _bodies(self, envs: list[Envelope]) -> list[bytes]:
-        """The stored envelopes of records just appended, from the tail cache (no re-encoding)."""
-        tail = self.tail
-        if tail and tail[0][0] <= envs[0].seq and envs[-1].seq <= tail[-1][0]:
-            start = envs[0].seq - tail[0][0]
-            by_seq = {tail[start + i][0]: tail[start + i][2] for i in range(envs[-1].seq - envs[0].seq + 1)}
-            return [by_seq[e.seq] for e in envs]
-        return [msgspec.msgpack.encode(e) for e in envs]
 
     # -- live subscriptions ----------------------------------------------------------------------
 
@@ -692,11 +674,8 @@ class Broker:
             _, seq = heapq.heappop(group.redeliver)
             picked.append((seq, None))
         scanned = 0
-        tail = self.tail
-        if len(picked) < credit and tail and tail[0][0] <= group.next_seq <= tail[-1][0]:
-            start = group.next_seq - tail[0][0]
-            for i in range(start, min(len(tail), start + _SCAN_BUDGET)):
-                seq, topic, body = tail[i]
+        if len(picked) < credit and self.tail.covers(group.next_seq):
+            for seq, topic, body in self.tail.scan(group.next_seq, _SCAN_BUDGET):
                 scanned += 1
                 group.next_seq = seq + 1
                 if group.matches(topic):
