@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,17 @@ class AsyncBus:
         fut = self.publish_nowait(topic, payload, correlation_id=correlation_id, causation_id=causation_id,
                                   headers=headers, message_id=message_id, timeout=timeout)
         return int(await _wait(fut, timeout + 1.0, f"publish {topic!r}"))
+
+    def publish_many_nowait(self, topic: str, payloads: Iterable[Any], *,
+                            message_ids: Sequence[str] | None = None, timeout: float = 30.0) -> asyncio.Future[Any]:
+        """A future of the seqs of one message per payload (see Bus.publish_many_nowait)."""
+        pending = self._bus.publish_many_nowait(topic, payloads, message_ids=message_ids, timeout=timeout)
+        return _future(asyncio.get_running_loop(), pending)
+
+    async def publish_many(self, topic: str, payloads: Iterable[Any], *, message_ids: Sequence[str] | None = None,
+                           timeout: float = 30.0) -> list[int]:
+        fut = self.publish_many_nowait(topic, payloads, message_ids=message_ids, timeout=timeout)
+        return list(await _wait(fut, timeout + 1.0, f"publish_many {topic!r}"))
 
     async def request(self, topic: str, payload: Any, *, timeout: float = 10.0, correlation_id: str = "",
                       headers: dict[str, str] | None = None) -> Message:

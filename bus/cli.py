@@ -99,17 +99,37 @@ def worker(name: str, home: HomeOpt = None) -> None:
 
 
 @app.command()
-def publish(topic: str, payload: Annotated[str, typer.Argument(help="The payload as JSON.")],
+def publish(topic: str, payload: Annotated[str, typer.Argument(help="The payload as JSON; - reads one per line "
+                                                                    "from stdin.")],
             home: HomeOpt = None, correlation: Annotated[str, typer.Option(help="Correlation id.")] = "",
             timeout: float = 10.0) -> None:
-    """Publish a message; prints its sequence number once it is durable."""
+    """Publish a message; prints its sequence number once it is durable.
+
+    With - as the payload, publishes one message per JSON line of stdin (every line is parsed before
+    anything is sent) and prints each one's sequence number, in order.
+    """
     logs.configure(level="warning")
+    if payload == "-":
+        payloads = [_parse_json(line, f"line {n} of stdin") for n, line in enumerate(sys.stdin, start=1)
+                    if line.strip()]
+        try:
+            with _bus(home) as bus:
+                for start in range(0, len(payloads), _STDIN_CHUNK):
+                    seqs = bus.publish_many(topic, payloads[start:start + _STDIN_CHUNK], timeout=timeout)
+                    typer.echo("\n".join(map(str, seqs)))
+        except BusError as exc:
+            _fail(exc)
+        return
     data = _parse_json(payload, "the payload")
     try:
         with _bus(home) as bus:
             typer.echo(bus.publish(topic, data, correlation_id=correlation, timeout=timeout))
     except BusError as exc:
         _fail(exc)
+
+
+_STDIN_CHUNK = 10_000
+"""Lines of stdin per publish_many call: a huge file is not held in flight at once."""
 
 
 @app.command()

@@ -17,7 +17,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,10 +25,10 @@ from typing import Any
 import structlog
 
 from bus import protocol as P
-from bus.connection import Connection, GroupState, LiveState, Pending, decode_replayed
+from bus.connection import MAX_BATCH, MAX_BATCH_BYTES, Connection, GroupState, LiveState, Pending, decode_replayed
 from bus.home import Home
 from bus.message import Delivery, Message
-from contracts.envelope import Envelope, encode_envelope, encode_new, make_envelope
+from contracts.envelope import Envelope, encode_envelope, encode_many, encode_new, make_envelope
 from contracts.errors import BusError, ConnectionError, TimeoutError, error_from_wire
 from contracts.registry import encode_payload
 from contracts.topics import FAILED, check_pattern, check_topic
@@ -96,6 +96,25 @@ def replay_body(*, topic: str | None, from_seq: int, to_seq: int | None, since: 
     }
 
 
+_CHUNK_BYTES = MAX_BATCH_BYTES // 2
+_ENVELOPE_BYTES = 96
+"""An envelope's bytes besides its payload, roughly (a ULID twice, the topic, a timestamp)."""
+
+
+def _chunk_bounds(sizes: list[int]) -> Iterator[tuple[int, int]]:
+    """Splits payloads of ``sizes`` into chunks that a PUB frame holds (MAX_BATCH messages, well under
+    MAX_BATCH_BYTES): the connection adds whole chunks to a frame."""
+    start, size = 0, 0
+    for i, n in enumerate(sizes):
+        n += _ENVELOPE_BYTES
+        if i > start and (i - start >= MAX_BATCH or size + n > _CHUNK_BYTES):
+            yield start, i
+            start, size = i, 0
+        size += n
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
 class Bus:
     """A connection to the broker. Thread-safe; one per process is plenty."""
 
@@ -145,6 +164,37 @@ class Bus:
         p = self.publish_nowait(topic, payload, correlation_id=correlation_id, causation_id=causation_id,
                                 headers=headers, message_id=message_id, timeout=timeout)
         return int(p.result(timeout + 1.0))
+
+    def publish_many_nowait(self, topic: str, payloads: Iterable[Any], *,
+                            message_ids: Sequence[str] | None = None, timeout: float = 30.0) -> Pending:
+        """Queues one message per payload on ``topic``; ``.result()`` is their seqs, in order, once all
+        are durable. Cheaper per message than ``publish_nowait``: one id block, one encoder call and one
+        Pending per chunk of up to 1,024 messages.
+
+        Every payload is checked against the topic's contract before anything is sent; a ValidationError
+        names the payload's ``index``. Pass ``message_ids`` (one per payload) to retry a call safely: the
+        broker logs each id once. If the broker refuses some messages, ``.result()`` raises the first
+        refusal's error, with ``index`` and every message's ``seqs`` (None where refused) in its fields.
+        """
+        check_topic(topic)
+        encoded: list[bytes] = []
+        for index, payload in enumerate(payloads):
+            try:
+                encoded.append(encode_payload(topic, payload))
+            except BusError as exc:
+                exc.fields["index"] = index
+                raise
+        if message_ids is not None and len(message_ids) != len(encoded):
+            raise ValueError(f"{len(message_ids)} message_ids for {len(encoded)} payloads")
+        chunks = [(encode_many(topic, encoded[start:end], None if message_ids is None else message_ids[start:end]),
+                   end - start) for start, end in _chunk_bounds(list(map(len, encoded)))]
+        return self._conn.submit_publish_many(chunks, timeout)
+
+    def publish_many(self, topic: str, payloads: Iterable[Any], *, message_ids: Sequence[str] | None = None,
+                     timeout: float = 30.0) -> list[int]:
+        """Publishes one message per payload on ``topic`` and returns their seqs once all are durable."""
+        p = self.publish_many_nowait(topic, payloads, message_ids=message_ids, timeout=timeout)
+        return list(p.result(timeout + 1.0))
 
     def publish_raw(self, data: bytes, *, timeout: float = 10.0) -> Pending:
         """Publishes an already encoded envelope (workers' outboxes use this)."""

@@ -89,11 +89,15 @@ class Pending:
 
 
 class _PubItem(Pending):
-    """A queued publish is its own Pending: one object per message."""
+    """A queued publish is its own Pending: one object per message, or per chunk of ``publish_many``.
 
-    __slots__ = ("data", "deadline")
+    Settles with the seq of its message, or, for a chunk of ``count`` envelopes, with a list holding
+    each one's seq or the error it was refused with.
+    """
 
-    def __init__(self, cond: threading.Condition, data: bytes, deadline: float) -> None:
+    __slots__ = ("count", "data", "deadline")
+
+    def __init__(self, cond: threading.Condition, data: bytes, deadline: float, count: int = 1) -> None:
         # Pending.__init__ inlined: one of these is made per published message
         self._cond = cond
         self.done = False
@@ -102,6 +106,48 @@ class _PubItem(Pending):
         self._callbacks = None
         self.data = data
         self.deadline = deadline
+        self.count = count
+
+
+class Gathered(Pending):
+    """One Pending for the chunks of a ``publish_many``: its value is every message's seq, in order.
+
+    If the broker refused some of the messages, it fails with the first refusal's error; that error's
+    ``fields`` hold ``index`` (the message's place) and ``seqs`` (each message's seq, None if refused).
+    """
+
+    __slots__ = ("_left", "_parts")
+
+    def __init__(self, cond: threading.Condition, parts: list[_PubItem]) -> None:
+        super().__init__(cond)
+        self._parts = parts
+        self._left = len(parts)
+        if not parts:
+            self.value = []
+            self.done = True
+        for part in parts:
+            part.add_done_callback(self._part_done)
+
+    def _part_done(self, _part: Pending) -> None:
+        # on the I/O thread with the condition held, or in add_done_callback for a settled part
+        self._left -= 1
+        if self._left:
+            return
+        failed = next((p.error for p in self._parts if p.error is not None), None)
+        if failed is not None:
+            self.error = failed
+        else:
+            results: list[int | BusError] = [r for p in self._parts for r in p.value]
+            seqs = [r if r.__class__ is int else None for r in results]
+            refused = next((i for i, r in enumerate(results) if r.__class__ is not int), None)
+            if refused is None:
+                self.value = seqs
+            else:
+                error = results[refused]
+                assert isinstance(error, BusError)
+                error.fields.update(index=refused, seqs=seqs)
+                self.error = error
+        self._settle()
 
 
 @dataclass
@@ -109,6 +155,8 @@ class _Batch:
     items: list[_PubItem]
     frame: bytes
     sent_at: float
+    count: int
+    """Envelopes in the frame (more than ``len(items)`` when it holds chunks of publish_many)."""
 
 
 @dataclass
@@ -208,6 +256,16 @@ class Connection(threading.Thread):
         self._pubq.append(item)
         self._wake()
         return item
+
+    def submit_publish_many(self, chunks: list[tuple[bytes, int]], timeout: float) -> Gathered:
+        """Queues chunks of envelopes, each (concatenated envelopes, how many), as one publish."""
+        self._check_usable()
+        deadline = time.monotonic() + timeout
+        parts = [_PubItem(self.cond, data, deadline, count) for data, count in chunks]
+        gathered = Gathered(self.cond, parts)
+        self._pubq.extend(parts)
+        self._wake()
+        return gathered
 
     def request(self, build: Callable[[int], list[bytes]]) -> Pending:
         """Sends the frames ``build(request_id)`` returns and waits for the answer with that id."""
@@ -366,15 +424,16 @@ class Connection(threading.Thread):
     def _flush_publishes(self) -> None:
         while self._pubq and len(self._batches) < MAX_INFLIGHT_BATCHES and self.welcome is not None:
             items: list[_PubItem] = []
-            size = 0
+            size = count = 0
             q = self._pubq
-            while q and len(items) < MAX_BATCH and size < MAX_BATCH_BYTES:
+            while q and count < MAX_BATCH and size < MAX_BATCH_BYTES:
                 item = q.popleft()
                 items.append(item)
                 size += len(item.data)
-            frame = _array_header(len(items)) + b"".join([i.data for i in items])
+                count += item.count
+            frame = _array_header(count) + b"".join([i.data for i in items])
             bid = self._new_id()
-            self._batches[bid] = _Batch(items, frame, time.monotonic())
+            self._batches[bid] = _Batch(items, frame, time.monotonic(), count)
             self._send([P.PUB, P.pack_id(bid), frame])
 
     def _on_puback(self, bid: int, results: list[Any]) -> None:
@@ -382,16 +441,33 @@ class Connection(threading.Thread):
         if batch is None:
             return  # an answer to a resend we already had
         with self.cond:
-            for item, r in zip(batch.items, results, strict=False):
-                if r.__class__ is int:
-                    item.value = r
-                else:
-                    item.error = error_from_wire({"code": r[0], "message": r[1]})
-                item.done = True
-                if item._callbacks:
+            if batch.count == len(batch.items):
+                for item, r in zip(batch.items, results, strict=False):
+                    if r.__class__ is int:
+                        item.value = r
+                    else:
+                        item.error = error_from_wire({"code": r[0], "message": r[1]})
+                    item.done = True
+                    if item._callbacks:
+                        item._settle()
+            else:
+                if len(results) < batch.count:  # a broker bug, not a reason to lose track of the rest
+                    results = results + [["protocol", "no result for this message"]] * (batch.count - len(results))
+                i = 0
+                for item in batch.items:
+                    if item.count == 1:
+                        r = results[i]
+                        if r.__class__ is int:
+                            item.value = r
+                        else:
+                            item.error = error_from_wire({"code": r[0], "message": r[1]})
+                    else:
+                        item.value = [r if r.__class__ is int else error_from_wire({"code": r[0], "message": r[1]})
+                                      for r in results[i:i + item.count]]
+                    i += item.count
                     item._settle()
             self.cond.notify_all()
-        self.counters.published += len(batch.items)
+        self.counters.published += batch.count
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -609,7 +685,7 @@ class Connection(threading.Thread):
                         continue
                 if now - batch.sent_at > RESEND_AFTER_S and self.welcome is not None:
                     batch.sent_at = now
-                    self.counters.resent += len(batch.items)
+                    self.counters.resent += batch.count
                     self._send([P.PUB, P.pack_id(bid), batch.frame])
         if self._pubq and self._pubq[0].deadline <= now:
             with self.cond:

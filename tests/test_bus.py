@@ -235,3 +235,71 @@ def test_a_consumer_that_keeps_its_own_position_repositions_its_group(bus: Bus) 
     # a store ahead of the broker's floor skips what it already applied
     with bus.consume("positioned", from_seq=seqs[4], credit=10) as c:
         assert [d.seq for d in c.fetch(10, timeout=5)] == seqs[4:]
+
+
+def test_publish_many_logs_every_payload_once_in_order_and_returns_their_seqs(bus: Bus) -> None:
+    payloads = [{"i": i, "pad": "x" * (i % 700)} for i in range(2600)]  # several chunks and frames
+    seqs = bus.publish_many("test.bulk.changed", payloads)
+    assert len(seqs) == 2600 and seqs == sorted(seqs) and len(set(seqs)) == 2600
+    logged = list(bus.replay(topic="test.bulk.changed"))
+    assert [m.payload for m in logged] == payloads
+    assert [m.seq for m in logged] == seqs
+    assert all(m.source == "test" and m.correlation_id == m.id for m in logged)
+    assert len({m.id for m in logged}) == 2600 and [m.id for m in logged] == sorted(m.id for m in logged)
+
+
+def test_publish_many_shares_frames_with_single_publishes_and_each_gets_its_own_answer(bus: Bus) -> None:
+    singles = [bus.publish_nowait("test.mixed.changed", {"single": i}) for i in range(300)]
+    many = bus.publish_many_nowait("test.mixed.changed", [{"bulk": i} for i in range(300)])
+    more = [bus.publish_nowait("test.mixed.changed", {"single": i}) for i in range(300, 310)]
+    single_seqs = [p.result(30) for p in singles + more]
+    bulk_seqs = many.result(30)
+    assert len(set(single_seqs) | set(bulk_seqs)) == 610
+    by_seq = {m.seq: m.payload for m in bus.replay(topic="test.mixed.changed")}
+    assert [by_seq[s] for s in bulk_seqs] == [{"bulk": i} for i in range(300)]
+    assert [by_seq[s] for s in single_seqs] == [{"single": i} for i in range(310)]
+
+
+def test_a_retried_publish_many_with_the_same_ids_is_stored_once(bus: Bus) -> None:
+    ids = [f"01JBULKRETRY00000000000{i:03d}" for i in range(40)]
+    first = bus.publish_many("test.bulk.changed", [{"i": i} for i in range(40)], message_ids=ids)
+    head = bus.status()["head"]
+    again = bus.publish_many("test.bulk.changed", [{"i": i} for i in range(40)], message_ids=ids)
+    assert again == first and bus.status()["head"] == head
+    with pytest.raises(ValueError):
+        bus.publish_many("test.bulk.changed", [{"i": 1}], message_ids=ids)
+
+
+def test_publish_many_checks_every_payload_first_and_names_the_bad_one(bus: Bus) -> None:
+    import msgspec
+
+    from contracts.registry import register
+
+    class Strict(msgspec.Struct):
+        n: int
+
+    register("test.strictbulk.changed", Strict)
+    head = bus.status()["head"]
+    with pytest.raises(ValidationError) as info:
+        bus.publish_many("test.strictbulk.changed", [{"n": 1}, {"n": 2}, {"n": "three"}, {"n": 4}])
+    assert info.value.field == "n" and info.value.fields["index"] == 2
+    assert bus.status()["head"] == head  # nothing was sent
+    assert bus.publish_many("test.strictbulk.changed", []) == []
+
+
+def test_publish_many_refused_by_the_broker_says_which_and_what_was_logged(bus: Bus) -> None:
+    with pytest.raises(BusError) as info:
+        bus.publish_many("bus.fake.changed", [{"i": i} for i in range(3)])
+    assert info.value.code == "not_authorized"
+    assert info.value.fields["index"] == 0 and info.value.fields["seqs"] == [None, None, None]
+
+
+def test_asyncio_publish_many(broker: BrokerProcess) -> None:
+    async def main() -> list[int]:
+        async with await AsyncBus.connect(broker.home.path, module="aio") as abus:
+            return await abus.publish_many("aio.bulk.changed", [{"i": i} for i in range(1500)])
+
+    seqs = asyncio.run(main())
+    with Bus.connect(broker.home.path, module="test") as bus:
+        logged = list(bus.replay(topic="aio.bulk.changed"))
+    assert [m.seq for m in logged] == seqs and [m.payload["i"] for m in logged] == list(range(1500))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -16,7 +18,7 @@ from contracts.envelope import (
     make_envelope,
 )
 from contracts.errors import UnknownTopic, ValidationError, error_from_wire
-from contracts.ids import id_time_ms, new_id
+from contracts.ids import id_time_ms, new_id, new_ids
 from contracts.registry import decode_payload, encode_payload, register
 from contracts.topics import check_pattern, check_topic, matches, reply_topics
 
@@ -148,3 +150,35 @@ def test_ids_sort_by_creation() -> None:
     ids = [new_id() for _ in range(2000)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert abs(id_time_ms(ids[0]) - id_time_ms(ids[-1])) < 5000
+
+
+def test_a_block_of_ids_is_what_as_many_single_ids_would_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contracts.ids as ids_module
+
+    def start_at(rand: int) -> None:  # within one (future) millisecond, just below a 2**20 boundary
+        ms = time.time_ns() // 1_000_000 + 60_000
+        for name, value in (("_last_ms", ms), ("_last_rand", rand), ("_prefix", ids_module._encode_time(ms)),
+                            ("_high", -1), ("_high_text", "")):
+            monkeypatch.setattr(ids_module, name, value)
+
+    start_at((5 << 20) - 4)
+    block = new_ids(10) + new_ids(3)
+    start_at((5 << 20) - 4)
+    singles = [new_id() for _ in range(13)]
+    assert block == singles and block == sorted(block) and len(set(block)) == 13
+    assert new_ids(0) == []
+
+
+def test_encode_many_makes_the_envelopes_of_a_pub_frame() -> None:
+    from bus.connection import _array_header
+    from contracts.envelope import encode_many
+
+    for n in (1, 15, 16, 70_000):
+        payloads = [msgspec.msgpack.encode({"i": i}) for i in range(n)]
+        envs = decode_batch(_array_header(n) + encode_many("test.bulk.changed", payloads))
+        assert [msgspec.msgpack.decode(e.payload) for e in envs] == [{"i": i} for i in range(n)]
+        assert all(e.topic == "test.bulk.changed" and e.correlation_id == e.id and e.seq == 0 for e in envs)
+        assert len({e.id for e in envs}) == n
+    ids = ["01JFIXED000000000000000001", "01JFIXED000000000000000002"]
+    envs = decode_batch(_array_header(2) + encode_many("test.bulk.changed", [b"\x01", b"\x02"], ids))
+    assert [e.id for e in envs] == ids

@@ -146,6 +146,18 @@ def test_the_cli_publishes_requests_replays_and_reports_status(up: UpProcess, co
     usage = cli(home, "publish", "companion.mood.changed", "{not json")
     assert usage.returncode == 2 and "not valid JSON" in usage.stderr
 
+    moods = [{"mood": m} for m in ("calm", "glad", "sleepy")]
+    lines = cli(home, "publish", "companion.mood.changed", "-", stdin="\n".join(map(json.dumps, moods)) + "\n\n")
+    assert lines.returncode == 0, lines.stderr
+    seqs = [int(s) for s in lines.stdout.split()]
+    assert len(seqs) == 3 and seqs == sorted(seqs)
+    assert [(m.seq, m.payload) for m in companion.replay(from_seq=seqs[0], topic="companion.mood.changed")] == \
+        list(zip(seqs, moods, strict=True))
+    head = companion.status()["head"]
+    bad_line = cli(home, "publish", "companion.mood.changed", "-", stdin='{"mood": "ok"}\n{oops\n')
+    assert bad_line.returncode == 2 and "line 2 of stdin" in bad_line.stderr
+    assert not [m for m in companion.replay(from_seq=head + 1, topic="companion.mood.changed")]  # nothing sent
+
 
 def test_sigterm_stops_membus_up_and_every_child_cleanly(tmp_path: Path) -> None:
     system = UpProcess(tmp_path / "home", WORKERS)
