@@ -102,11 +102,10 @@ _ENVELOPE_BYTES = 96
 
 
 def _chunk_bounds(sizes: list[int]) -> Iterator[tuple[int, int]]:
-    """Splits payloads of ``sizes`` into chunks that a PUB frame holds (MAX_BATCH messages, well under
+    """Splits envelopes of ``sizes`` into chunks that a PUB frame holds (MAX_BATCH messages, well under
     MAX_BATCH_BYTES): the connection adds whole chunks to a frame."""
     start, size = 0, 0
     for i, n in enumerate(sizes):
-        n += _ENVELOPE_BYTES
         if i > start and (i - start >= MAX_BATCH or size + n > _CHUNK_BYTES):
             yield start, i
             start, size = i, 0
@@ -187,7 +186,7 @@ class Bus:
         if message_ids is not None and len(message_ids) != len(encoded):
             raise ValueError(f"{len(message_ids)} message_ids for {len(encoded)} payloads")
         chunks = [(encode_many(topic, encoded[start:end], None if message_ids is None else message_ids[start:end]),
-                   end - start) for start, end in _chunk_bounds(list(map(len, encoded)))]
+                   end - start) for start, end in _chunk_bounds([len(p) + _ENVELOPE_BYTES for p in encoded])]
         return self._conn.submit_publish_many(chunks, timeout)
 
     def publish_many(self, topic: str, payloads: Iterable[Any], *, message_ids: Sequence[str] | None = None,
@@ -197,8 +196,14 @@ class Bus:
         return list(p.result(timeout + 1.0))
 
     def publish_raw(self, data: bytes, *, timeout: float = 10.0) -> Pending:
-        """Publishes an already encoded envelope (workers' outboxes use this)."""
+        """Publishes an already encoded envelope."""
         return self._conn.submit_publish(data, timeout)
+
+    def publish_raw_many(self, envelopes: Sequence[bytes], *, timeout: float = 10.0) -> Pending:
+        """Publishes already encoded envelopes (workers' outboxes use this); ``.result()`` is their seqs."""
+        return self._conn.submit_publish_many(
+            [(b"".join(envelopes[start:end]), end - start)
+             for start, end in _chunk_bounds(list(map(len, envelopes)))], timeout)
 
     def request_nowait(self, topic: str, payload: Any, *, timeout: float = 10.0, correlation_id: str = "",
                        headers: dict[str, str] | None = None) -> Pending:

@@ -91,13 +91,13 @@ class Pending:
 class _PubItem(Pending):
     """A queued publish is its own Pending: one object per message, or per chunk of ``publish_many``.
 
-    Settles with the seq of its message, or, for a chunk of ``count`` envelopes, with a list holding
-    each one's seq or the error it was refused with.
+    ``count`` is 0 for one message, which settles with its seq; a chunk of ``count`` envelopes settles with
+    a list holding each one's seq or the error it was refused with.
     """
 
     __slots__ = ("count", "data", "deadline")
 
-    def __init__(self, cond: threading.Condition, data: bytes, deadline: float, count: int = 1) -> None:
+    def __init__(self, cond: threading.Condition, data: bytes, deadline: float, count: int = 0) -> None:
         # Pending.__init__ inlined: one of these is made per published message
         self._cond = cond
         self.done = False
@@ -430,7 +430,7 @@ class Connection(threading.Thread):
                 item = q.popleft()
                 items.append(item)
                 size += len(item.data)
-                count += item.count
+                count += item.count or 1
             frame = _array_header(count) + b"".join([i.data for i in items])
             bid = self._new_id()
             self._batches[bid] = _Batch(items, frame, time.monotonic(), count)
@@ -441,7 +441,7 @@ class Connection(threading.Thread):
         if batch is None:
             return  # an answer to a resend we already had
         with self.cond:
-            if batch.count == len(batch.items):
+            if batch.count == len(batch.items) and not any(item.count for item in batch.items):
                 for item, r in zip(batch.items, results, strict=False):
                     if r.__class__ is int:
                         item.value = r
@@ -455,16 +455,17 @@ class Connection(threading.Thread):
                     results = results + [["protocol", "no result for this message"]] * (batch.count - len(results))
                 i = 0
                 for item in batch.items:
-                    if item.count == 1:
+                    if not item.count:
                         r = results[i]
                         if r.__class__ is int:
                             item.value = r
                         else:
                             item.error = error_from_wire({"code": r[0], "message": r[1]})
+                        i += 1
                     else:
                         item.value = [r if r.__class__ is int else error_from_wire({"code": r[0], "message": r[1]})
                                       for r in results[i:i + item.count]]
-                    i += item.count
+                        i += item.count
                     item._settle()
             self.cond.notify_all()
         self.counters.published += batch.count

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import msgspec
 import pytest
 
 from bus.aio import AsyncBus
@@ -285,6 +286,17 @@ def test_publish_many_checks_every_payload_first_and_names_the_bad_one(bus: Bus)
     assert info.value.field == "n" and info.value.fields["index"] == 2
     assert bus.status()["head"] == head  # nothing was sent
     assert bus.publish_many("test.strictbulk.changed", []) == []
+
+
+def test_publish_many_of_one_and_raw_envelopes_in_one_call(bus: Bus) -> None:
+    from contracts.envelope import encode_new
+
+    (one,) = bus.publish_many("test.one.changed", [{"i": 1}])
+    raw = [encode_new("test.one.changed", msgspec.msgpack.encode({"i": i}))[1] for i in range(2, 5)]
+    single = bus.publish_raw_many(raw[:1]).result(30)
+    three = bus.publish_raw_many(raw).result(30)
+    assert len(single) == 1 and three[0] == single[0] and one < single[0] < three[1] < three[2]
+    assert [m.payload["i"] for m in bus.replay(topic="test.one.changed")] == [1, 2, 3, 4]
 
 
 def test_publish_many_refused_by_the_broker_says_which_and_what_was_logged(bus: Bus) -> None:

@@ -41,7 +41,8 @@ log = structlog.get_logger("membus.worker")
 class _Flight:
     """An applied batch whose outbox is being logged; its deliveries are acked when that is done."""
 
-    waits: list[tuple[int, list[Pending]]]
+    waits: list[tuple[list[int], Pending]]
+    """The log positions whose outbox entries are being published, and the one Pending of that publish."""
     acks: list[int]
 
 
@@ -170,18 +171,20 @@ class WorkerRuntime:
         self._settle_outbox(self._publish_outbox(bus, self.backend.outbox_pending()))
 
     def _publish_outbox(self, bus: Bus, entries: list[tuple[int, list[bytes]]] | None = None
-                        ) -> list[tuple[int, list[Pending]]]:
-        """Publishes outbox entries not already on their way: by default what the last batch added (ids are
-        deterministic: the broker stores a resent item once)."""
+                        ) -> list[tuple[list[int], Pending]]:
+        """Publishes outbox entries not already on their way, in one publish: by default what the last batch
+        added (ids are deterministic: the broker stores a resent item once)."""
         if entries is None:
             entries, self._added = self._added, []
             if self._resync:  # an earlier publish failed: everything the store holds, this batch's included
                 self._flush_outbox(bus)
                 return []
-        waits = [(seq, [bus.publish_raw(item, timeout=30.0) for item in items])
-                 for seq, items in entries if seq not in self._sending]
-        self._sending.update(seq for seq, _ in waits)
-        return waits
+        sending = [(seq, items) for seq, items in entries if seq not in self._sending]
+        if not sending:
+            return []
+        seqs = [seq for seq, _ in sending]
+        self._sending.update(seqs)
+        return [(seqs, bus.publish_raw_many([item for _, items in sending for item in items], timeout=30.0))]
 
     def _remove_logged(self, force: bool = False) -> None:
         """Clears logged outbox entries from the store: in bulk, at most once a second (one store commit)."""
@@ -189,20 +192,20 @@ class WorkerRuntime:
             self.backend.outbox_remove(self._logged)
             self._logged = []
 
-    def _settle_outbox(self, waits: list[tuple[int, list[Pending]]]) -> None:
+    def _settle_outbox(self, waits: list[tuple[list[int], Pending]]) -> None:
         """Waits until the items are logged and clears them from the outbox; a failure leaves them for later."""
         done: list[int] = []
-        for seq, ps in waits:
+        for seqs, pending in waits:
             try:
-                for p in ps:
-                    p.result(35.0)
-                done.append(seq)
+                pending.result(35.0)
+                done.extend(seqs)
             except BusError as exc:
                 self.stats["errors"] += 1
-                self._resync = True  # the rest stays in the store's outbox; the next batch publishes it again
-                log.warning("outbox.publish_failed", seq=seq, error=exc.message)
+                self._resync = True  # it stays in the store's outbox; the next batch publishes everything again
+                log.warning("outbox.publish_failed", seqs=f"{seqs[0]}..{seqs[-1]}", error=exc.message)
                 break
-        self._sending.difference_update(seq for seq, _ in waits)
+        for seqs, _ in waits:
+            self._sending.difference_update(seqs)
         if done:
             if not self._logged:
                 self._logged_since = time.monotonic()
