@@ -108,7 +108,8 @@ def _publisher(home: str, name: str, count: int, window: int, start: Any, result
         results.put((t0, time.perf_counter()))
 
 
-def _batch_publisher(home: str, name: str, count: int, batch: int, start: Any, results: Any) -> None:
+def _batch_publisher(home: str, name: str, count: int, batch: int, start: Any, results: Any,
+                     topic: str = "bench.load.changed") -> None:
     """``publish_many_nowait`` of ``batch`` payloads per call, at most 8 calls in flight."""
     data = [{"blob": "x" * (PAYLOAD - 16)}] * batch
     with Bus.connect(home, module=name) as bus:
@@ -116,7 +117,7 @@ def _batch_publisher(home: str, name: str, count: int, batch: int, start: Any, r
         t0 = time.perf_counter()
         pending: collections.deque[Any] = collections.deque()
         for _ in range(count // batch):
-            pending.append(bus.publish_many_nowait("bench.load.changed", data, timeout=120))
+            pending.append(bus.publish_many_nowait(topic, data, timeout=120))
             if len(pending) >= 8:
                 pending.popleft().result(120)
         for p in pending:
@@ -185,9 +186,13 @@ def _group_consumer(home: str, count: int, ready: Any, results: Any) -> None:
         results.put((got, time.perf_counter(), lat_s))
 
 
-def publish_to_group(count: int) -> dict[str, Any]:
-    """Publisher process -> broker -> group consumer process with credit and acks."""
+def publish_to_group(count: int, batch: int = 0) -> dict[str, Any]:
+    """Publisher process -> broker -> group consumer process with credit and acks.
+
+    ``batch``: 0 for one ``publish_nowait`` per message, else ``publish_many`` calls of that many payloads.
+    """
     ctx = mp.get_context("spawn")
+    count -= count % batch if batch else 0
     with system() as home:
         ready, results = ctx.Event(), ctx.Queue()
         consumer = ctx.Process(target=_group_consumer, args=(str(home), count, ready, results))
@@ -195,7 +200,9 @@ def publish_to_group(count: int) -> dict[str, Any]:
         ready.wait(60)
         time.sleep(0.5)
         start, pub_results = ctx.Event(), ctx.Queue()
-        pub = ctx.Process(target=_publisher_topic, args=(str(home), count, start, pub_results))
+        pub = (ctx.Process(target=_batch_publisher, args=(str(home), "bench-pub", count, batch, start, pub_results,
+                                                          "bench.e2e.changed"))
+               if batch else ctx.Process(target=_publisher_topic, args=(str(home), count, start, pub_results)))
         pub.start()
         time.sleep(1.5)
         start.set()
@@ -494,6 +501,8 @@ def membus_figures(quick: bool, runs: int) -> dict[str, Any]:
     out["publish_latency"] = publish_latency(500 if quick else 3000)
     _step("membus publish -> group consumer")
     out["publish_to_group"] = repeat(lambda: publish_to_group(n), runs, "msgs_per_s")
+    _step("membus publish_many -> group consumer")
+    out["publish_many_to_group"] = repeat(lambda: publish_to_group(n, PUBLISH_MANY_BATCH), runs, "msgs_per_s")
     m = 4_000 if quick else 30_000
     _step("membus store pipelines")
     out["store_pipeline_lmdb"] = repeat(lambda: store_pipeline("lmdb", m), runs, "req_per_s")
