@@ -155,8 +155,9 @@ def test_ids_sort_by_creation() -> None:
 def test_a_block_of_ids_is_what_as_many_single_ids_would_be(monkeypatch: pytest.MonkeyPatch) -> None:
     import contracts.ids as ids_module
 
-    def start_at(rand: int) -> None:  # within one (future) millisecond, just below a 2**20 boundary
-        ms = time.time_ns() // 1_000_000 + 60_000
+    ms = time.time_ns() // 1_000_000 + 60_000  # a millisecond in the future: both runs stay within it
+
+    def start_at(rand: int) -> None:  # just below a 2**20 boundary of the random part
         for name, value in (("_last_ms", ms), ("_last_rand", rand), ("_prefix", ids_module._encode_time(ms)),
                             ("_high", -1), ("_high_text", "")):
             monkeypatch.setattr(ids_module, name, value)
