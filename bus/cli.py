@@ -110,6 +110,9 @@ def publish(topic: str, payload: Annotated[str, typer.Argument(help="The payload
     """
     logs.configure(level="warning")
     if payload == "-":
+        if correlation:
+            err.print("[bold red]error[/]: --correlation applies to one message, not to lines from stdin")
+            raise typer.Exit(2)
         payloads = [_parse_json(line, f"line {n} of stdin") for n, line in enumerate(sys.stdin, start=1)
                     if line.strip()]
         try:

@@ -110,7 +110,8 @@ def _publisher(home: str, name: str, count: int, window: int, start: Any, result
 
 def _batch_publisher(home: str, name: str, count: int, batch: int, start: Any, results: Any,
                      topic: str = "bench.load.changed") -> None:
-    """``publish_many_nowait`` of ``batch`` payloads per call, at most 8 calls in flight."""
+    """``publish_many_nowait`` of ``batch`` payloads per call, up to 20,000 messages in flight (as
+    ``_publisher``)."""
     data = [{"blob": "x" * (PAYLOAD - 16)}] * batch
     with Bus.connect(home, module=name) as bus:
         start.wait()
@@ -118,7 +119,7 @@ def _batch_publisher(home: str, name: str, count: int, batch: int, start: Any, r
         pending: collections.deque[Any] = collections.deque()
         for _ in range(count // batch):
             pending.append(bus.publish_many_nowait(topic, data, timeout=120))
-            if len(pending) >= 8:
+            if len(pending) * batch >= 20_000:
                 pending.popleft().result(120)
         for p in pending:
             p.result(120)
@@ -149,7 +150,7 @@ def durable_publish(publishers: int, count: int, batch: int = 0) -> dict[str, An
         total = publishers * count
         return {"publishers": publishers, "messages": total, "payload_bytes": PAYLOAD, "seconds": seconds,
                 "msgs_per_s": total / seconds, "durability": "ack after fsync (LMDB group commit)",
-                "api": f"publish_many, {batch} per call, 8 calls in flight" if batch else
+                "api": f"publish_many, {batch} per call, up to 20,000 in flight" if batch else
                 "publish_nowait per message, up to 20,000 in flight"}
 
 
@@ -470,7 +471,21 @@ def libsql_batch_insert(rows: int = 100_000, batch: int = 500) -> dict[str, Any]
 
 def repeat(fn: Callable[[], dict[str, Any]], runs: int, key: str) -> dict[str, Any]:
     """Runs ``fn`` ``runs`` times: the run whose ``key`` is the median, with the median, min and max of ``key``."""
-    results = [fn() for _ in range(runs)]
+    return _summary([fn() for _ in range(runs)], key)
+
+
+def alternate(fns: dict[str, Callable[[], dict[str, Any]]], runs: int, key: str) -> dict[str, dict[str, Any]]:
+    """``repeat`` for several figures that are compared with each other: run in turn, ``runs`` rounds, so a
+    slow minute of the machine hits each of them alike."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            results[name].append(fn())
+    return {name: _summary(rs, key) for name, rs in results.items()}
+
+
+def _summary(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    runs = len(results)
     values = [r[key] for r in results]
     best = results[values.index(statistics.median_high(values))]
     return {**best, key: statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values),
@@ -485,12 +500,10 @@ def membus_figures(quick: bool, runs: int) -> dict[str, Any]:
     n = 20_000 if quick else 200_000
     out: dict[str, Any] = {}
     for pubs in (1, 2, 8):
-        _step(f"membus durable publish, {pubs} publisher(s)")
-        out[f"durable_publish_{pubs}"] = repeat(partial(durable_publish, pubs, n // pubs), runs, "msgs_per_s")
-    for pubs in (1, 2, 8):
-        _step(f"membus durable publish with publish_many, {pubs} publisher(s)")
-        out[f"durable_publish_many_{pubs}"] = repeat(partial(durable_publish, pubs, n // pubs, PUBLISH_MANY_BATCH),
-                                                     runs, "msgs_per_s")
+        _step(f"membus durable publish, {pubs} publisher(s), publish_nowait and publish_many in turn")
+        out.update(alternate({f"durable_publish_{pubs}": partial(durable_publish, pubs, n // pubs),
+                              f"durable_publish_many_{pubs}": partial(durable_publish, pubs, n // pubs,
+                                                                      PUBLISH_MANY_BATCH)}, runs, "msgs_per_s"))
     _step("membus durable publish, 2 publishers, encryption at rest off")
     os.environ["MEMBUS_ENCRYPTION"] = "0"
     try:
@@ -499,10 +512,10 @@ def membus_figures(quick: bool, runs: int) -> dict[str, Any]:
         del os.environ["MEMBUS_ENCRYPTION"]
     _step("membus awaited publish latency")
     out["publish_latency"] = publish_latency(500 if quick else 3000)
-    _step("membus publish -> group consumer")
-    out["publish_to_group"] = repeat(lambda: publish_to_group(n), runs, "msgs_per_s")
-    _step("membus publish_many -> group consumer")
-    out["publish_many_to_group"] = repeat(lambda: publish_to_group(n, PUBLISH_MANY_BATCH), runs, "msgs_per_s")
+    _step("membus publish -> group consumer, publish_nowait and publish_many publishers in turn")
+    out.update(alternate({"publish_to_group": partial(publish_to_group, n),
+                          "publish_many_to_group": partial(publish_to_group, n, PUBLISH_MANY_BATCH)},
+                         runs, "msgs_per_s"))
     m = 4_000 if quick else 30_000
     _step("membus store pipelines")
     out["store_pipeline_lmdb"] = repeat(lambda: store_pipeline("lmdb", m), runs, "req_per_s")

@@ -156,6 +156,8 @@ def test_the_cli_publishes_requests_replays_and_reports_status(up: UpProcess, co
     head = companion.status()["head"]
     bad_line = cli(home, "publish", "companion.mood.changed", "-", stdin='{"mood": "ok"}\n{oops\n')
     assert bad_line.returncode == 2 and "line 2 of stdin" in bad_line.stderr
+    with_correlation = cli(home, "publish", "companion.mood.changed", "-", "--correlation", "c", stdin='{"mood": "x"}')
+    assert with_correlation.returncode == 2 and "--correlation" in with_correlation.stderr
     assert not [m for m in companion.replay(from_seq=head + 1, topic="companion.mood.changed")]  # nothing sent
 
 
