@@ -109,9 +109,9 @@ def _publisher(home: str, name: str, count: int, window: int, start: Any, result
 
 
 def _batch_publisher(home: str, name: str, count: int, batch: int, start: Any, results: Any,
-                     topic: str = "bench.load.changed") -> None:
-    """``publish_many_nowait`` of ``batch`` payloads per call, up to 20,000 messages in flight (as
-    ``_publisher``)."""
+                     topic: str = "bench.load.changed", in_flight: int = 20_000) -> None:
+    """``publish_many_nowait`` of ``batch`` payloads per call, up to ``in_flight`` messages in flight (as
+    many as the per-message publisher of the same figure)."""
     data = [{"blob": "x" * (PAYLOAD - 16)}] * batch
     with Bus.connect(home, module=name) as bus:
         start.wait()
@@ -119,7 +119,7 @@ def _batch_publisher(home: str, name: str, count: int, batch: int, start: Any, r
         pending: collections.deque[Any] = collections.deque()
         for _ in range(count // batch):
             pending.append(bus.publish_many_nowait(topic, data, timeout=120))
-            if len(pending) * batch >= 20_000:
+            if len(pending) * batch >= in_flight:
                 pending.popleft().result(120)
         for p in pending:
             p.result(120)
@@ -202,7 +202,7 @@ def publish_to_group(count: int, batch: int = 0) -> dict[str, Any]:
         time.sleep(0.5)
         start, pub_results = ctx.Event(), ctx.Queue()
         pub = (ctx.Process(target=_batch_publisher, args=(str(home), "bench-pub", count, batch, start, pub_results,
-                                                          "bench.e2e.changed"))
+                                                          "bench.e2e.changed", 4000))
                if batch else ctx.Process(target=_publisher_topic, args=(str(home), count, start, pub_results)))
         pub.start()
         time.sleep(1.5)
@@ -211,7 +211,9 @@ def publish_to_group(count: int, batch: int = 0) -> dict[str, Any]:
         got, t_end, lat = results.get(timeout=300)
         pub.join(30)
         consumer.join(30)
-        return {"messages": got, "msgs_per_s": got / (t_end - t0), **bench_raw.latency_summary(lat)}
+        return {"messages": got, "msgs_per_s": got / (t_end - t0), **bench_raw.latency_summary(lat),
+                "api": f"publish_many, {batch} per call, up to 4,000 in flight" if batch else
+                "publish_nowait per message, up to 4,000 in flight"}
 
 
 def _publisher_topic(home: str, count: int, start: Any, results: Any) -> None:
@@ -390,6 +392,16 @@ def publish_at_rate(rates: list[float], seconds: float) -> list[dict[str, Any]]:
     return out
 
 
+def _trend_degradation(curve: list[dict[str, Any]]) -> float | None:
+    """1 - the least-squares line's throughput at the last window over its throughput at the first: every
+    window counts, so one fast or slow minute at either end moves it less than medians of three do."""
+    if len(curve) < 3:
+        return None
+    slope, intercept = statistics.linear_regression([p["log_events"] for p in curve], [p["msgs_per_s"] for p in curve])
+    start, end = (intercept + slope * curve[i]["log_events"] for i in (0, -1))
+    return 1 - end / start if start > 0 else None
+
+
 def scaling(target: int, windows: int = 20) -> dict[str, Any]:
     """Fills the log from empty to ``target`` events with two publishers; per window of log size: the fill
     throughput and the latency of awaited probe publishes made meanwhile (one every 2 ms)."""
@@ -442,7 +454,7 @@ def scaling(target: int, windows: int = 20) -> dict[str, Any]:
     last = statistics.median(p["msgs_per_s"] for p in steady[-3:]) if steady else 0.0
     return {"target_events": target, "seconds": seconds, "log_bytes": disk, "windows": curve,
             "first_windows_msgs_per_s": first, "last_windows_msgs_per_s": last,
-            "degradation": 1 - last / first if first else None,
+            "degradation": 1 - last / first if first else None, "trend_degradation": _trend_degradation(steady),
             "probe": "awaited publish every 2 ms from another client while two publishers fill the log"}
 
 
