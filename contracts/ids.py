@@ -31,18 +31,23 @@ def _encode_rand(rand: int) -> str:
     return "".join([_PAIRS[(rand >> s) & 1023] for s in (70, 60, 50, 40, 30, 20, 10, 0)])
 
 
+def _next_rand() -> int:
+    """The next id's random part (the caller holds ``_lock``): one up within the same millisecond, else a
+    random start in a new one, with the time prefix of that millisecond."""
+    global _last_ms, _prefix, _high
+    ms = time.time_ns() // 1_000_000
+    if ms <= _last_ms:
+        return (_last_rand + 1) & ((1 << 80) - 1)
+    _last_ms = ms
+    _prefix = _encode_time(ms)
+    _high = -1
+    return int.from_bytes(os.urandom(10), "big") >> 1  # room to increment within the millisecond
+
+
 def new_id() -> str:
-    global _last_ms, _last_rand, _prefix, _high, _high_text
+    global _last_rand, _high, _high_text
     with _lock:
-        ms = time.time_ns() // 1_000_000
-        if ms <= _last_ms:
-            rand = (_last_rand + 1) & ((1 << 80) - 1)
-        else:
-            _last_ms = ms
-            _prefix = _encode_time(ms)
-            _high = -1
-            rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment within the millisecond
-        _last_rand = rand
+        rand = _last_rand = _next_rand()
         high = rand >> 20
         if high != _high:
             _high = high
@@ -52,19 +57,12 @@ def new_id() -> str:
 
 def new_ids(count: int) -> list[str]:
     """``count`` ids, as ``count`` calls of new_id would make them (one lock and one clock read)."""
-    global _last_ms, _last_rand, _prefix, _high, _high_text
+    global _last_rand, _high, _high_text
     if count <= 0:
         return []
     ids: list[str] = []
     with _lock:
-        ms = time.time_ns() // 1_000_000
-        if ms <= _last_ms:
-            rand = (_last_rand + 1) & ((1 << 80) - 1)
-        else:
-            _last_ms = ms
-            _prefix = _encode_time(ms)
-            _high = -1
-            rand = int.from_bytes(os.urandom(10), "big") >> 1
+        rand = _next_rand()
         end = rand + count  # a millisecond starts at most halfway up the random space: no wrap
         while rand < end:
             high = rand >> 20
