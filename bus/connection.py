@@ -26,7 +26,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from bus import protocol as P
-from contracts.envelope import DECODE_ERRORS, Envelope
+from contracts.envelope import DECODE_ERRORS, Envelope, array_header
 from contracts.errors import BusError, ConnectionError, NotAuthorized, TimeoutError, error_from_wire
 from contracts.ids import new_id
 
@@ -189,14 +189,6 @@ class _Counters:
     gaps_filled: int = 0
     reconnects: int = 0
     errors: dict[str, int] = field(default_factory=dict)
-
-
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes([0x90 | n])
-    if n < 65536:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
 
 
 class Connection(threading.Thread):
@@ -431,7 +423,7 @@ class Connection(threading.Thread):
                 items.append(item)
                 size += len(item.data)
                 count += item.count or 1
-            frame = _array_header(count) + b"".join([i.data for i in items])
+            frame = array_header(count) + b"".join([i.data for i in items])
             bid = self._new_id()
             self._batches[bid] = _Batch(items, frame, time.monotonic(), count)
             self._send([P.PUB, P.pack_id(bid), frame])
@@ -440,32 +432,24 @@ class Connection(threading.Thread):
         batch = self._batches.pop(bid, None)
         if batch is None:
             return  # an answer to a resend we already had
+        if len(results) < batch.count:  # a broker bug, not a reason to lose track of the rest
+            results = results + [["protocol", "no result for this message"]] * (batch.count - len(results))
         with self.cond:
-            if batch.count == len(batch.items) and not any(item.count for item in batch.items):
-                for item, r in zip(batch.items, results, strict=False):
+            i = 0
+            for item in batch.items:
+                if item.count:  # a publish_many chunk: every message's seq or error
+                    item.value = [r if r.__class__ is int else error_from_wire({"code": r[0], "message": r[1]})
+                                  for r in results[i:i + item.count]]
+                    i += item.count
+                else:
+                    r = results[i]
+                    i += 1
                     if r.__class__ is int:
                         item.value = r
                     else:
                         item.error = error_from_wire({"code": r[0], "message": r[1]})
-                    item.done = True
-                    if item._callbacks:
-                        item._settle()
-            else:
-                if len(results) < batch.count:  # a broker bug, not a reason to lose track of the rest
-                    results = results + [["protocol", "no result for this message"]] * (batch.count - len(results))
-                i = 0
-                for item in batch.items:
-                    if not item.count:
-                        r = results[i]
-                        if r.__class__ is int:
-                            item.value = r
-                        else:
-                            item.error = error_from_wire({"code": r[0], "message": r[1]})
-                        i += 1
-                    else:
-                        item.value = [r if r.__class__ is int else error_from_wire({"code": r[0], "message": r[1]})
-                                      for r in results[i:i + item.count]]
-                        i += item.count
+                item.done = True
+                if item._callbacks:
                     item._settle()
             self.cond.notify_all()
         self.counters.published += batch.count

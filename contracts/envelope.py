@@ -104,8 +104,16 @@ def encode_many(topic: str, payloads: Sequence[bytes], message_ids: Sequence[str
     ts = time.time_ns()
     data = _encoder.encode([(mid, topic, msgspec.Raw(p), 0, ts, "", mid, "", "", "", CONTRACT_VERSION, _NO_HEADERS)
                             for mid, p in zip(ids, payloads, strict=True)])
-    n = len(ids)
-    return data[1 if n < 16 else 3 if n < 1 << 16 else 5:]
+    return data[len(array_header(len(ids))):]
+
+
+def array_header(n: int) -> bytes:
+    """The MessagePack header of an array of ``n`` items: a PUB frame is one before its envelopes."""
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 65536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def encode_envelope(env: Envelope) -> bytes:

@@ -171,15 +171,14 @@ def test_a_block_of_ids_is_what_as_many_single_ids_would_be(monkeypatch: pytest.
 
 
 def test_encode_many_makes_the_envelopes_of_a_pub_frame() -> None:
-    from bus.connection import _array_header
-    from contracts.envelope import encode_many
+    from contracts.envelope import array_header, encode_many
 
     for n in (1, 15, 16, 70_000):
         payloads = [msgspec.msgpack.encode({"i": i}) for i in range(n)]
-        envs = decode_batch(_array_header(n) + encode_many("test.bulk.changed", payloads))
+        envs = decode_batch(array_header(n) + encode_many("test.bulk.changed", payloads))
         assert [msgspec.msgpack.decode(e.payload) for e in envs] == [{"i": i} for i in range(n)]
         assert all(e.topic == "test.bulk.changed" and e.correlation_id == e.id and e.seq == 0 for e in envs)
         assert len({e.id for e in envs}) == n
     ids = ["01JFIXED000000000000000001", "01JFIXED000000000000000002"]
-    envs = decode_batch(_array_header(2) + encode_many("test.bulk.changed", [b"\x01", b"\x02"], ids))
+    envs = decode_batch(array_header(2) + encode_many("test.bulk.changed", [b"\x01", b"\x02"], ids))
     assert [e.id for e in envs] == ids

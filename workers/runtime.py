@@ -38,11 +38,19 @@ log = structlog.get_logger("membus.worker")
 
 
 @dataclass
+class _Sending:
+    """Outbox entries on their way to the log: their log positions and the one Pending of their publish."""
+
+    seqs: list[int]
+    pending: Pending
+
+
+@dataclass
 class _Flight:
     """An applied batch whose outbox is being logged; its deliveries are acked when that is done."""
 
-    waits: list[tuple[list[int], Pending]]
-    """The log positions whose outbox entries are being published, and the one Pending of that publish."""
+    outbox: _Sending | None
+    """The batch's outbox being published, if it has one."""
     acks: list[int]
 
 
@@ -150,7 +158,7 @@ class WorkerRuntime:
 
     def _land(self, consumer: Any, flight: _Flight) -> None:
         """Acks a batch once its outbox (replies, change events) is in the log."""
-        self._settle_outbox(flight.waits)
+        self._settle_outbox(flight.outbox)
         consumer.ack(flight.acks)
 
     def _count(self, outcomes: list[Outcome]) -> None:
@@ -170,21 +178,20 @@ class WorkerRuntime:
         self._resync = False
         self._settle_outbox(self._publish_outbox(bus, self.backend.outbox_pending()))
 
-    def _publish_outbox(self, bus: Bus, entries: list[tuple[int, list[bytes]]] | None = None
-                        ) -> list[tuple[list[int], Pending]]:
+    def _publish_outbox(self, bus: Bus, entries: list[tuple[int, list[bytes]]] | None = None) -> _Sending | None:
         """Publishes outbox entries not already on their way, in one publish: by default what the last batch
         added (ids are deterministic: the broker stores a resent item once)."""
         if entries is None:
             entries, self._added = self._added, []
             if self._resync:  # an earlier publish failed: everything the store holds, this batch's included
                 self._flush_outbox(bus)
-                return []
+                return None
         sending = [(seq, items) for seq, items in entries if seq not in self._sending]
         if not sending:
-            return []
+            return None
         seqs = [seq for seq, _ in sending]
         self._sending.update(seqs)
-        return [(seqs, bus.publish_raw_many([item for _, items in sending for item in items], timeout=30.0))]
+        return _Sending(seqs, bus.publish_raw_many([item for _, items in sending for item in items], timeout=30.0))
 
     def _remove_logged(self, force: bool = False) -> None:
         """Clears logged outbox entries from the store: in bulk, at most once a second (one store commit)."""
@@ -192,24 +199,22 @@ class WorkerRuntime:
             self.backend.outbox_remove(self._logged)
             self._logged = []
 
-    def _settle_outbox(self, waits: list[tuple[list[int], Pending]]) -> None:
-        """Waits until the items are logged and clears them from the outbox; a failure leaves them for later."""
-        done: list[int] = []
-        for seqs, pending in waits:
-            try:
-                pending.result(35.0)
-                done.extend(seqs)
-            except BusError as exc:
-                self.stats["errors"] += 1
-                self._resync = True  # it stays in the store's outbox; the next batch publishes everything again
-                log.warning("outbox.publish_failed", seqs=f"{seqs[0]}..{seqs[-1]}", error=exc.message)
-                break
-        for seqs, _ in waits:
-            self._sending.difference_update(seqs)
-        if done:
+    def _settle_outbox(self, outbox: _Sending | None) -> None:
+        """Waits until the entries are logged and clears them from the store; a failure leaves them for later."""
+        if outbox is None:
+            return
+        try:
+            outbox.pending.result(35.0)
+        except BusError as exc:
+            self.stats["errors"] += 1
+            self._resync = True  # it stays in the store's outbox; the next batch publishes everything again
+            log.warning("outbox.publish_failed", seqs=f"{outbox.seqs[0]}..{outbox.seqs[-1]}", error=exc.message)
+        else:
             if not self._logged:
                 self._logged_since = time.monotonic()
-            self._logged.extend(done)
+            self._logged.extend(outbox.seqs)
+        finally:
+            self._sending.difference_update(outbox.seqs)
         self._remove_logged()
 
     def _idle(self, bus: Bus) -> None:
