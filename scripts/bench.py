@@ -131,27 +131,32 @@ def durable_publish(publishers: int, count: int, batch: int = 0) -> dict[str, An
 
     ``batch``: 0 for one ``publish_nowait`` per message, else ``publish_many`` calls of that many payloads.
     """
+    with system() as home:
+        return _publish_into(home, publishers, count, batch)
+
+
+def _publish_into(home: Path, publishers: int, count: int, batch: int = 0) -> dict[str, Any]:
+    """``durable_publish`` on the broker of ``home``."""
     ctx = mp.get_context("spawn")
     count -= count % batch if batch else 0
-    with system() as home:
-        start, results = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_batch_publisher, args=(str(home), f"pub{i}", count, batch, start, results))
-                 if batch else
-                 ctx.Process(target=_publisher, args=(str(home), f"pub{i}", count, 20_000, start, results))
-                 for i in range(publishers)]
-        for p in procs:
-            p.start()
-        time.sleep(1.5)
-        start.set()
-        spans = [results.get(timeout=300) for _ in procs]
-        for p in procs:
-            p.join(30)
-        seconds = max(e for _, e in spans) - min(s for s, _ in spans)
-        total = publishers * count
-        return {"publishers": publishers, "messages": total, "payload_bytes": PAYLOAD, "seconds": seconds,
-                "msgs_per_s": total / seconds, "durability": "ack after fsync (LMDB group commit)",
-                "api": f"publish_many, {batch} per call, up to 20,000 in flight" if batch else
-                "publish_nowait per message, up to 20,000 in flight"}
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_batch_publisher, args=(str(home), f"pub{i}", count, batch, start, results))
+             if batch else
+             ctx.Process(target=_publisher, args=(str(home), f"pub{i}", count, 20_000, start, results))
+             for i in range(publishers)]
+    for p in procs:
+        p.start()
+    time.sleep(1.5)
+    start.set()
+    spans = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(30)
+    seconds = max(e for _, e in spans) - min(s for s, _ in spans)
+    total = publishers * count
+    return {"publishers": publishers, "messages": total, "payload_bytes": PAYLOAD, "seconds": seconds,
+            "msgs_per_s": total / seconds, "durability": "ack after fsync (LMDB group commit)",
+            "api": f"publish_many, {batch} per call, up to 20,000 in flight" if batch else
+            "publish_nowait per message, up to 20,000 in flight"}
 
 
 def publish_latency(count: int) -> dict[str, Any]:
@@ -402,9 +407,29 @@ def _trend_degradation(curve: list[dict[str, Any]]) -> float | None:
     return 1 - end / start if start > 0 else None
 
 
-def scaling(target: int, windows: int = 20) -> dict[str, Any]:
+def empty_vs_full(full: Path, rounds: int, messages: int) -> dict[str, Any]:
+    """Durable publish (two publishers) into the full log of ``full`` and into a new, empty one, in turn, in
+    ABBA order: the two runs of a round are seconds apart, so their ratio shows the log's size rather than the
+    machine's drift between the start and the end of a long fill."""
+    out = []
+    for r in range(rounds):
+        got: dict[str, float] = {}
+        for which in ("full", "empty") if r % 2 == 0 else ("empty", "full"):
+            run = _publish_into(full, 2, messages // 2) if which == "full" else durable_publish(2, messages // 2)
+            got[which] = run["msgs_per_s"]
+        out.append({"full_msgs_per_s": got["full"], "empty_msgs_per_s": got["empty"],
+                    "ratio": got["full"] / got["empty"]})
+    ratio = statistics.median(r["ratio"] for r in out)
+    return {"rounds": out, "messages_per_run": messages, "degradation": 1 - ratio,
+            "full_msgs_per_s": statistics.median(r["full_msgs_per_s"] for r in out),
+            "empty_msgs_per_s": statistics.median(r["empty_msgs_per_s"] for r in out),
+            "workload": "durable publish, 2 publishers, publish_nowait; the full log grows by each full run"}
+
+
+def scaling(target: int, windows: int = 20, pairs: int = 9, pair_messages: int = 200_000) -> dict[str, Any]:
     """Fills the log from empty to ``target`` events with two publishers; per window of log size: the fill
-    throughput and the latency of awaited probe publishes made meanwhile (one every 2 ms)."""
+    throughput and the latency of awaited probe publishes made meanwhile (one every 2 ms). Then
+    ``empty_vs_full``: the same durable publish into this full log and into an empty one, in turn."""
     import threading
 
     with system() as home:
@@ -427,6 +452,7 @@ def scaling(target: int, windows: int = 20) -> dict[str, Any]:
                         on_progress=lambda r: reports.__setitem__(slice(None), r))
         stop.set()
         th.join(10)
+        paired = empty_vs_full(home, pairs, pair_messages)
         size = Home(home).log_dir
         disk = sum(f.stat().st_size for f in size.iterdir() if f.is_file())
     # the log size at each report: the sum of every publisher's latest count
@@ -455,6 +481,7 @@ def scaling(target: int, windows: int = 20) -> dict[str, Any]:
     return {"target_events": target, "seconds": seconds, "log_bytes": disk, "windows": curve,
             "first_windows_msgs_per_s": first, "last_windows_msgs_per_s": last,
             "degradation": 1 - last / first if first else None, "trend_degradation": _trend_degradation(steady),
+            "empty_vs_full": paired,
             "probe": "awaited publish every 2 ms from another client while two publishers fill the log"}
 
 
@@ -607,7 +634,7 @@ def run(quick: bool, runs: int, peers: bool, scale_target: int) -> dict[str, Any
     out["membus"] = membus_figures(quick, runs)
     if scale_target:
         _step(f"membus scaling run to {scale_target:,} events")
-        out["membus"]["scaling"] = scaling(scale_target)
+        out["membus"]["scaling"] = scaling(scale_target, pair_messages=20_000 if quick else 200_000)
     if peers:
         out["peers"] = peer_figures(quick)
     return out
