@@ -92,12 +92,6 @@ def _places(count: int) -> tuple[bytes, ...]:
     return tuple(_PLACE.pack(i, count) for i in range(count))
 
 
-@functools.cache
-def _place_pairs(count: int) -> tuple[tuple[int, int], ...]:
-    """The place fields of a block of ``count``, as read back."""
-    return tuple((i, count) for i in range(count))
-
-
 @dataclass(slots=True)
 class Prepared:
     """A batch of records ready to write: seqs assigned, records sealed (EventLog.prepare)."""
@@ -405,8 +399,8 @@ class EventLog:
         return bodies
 
     def _open_block(self, txn: lmdb.Transaction, first: int, count: int) -> list[bytes]:
-        """Written as list-wide C-level calls, not a Python loop per record: replay and group catch-up read
-        every record through here."""
+        """Reads the block's rows with one cursor walk and slices them with list-wide calls: replay and group
+        catch-up read every record through here."""
         assert self.cipher is not None
         cur = txn.cursor(db=self._log)
         rows = list(itertools.islice(cur.iternext(), count)) if cur.set_range(_SEQ.pack(first)) else []
@@ -419,13 +413,12 @@ class EventLog:
         heads = list(map(_HEADER.unpack_from, raws))
         starts = [_HEADER.size + head[3] for head in heads]
         key_id = heads[0][1]
-        if (tuple(map(_PLACE.unpack_from, raws, starts)) != _place_pairs(count)
-                or any(head[0] != BLOCK_VERSION or head[1] != key_id for head in heads)):
-            seq = first + next(i for i, (head, start) in enumerate(zip(heads, starts, strict=True))
-                               if head[0] != BLOCK_VERSION or head[1] != key_id
-                               or _PLACE.unpack_from(raws[i], start) != (i, count))
-            raise IntegrityError(f"log record {seq} does not belong to the block at {first}", check="block",
-                                 seq=seq)
+        places = list(map(_PLACE.unpack_from, raws, starts))
+        stray = next((i for i, (head, place) in enumerate(zip(heads, places, strict=True))
+                      if head[0] != BLOCK_VERSION or head[1] != key_id or place != (i, count)), None)
+        if stray is not None:
+            raise IntegrityError(f"log record {first + stray} does not belong to the block at {first}",
+                                 check="block", seq=first + stray)
         pieces = [raw[start + _PLACE.size:] for raw, start in zip(raws, starts, strict=True)]
         lengths = list(map(len, pieces))
         lengths[0] -= _SEAL_LEAD  # the first slice leads with the seal's header, the last ends with its tag
