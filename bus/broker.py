@@ -141,6 +141,8 @@ class Broker:
         self._publish_grants: dict[tuple[str, str], bool] = {}
         self._committing: deque[tuple[Prepared, _Pubs]] = deque()
         """Batches handed to the log writer, in order, with the publishes they answer."""
+        self._stuck: BusError | None = None
+        """Set if the log's map cannot grow to hold what its journal holds: publishes are refused."""
         self.tail = TailCache(self.settings.tail_cache_bytes)
         """The newest records: groups that keep up never read the log."""
 
@@ -412,6 +414,9 @@ class Broker:
 
     def _publish(self, pubs: _Pubs) -> None:
         """Prepares the drained publishes as one batch and hands it to the writer; _landed answers them."""
+        if self._stuck is not None:
+            self._refuse(pubs, self._stuck)
+            return
         flat = [env for _, _, envs in pubs for env in envs]
         self._publish_grants.clear()
         try:
@@ -434,8 +439,25 @@ class Broker:
                 self.log.committed(report.batches)
                 for batch in report.batches:
                     self._landed(batch)
-            else:
+                if report.applied:
+                    self.log.applied(report.applied)
+            elif report.batches:
                 self._write_failed(report.batches, report.error)
+            else:
+                self._apply_failed(report.error)
+
+    def _apply_failed(self, error: BaseException) -> None:
+        """Applying the journal to LMDB failed: the records are durable and served from memory meanwhile."""
+        self.counters["log_apply_errors"] += 1
+        if not isinstance(error, lmdb.MapFullError):
+            return  # the writer tries again by itself
+        try:
+            self.log.grow()
+        except BusError as exc:  # the journal's room check makes this unreachable; if not, take no more
+            log.critical("log.cannot_apply", error=exc.message)
+            self._stuck = exc
+            return
+        self.writer.resume([])
 
     def _landed(self, batch: Prepared) -> None:
         """A batch is durable: acknowledge its publishers, then hand its records to subscribers and inboxes."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from bus.filelock import try_lock, unlock
 from bus.home import Home
 from contracts.catalog import load_all
 from contracts.errors import BusError, StoreError, TimeoutError
@@ -355,33 +355,6 @@ def _read_pid(path: Any) -> int | None:
         return None
 
 
-if sys.platform == "win32":
-    import msvcrt
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-else:
-    import fcntl
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
 class StoreLock:
     """An exclusive ``flock`` on ``<home>/run/worker-NAME.lock``, held while a process has the store open.
 
@@ -395,7 +368,7 @@ class StoreLock:
     def try_acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if not _try_lock(fd):
+        if not try_lock(fd):
             os.close(fd)
             return False
         os.ftruncate(fd, 0)
@@ -409,7 +382,7 @@ class StoreLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            _unlock(self._fd)
+            unlock(self._fd)
             os.close(self._fd)
             self._fd = None
 

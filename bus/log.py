@@ -5,7 +5,11 @@ LMDB, one environment, named databases:
     ids     message id -> seq                  (idempotent publish: a retried id is stored once)
     corr    correlation id + 0x00 + seq -> b"" (trace one conversation or request)
     groups  group name -> {"floor": seq, "patterns": [...]}   (consumer-group positions)
-    meta    b"created" -> first open time
+    meta    b"created" -> first open time; b"journal" -> (epoch, number) of the next journal frame to apply
+
+A commit is durable once its frame is in the journal (bus/journal.py: one write, one fdatasync) and is
+acknowledged then. Frames are applied to LMDB behind it, many per synced LMDB commit; until then their
+records are served from memory (``_fresh``). Opening the log applies any frame LMDB does not hold yet.
 
 A record is ``header | topic | body``. The header is version (1 byte), key id (2
 bytes, 0 = plaintext), logged-at time (unix ns, 8 bytes, non-decreasing along the
@@ -17,11 +21,12 @@ blocks of up to 64 consecutive seqs with one AES-GCM call; each record's body is
 slices of a block, joined in seq order, are one sealed record (bus/sealing.py) whose
 associated data binds the first seq, the count, and every record's topic and length.
 Reading one record opens its whole block (a one-block cache serves the neighbours).
-Everything appended in one call is committed with one fsync (group commit).
+Everything written in one call is one journal frame (group commit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import struct
@@ -35,9 +40,10 @@ import lmdb
 import msgspec
 import structlog
 
+from bus.journal import Frame, Journal
 from bus.sealing import OVERHEAD, TAG_LEN
 from contracts.envelope import Envelope, encode_envelope
-from contracts.errors import IntegrityError, StoreError, StoreFull
+from contracts.errors import BusError, IntegrityError, StoreError, StoreFull
 from contracts.topics import matches_any
 
 log = structlog.get_logger("membus.log")
@@ -58,6 +64,15 @@ _SEAL_LEAD = OVERHEAD - TAG_LEN
 """The sealed record's version, key id and nonce: the first record of a block carries them, the last the tag."""
 _group_codec_enc = msgspec.msgpack.Encoder()
 _group_codec_dec = msgspec.msgpack.Decoder()
+_POSITION = struct.Struct(">QQ")
+"""The (epoch, number) of the next journal frame LMDB expects."""
+APPLY_AFTER_S = 0.05
+APPLY_BYTES = 4 << 20
+"""Journal frames are applied to LMDB once the oldest waited this long or they add up to this much."""
+REWIND_AT = 8 << 20
+"""Past this offset, the journal starts again at 0 once LMDB holds every frame."""
+MAX_UNAPPLIED = 64 << 20
+"""While applying to LMDB fails (a disk error), the journal takes this much more, then refuses writes."""
 
 
 class RecordCipher(Protocol):
@@ -109,11 +124,30 @@ class Prepared:
     last: int
     """New seqs first..last; last < first when the batch adds no record."""
     groups: dict[str, dict[str, Any]]
-    """Consumer-group states written in the same transaction."""
+    """Consumer-group states written with them."""
+    logged_ns: int = 0
     refused: int = 0
     """How many of ``results`` are Rejected."""
     addressed: int = 0
     """How many new records have a recipient (replies to route to an inbox)."""
+
+
+@dataclass(slots=True)
+class _Unapplied:
+    """A journal frame's writes, waiting to be applied to LMDB."""
+
+    epoch: int
+    number: int
+    rows: list[tuple[bytes, bytes]]
+    id_rows: list[tuple[bytes, bytes]]
+    corr_rows: list[tuple[bytes, bytes]]
+    groups: dict[str, bytes]
+    last: int
+    """The newest seq the log holds with this frame."""
+
+
+_frame_codec = msgspec.msgpack.Decoder(tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]],
+                                             list[tuple[bytes, bytes]], dict[str, bytes], int])
 
 
 class Rejected(Exception):
@@ -141,9 +175,26 @@ class EventLog:
         """Message id -> seq of prepared, not yet committed records: a retry in between is still a duplicate."""
         self._last_ns = 0
         self._last_block: tuple[int, int, list[bytes]] | None = None
+        self._journal = Journal(self.path / "journal")
+        self.lmdb_head = 0
+        """The last seq in LMDB, as the reading thread knows it: newer ones are read from ``_fresh``."""
+        self._fresh: list[Prepared] = []
+        """Committed batches with records, not yet known to be in LMDB, in seq order."""
+        self._unapplied: list[_Unapplied] = []
+        """Journal frames not yet applied to LMDB (the writing thread's)."""
+        self._unapplied_bytes = 0
+        self._unapplied_since = 0.0
+        self._epoch = 1
+        self._number = 0
+        """The next journal frame's (epoch, number)."""
+        self._journaled = 0
+        """The last seq in the journal (the writing thread's)."""
+        self._apply_failing = False
 
     def open(self) -> None:
+        """Raises StoreError if another process (or EventLog) has the log open."""
         self.path.mkdir(parents=True, exist_ok=True)
+        frames = self._journal.open()  # first: it takes the log's lock
         env = lmdb.open(str(self.path), map_size=self.map_size, max_dbs=8, sync=True, metasync=True,
                         readahead=False)
         self._env = env
@@ -156,15 +207,50 @@ class EventLog:
         with env.begin(write=True) as txn:
             if txn.get(b"created", db=self._meta) is None:
                 txn.put(b"created", _SEQ.pack(time.time_ns()), db=self._meta)
+        self._recover(frames)
+        with env.begin() as txn:
             cur = txn.cursor(db=self._log)
             if cur.last():
                 self.head = _SEQ.unpack(cur.key())[0]
                 self._last_ns = _HEADER.unpack_from(cur.value())[2]
-        self._assigned = self.head
+        self._assigned = self.lmdb_head = self._journaled = self.head
         log.info("log.opened", path=str(self.path), head=self.head)
+
+    def _recover(self, frames: list[Frame]) -> None:
+        """Applies the journal frames LMDB does not hold yet, then starts a new epoch.
+
+        LMDB records the next frame it expects; after a rewind that frame never came and the journal goes
+        on with the next epoch's first."""
+        with self.env.begin() as txn:
+            raw = txn.get(b"journal", db=self._meta)
+        expected = _POSITION.unpack(raw) if raw is not None else (0, 0)
+        newer = [f for f in frames if (f.epoch, f.number) >= expected]
+        if newer and (newer[0].epoch, newer[0].number) not in (expected, (expected[0] + 1, 0)):
+            log.error("journal.gap", expected=expected, first_frame=(newer[0].epoch, newer[0].number))
+            newer = []
+        for f in newer:
+            rows, id_rows, corr_rows, groups, last = _frame_codec.decode(f.body)
+            self._unapplied.append(_Unapplied(f.epoch, f.number, rows, id_rows, corr_rows, groups, last))
+        epoch = expected[0]
+        if newer:
+            while True:
+                try:
+                    self.apply()
+                    break
+                except lmdb.MapFullError:
+                    self.grow()
+            epoch = newer[-1].epoch
+            log.info("journal.recovered", frames=len(newer), epoch=epoch)
+        self._epoch, self._number = epoch + 1, 0
+        self._journal.rewind()
+        with self.env.begin(write=True) as txn:
+            txn.put(b"journal", _POSITION.pack(self._epoch, 0), db=self._meta)
 
     def close(self) -> None:
         if self._env is not None:
+            with contextlib.suppress(lmdb.Error, BusError):
+                self.apply()
+            self._journal.close()
             self._env.close()
             self._env = None
 
@@ -178,11 +264,13 @@ class EventLog:
 
     def append(self, envelopes: Sequence[Envelope], *, groups: dict[str, dict[str, Any]] | None = None,
                check: Callable[[Envelope], None] | None = None) -> list[int | Rejected]:
-        """Appends envelopes in one transaction with one fsync; returns a seq or a Rejected per envelope.
+        """Appends envelopes durably (one journal frame, then applied to LMDB); returns a seq or a Rejected per
+        envelope.
 
         An envelope whose id is already in the log gets its original seq (idempotent publish).
-        ``groups`` are consumer-group states written in the same transaction. The broker splits this
-        into ``prepare`` (its loop), ``write`` (its writer thread) and ``committed`` (its loop again).
+        ``groups`` are consumer-group states written in the same frame. The broker splits this into
+        ``prepare`` (its loop), ``write`` and ``apply`` (its writer thread), ``committed`` and ``applied``
+        (its loop again).
         """
         batch = self.prepare(envelopes, check, groups)
         try:
@@ -196,6 +284,12 @@ class EventLog:
             self.abandon()
             raise
         self.committed([batch])
+        while True:
+            try:
+                self.applied(self.apply())
+                break
+            except lmdb.MapFullError:
+                self.grow()
         return batch.results
 
     def grow(self) -> None:
@@ -278,8 +372,8 @@ class EventLog:
         if rows:
             self._last_ns = logged_ns
         self._assigned = head
-        return Prepared(results, rows, id_rows, corr_rows, plain, topics, first, head, groups or {}, refused,
-                        addressed)
+        return Prepared(results, rows, id_rows, corr_rows, plain, topics, first, head, groups or {}, logged_ns,
+                        refused, addressed)
 
     def _sealed_rows(self, first: int, prefixes: list[bytes], bodies: list[bytes]) -> list[tuple[bytes, bytes]]:
         """The rows of records ``first``.. sealed in blocks (``prefixes``: each record's header + topic).
@@ -313,43 +407,123 @@ class EventLog:
             start = end
         return rows
 
-    def write(self, batches: Sequence[Prepared]) -> None:
-        """Writes prepared batches in one transaction and commits it with one fsync (any thread; one at a time).
+    def write(self, batches: Sequence[Prepared]) -> int:
+        """Makes prepared batches durable as one journal frame (one write, one fdatasync); any thread, one at a
+        time, the same as ``apply``. Returns the last seq LMDB holds if it had to apply the frames before
+        (to make room in the journal, or to measure the log near its maximum size), else 0.
 
-        Raises lmdb.MapFullError (nothing written: grow, then write the same batches again) or StoreError.
+        Raises StoreFull (the log could not hold them at its maximum size), lmdb.MapFullError (frames applied
+        first did not fit: grow, then write the same batches again) or OSError.
         """
-        groups: dict[str, dict[str, Any]] = {}
+        rows = [row for b in batches for row in b.rows]
+        id_rows = [row for b in batches for row in b.id_rows]
+        corr_rows = [row for b in batches for row in b.corr_rows]
+        groups = {name: _group_codec_enc.encode(state) for b in batches for name, state in b.groups.items()}
+        last = max([self._journaled, *(b.last for b in batches)])
+        body = _group_codec_enc.encode((rows, id_rows, corr_rows, groups, last))
+        if self._apply_failing and self._unapplied_bytes + len(body) > MAX_UNAPPLIED:
+            raise StoreError("the log's journal cannot be applied to LMDB (see the broker's log): not taking more",
+                             unapplied_bytes=self._unapplied_bytes)
+        applied = 0
+        if not self._fits(len(body)) or not self._journal.room(len(body)):
+            applied = self.apply()
+            if not self._fits(len(body)):
+                raise StoreFull("the event log reached its maximum size", max_map_size=self.max_map_size)
+            self._rewind()
+        self._journal.append(self._epoch, self._number, body)
+        if not self._unapplied:
+            self._unapplied_since = time.monotonic()
+        self._unapplied.append(_Unapplied(self._epoch, self._number, rows, id_rows, corr_rows, groups, last))
+        self._unapplied_bytes += len(body)
+        self._number += 1
+        self._journaled = last
+        return applied
+
+    def _fits(self, adding: int) -> bool:
+        """Whether LMDB at its maximum size surely holds the frames waiting and one of ``adding`` bytes: an
+        acknowledged frame must fit."""
+        used = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        return used + 2 * (self._unapplied_bytes + adding) + (256 << 10) <= self.max_map_size
+
+    @property
+    def unapplied_frames(self) -> int:
+        return len(self._unapplied)
+
+    def apply_due(self) -> float | None:
+        """Seconds until the journal's frames should be applied to LMDB (0: now), None when there are none."""
+        if not self._unapplied:
+            return None
+        if self._unapplied_bytes >= APPLY_BYTES:
+            return 0.0
+        return max(0.0, self._unapplied_since + APPLY_AFTER_S - time.monotonic())
+
+    def apply(self) -> int:
+        """Copies the journal's frames into LMDB in one synced commit; returns the last seq LMDB now holds.
+
+        Raises lmdb.MapFullError (nothing applied: grow, then apply again) or StoreError."""
+        todo = self._unapplied
+        if not todo:
+            return self._journaled
+        self._apply_failing = True
         with self.env.begin(write=True) as txn:
             log_cur = txn.cursor(db=self._log)
             ids_cur = txn.cursor(db=self._ids)
             corr_cur = txn.cursor(db=self._corr)
-            for b in batches:
-                if b.rows:
-                    log_cur.putmulti(b.rows, append=True)
-                    ids_cur.putmulti(b.id_rows)
-                if b.corr_rows:
-                    corr_cur.putmulti(b.corr_rows)
-                groups.update(b.groups)
+            groups: dict[str, bytes] = {}
+            for u in todo:
+                if u.rows:
+                    log_cur.putmulti(u.rows, append=True)
+                    ids_cur.putmulti(u.id_rows)
+                if u.corr_rows:
+                    corr_cur.putmulti(u.corr_rows)
+                groups.update(u.groups)
             for name, state in groups.items():
-                txn.put(name.encode(), _group_codec_enc.encode(state), db=self._groups)
+                txn.put(name.encode(), state, db=self._groups)
+            txn.put(b"journal", _POSITION.pack(todo[-1].epoch, todo[-1].number + 1), db=self._meta)
+        self._apply_failing = False
+        self._unapplied = []
+        self._unapplied_bytes = 0
+        if self._journal.offset > REWIND_AT:
+            self._rewind()
+        return todo[-1].last
+
+    def _rewind(self) -> None:
+        """The journal starts again at 0 with a new epoch (every frame in it is in LMDB)."""
+        self._epoch += 1
+        self._number = 0
+        self._journal.rewind()
 
     def committed(self, batches: Sequence[Prepared]) -> None:
-        """Records that ``write(batches)`` succeeded: the durable head moves on."""
-        pending = self._pending_ids
+        """Records that ``write(batches)`` succeeded: the durable head moves on; their records are read from
+        memory until ``applied`` says LMDB holds them."""
         for b in batches:
             if b.last >= b.first:
                 self.head = b.last
-        if self.head == self._assigned:  # nothing else in flight: the usual case, and no per-id work
-            pending.clear()
+                self._fresh.append(b)
+
+    def applied(self, last: int) -> None:
+        """Records that LMDB holds every record up to ``last`` (what ``apply`` returned)."""
+        self.lmdb_head = max(self.lmdb_head, last)
+        fresh = self._fresh
+        done = 0
+        while done < len(fresh) and fresh[done].last <= last:
+            done += 1
+        if not done:
             return
-        for b in batches:
-            for id_b, _ in b.id_rows:
-                pending.pop(id_b, None)
+        pending = self._pending_ids
+        if done == len(fresh) and self.lmdb_head == self._assigned:
+            pending.clear()  # nothing else in flight: the usual case, and no per-id work
+        else:
+            for b in fresh[:done]:
+                for id_b, _ in b.id_rows:
+                    pending.pop(id_b, None)
+        del fresh[:done]
 
     def abandon(self) -> None:
         """Forgets every prepared batch not yet committed (after a write failed for good)."""
         self._assigned = self.head
-        self._pending_ids.clear()
+        head = self.head
+        self._pending_ids = {k: v for k, v in self._pending_ids.items() if _SEQ.unpack(v)[0] <= head}
 
     def load_groups(self) -> dict[str, dict[str, Any]]:
         with self.env.begin() as txn:
@@ -433,34 +607,68 @@ class EventLog:
         bounds = list(itertools.accumulate(lengths, initial=0))
         return list(map(bytes, map(plain.__getitem__, map(slice, bounds, bounds[1:]))))
 
+    def _fresh_records(self, from_seq: int, to_seq: int) -> Iterator[Record]:
+        """Records ``from_seq``..``to_seq`` of those not yet in LMDB, in order."""
+        for b in self._fresh:
+            if b.last < from_seq:
+                continue
+            if b.first > to_seq:
+                return
+            for i in range(max(from_seq, b.first) - b.first, min(to_seq, b.last) - b.first + 1):
+                yield Record(b.first + i, b.topics[i], b.logged_ns, b.bodies[i])
+
     def get(self, seq: int) -> Record | None:
+        if seq > self.lmdb_head:
+            return next(self._fresh_records(seq, seq), None)
         with self.env.begin(buffers=True) as txn:
             raw = txn.get(_SEQ.pack(seq), db=self._log)
             return None if raw is None else self._decode(_SEQ.pack(seq), raw, txn)
 
     def seq_of_id(self, message_id: str) -> int | None:
+        id_b = message_id.encode()
+        pending = self._pending_ids.get(id_b)
+        if pending is not None and _SEQ.unpack(pending)[0] <= self.head:
+            return int(_SEQ.unpack(pending)[0])
         with self.env.begin() as txn:
-            v = txn.get(message_id.encode(), db=self._ids)
+            v = txn.get(id_b, db=self._ids)
             return None if v is None else int(_SEQ.unpack(v)[0])
 
-    def topic_scan(self, from_seq: int, limit: int) -> Iterator[tuple[int, str, memoryview]]:
-        """(seq, topic, raw record) from ``from_seq`` on, without decoding bodies: for routing."""
-        with self.env.begin(buffers=True) as txn:
-            cur = txn.cursor(db=self._log)
-            if not cur.set_range(_SEQ.pack(max(from_seq, 1))):
+    def topic_scan(self, from_seq: int, limit: int) -> Iterator[tuple[int, str, memoryview | None]]:
+        """(seq, topic, raw record) from ``from_seq`` on, without decoding bodies: for routing. The raw record
+        is None for a record not yet in LMDB (``body_of`` finds it in memory)."""
+        n = 0
+        if from_seq <= self.lmdb_head:
+            with self.env.begin(buffers=True) as txn:
+                cur = txn.cursor(db=self._log)
+                if cur.set_range(_SEQ.pack(max(from_seq, 1))):
+                    for key, raw in cur:
+                        seq = _SEQ.unpack(key)[0]
+                        if seq > self.lmdb_head:
+                            break
+                        tlen = raw[_HEADER.size - 1]
+                        yield seq, bytes(raw[_HEADER.size:_HEADER.size + tlen]).decode(), raw
+                        n += 1
+                        if n >= limit:
+                            return
+                        from_seq = seq + 1
+        for rec in self._fresh_records(max(from_seq, self.lmdb_head + 1), self.head):
+            yield rec.seq, rec.topic, None
+            n += 1
+            if n >= limit:
                 return
-            for n, (key, raw) in enumerate(cur, 1):
-                tlen = raw[_HEADER.size - 1]
-                yield _SEQ.unpack(key)[0], bytes(raw[_HEADER.size:_HEADER.size + tlen]).decode(), raw
-                if n >= limit:
-                    return
 
-    def body_of(self, seq: int, raw: memoryview | bytes) -> bytes:
+    def body_of(self, seq: int, raw: memoryview | bytes | None) -> bytes:
+        if raw is None:
+            rec = self.get(seq)
+            if rec is None:
+                raise IntegrityError(f"log record {seq} is missing", check="missing", seq=seq)
+            return rec.body
         return self._decode(_SEQ.pack(seq), raw).body
 
     def seq_at_time(self, ns: int) -> int:
         """The first seq logged at or after ``ns`` (head + 1 if none): binary search on logged-at time."""
-        lo, hi = 1, self.head + 1
+        fresh = next((b.first for b in self._fresh if b.logged_ns >= ns), None)
+        lo, hi = 1, self.lmdb_head + 1
         with self.env.begin(buffers=True) as txn:
             while lo < hi:
                 mid = (lo + hi) // 2
@@ -469,7 +677,9 @@ class EventLog:
                     hi = mid
                 else:
                     lo = mid + 1
-        return lo
+        if lo <= self.lmdb_head:
+            return lo
+        return fresh if fresh is not None else self.head + 1
 
     def read(self, *, from_seq: int = 1, to_seq: int | None = None, patterns: Sequence[str] = (),
              since_ns: int | None = None, until_ns: int | None = None, correlation_id: str = "",
@@ -484,26 +694,39 @@ class EventLog:
         seq = max(from_seq, 1)
         pats = tuple(patterns)
         scanned = 0
-        with self.env.begin(buffers=True) as txn:
-            cur = txn.cursor(db=self._log)
-            if seq > to_seq or not cur.set_range(_SEQ.pack(seq)):
-                return out, seq, True
-            for key, raw in cur:
-                seq = _SEQ.unpack(key)[0]
-                if seq > to_seq:
-                    return out, seq, True
-                scanned += 1
-                version, key_id, ns, tlen = _HEADER.unpack_from(raw)
-                if until_ns is not None and ns > until_ns:
-                    return out, seq, True
-                topic = bytes(raw[_HEADER.size:_HEADER.size + tlen]).decode()
-                if not pats or matches_any(pats, topic):
-                    out.append(self._record(seq, raw, version, key_id, ns, topic, txn))
-                    if len(out) >= limit:
+        if seq > to_seq:
+            return out, seq, True
+        in_lmdb = min(to_seq, self.lmdb_head)
+        if seq <= in_lmdb:
+            with self.env.begin(buffers=True) as txn:
+                cur = txn.cursor(db=self._log)
+                for key, raw in (cur if cur.set_range(_SEQ.pack(seq)) else ()):
+                    seq = _SEQ.unpack(key)[0]
+                    if seq > in_lmdb:
+                        break
+                    scanned += 1
+                    version, key_id, ns, tlen = _HEADER.unpack_from(raw)
+                    if until_ns is not None and ns > until_ns:
+                        return out, seq, True
+                    topic = bytes(raw[_HEADER.size:_HEADER.size + tlen]).decode()
+                    if not pats or matches_any(pats, topic):
+                        out.append(self._record(seq, raw, version, key_id, ns, topic, txn))
+                        if len(out) >= limit:
+                            return out, seq + 1, seq >= to_seq
+                    if scanned >= budget:
                         return out, seq + 1, seq >= to_seq
-                if scanned >= budget:
+        for rec in self._fresh_records(max(seq, self.lmdb_head + 1), to_seq):
+            seq = rec.seq
+            scanned += 1
+            if until_ns is not None and rec.logged_ns > until_ns:
+                return out, seq, True
+            if not pats or matches_any(pats, rec.topic):
+                out.append(rec)
+                if len(out) >= limit:
                     return out, seq + 1, seq >= to_seq
-        return out, seq + 1, True
+            if scanned >= budget:
+                return out, seq + 1, seq >= to_seq
+        return out, to_seq + 1, True
 
     def _read_correlated(self, cid: str, from_seq: int, to_seq: int, patterns: Sequence[str],
                          limit: int) -> tuple[list[Record], int, bool]:
@@ -512,6 +735,8 @@ class EventLog:
         if root is not None:
             seqs.append(root)
         prefix = cid.encode() + b"\x00"
+        seqs.extend(_SEQ.unpack(key[len(prefix):])[0] for b in self._fresh for key, _ in b.corr_rows
+                    if key.startswith(prefix))
         with self.env.begin() as txn:
             cur = txn.cursor(db=self._corr)
             if cur.set_range(prefix):
@@ -583,5 +808,5 @@ class EventLog:
     def stats(self) -> dict[str, Any]:
         info = self.env.info()
         stat = self.env.stat()
-        return {"head": self.head, "map_size": info["map_size"], "last_page": info["last_pgno"],
-                "page_size": stat["psize"], "path": str(self.path)}
+        return {"head": self.head, "in_lmdb": self.lmdb_head, "map_size": info["map_size"],
+                "last_page": info["last_pgno"], "page_size": stat["psize"], "path": str(self.path)}

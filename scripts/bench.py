@@ -154,7 +154,7 @@ def _publish_into(home: Path, publishers: int, count: int, batch: int = 0) -> di
     seconds = max(e for _, e in spans) - min(s for s, _ in spans)
     total = publishers * count
     return {"publishers": publishers, "messages": total, "payload_bytes": PAYLOAD, "seconds": seconds,
-            "msgs_per_s": total / seconds, "durability": "ack after fsync (LMDB group commit)",
+            "msgs_per_s": total / seconds, "durability": "ack after fdatasync (the log journal's group commit)",
             "api": f"publish_many, {batch} per call, up to 20,000 in flight" if batch else
             "publish_nowait per message, up to 20,000 in flight"}
 

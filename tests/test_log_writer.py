@@ -4,16 +4,21 @@ writer thread, and a failed write halts the writer with the batches it could not
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import msgspec
 import pytest
 
+from bus import log as log_module
+from bus import writer as writer_module
 from bus.log import EventLog, Prepared
-from bus.writer import LogWriter
+from bus.writer import LogWriter, Report
 from contracts.envelope import make_envelope
+from contracts.errors import StoreError
 
 
 class RecordingLog(EventLog):
@@ -51,6 +56,8 @@ def _land(log: EventLog, writer: LogWriter, timeout: float = 30) -> list[Prepare
     for report in writer.reports():
         assert report.error is None
         log.committed(report.batches)
+        if report.applied:
+            log.applied(report.applied)
         landed += report.batches
     return landed
 
@@ -79,24 +86,108 @@ def test_an_idle_writer_writes_on_the_callers_thread_and_a_busy_one_queues_in_or
         writer.close()
 
 
-def test_a_write_now_into_a_full_map_halts_the_writer_until_it_is_resumed(tmp_path: Path) -> None:
+def test_a_full_map_while_applying_halts_the_writer_and_the_journaled_records_stay_readable(tmp_path: Path) -> None:
     small = RecordingLog(tmp_path / "small", map_size=64 << 10, max_map_size=16 << 20)
     small.open()
     writer = LogWriter(small)
     try:
         big = _batch(small, 4, size=40_000)
         assert writer.write_now(big)
-        (report,) = writer.reports()
-        assert isinstance(report.error, lmdb.MapFullError) and report.batches == [big]
+        (journaled,) = writer.reports()
+        assert journaled.error is None and journaled.batches == [big]  # durable in the journal: acked
+        small.committed(journaled.batches)
+        assert [r.seq for r in small.read(from_seq=1)[0]] == [1, 2, 3, 4]  # served from memory
+        assert writer.wait_idle(30)
+        deadline = time.monotonic() + 30
+        reports: list[Report] = []
+        while not reports and time.monotonic() < deadline:  # the apply is due 50 ms after the frame
+            time.sleep(0.02)
+            reports = writer.reports()
+        (failed,) = reports
+        assert isinstance(failed.error, lmdb.MapFullError) and failed.batches == []
         queued = _batch(small, 1)
         assert not writer.write_now(queued)  # halted: not written
         writer.submit(queued)
-        assert small.head == 0
+        assert small.lmdb_head == 0 and [r.body for r in small.read(from_seq=1)[0]] == big.bodies
         small.grow()
         small.grow()
-        writer.resume(report.batches)
-        assert _land(small, writer) == [big, queued]
+        writer.resume([])
+        assert _land(small, writer) == [queued]
         assert small.head == queued.last
     finally:
         writer.close()
         small.close()
+    reopened = EventLog(tmp_path / "small", map_size=64 << 10, max_map_size=16 << 20)
+    reopened.open()
+    try:
+        assert [r.body for r in reopened.read(from_seq=1)[0]] == big.bodies + queued.bodies
+        assert reopened.lmdb_head == reopened.head == queued.last
+    finally:
+        reopened.close()
+
+
+class _FailingWrites:
+    """An LMDB environment whose write transactions fail (as on a full disk) while ``failing`` is set."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+        self.failing = True
+
+    def begin(self, write: bool = False, **kwargs: Any) -> lmdb.Transaction:
+        if write and self.failing:
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+        return self.env.begin(write=write, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+
+def test_a_disk_error_while_applying_keeps_the_journal_acking_up_to_a_bound_then_lmdb_catches_up(
+        log: RecordingLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(log_module, "MAX_UNAPPLIED", 64 << 10)
+    monkeypatch.setattr(writer_module, "APPLY_RETRY_S", 0.1)
+    disk = _FailingWrites(log.env)
+    log._env = disk  # type: ignore[assignment]
+    writer = LogWriter(log)
+    try:
+        acked: list[Prepared] = []
+        refused: list[BaseException] = []
+        apply_errors = 0
+        acked_at_first_error = -1
+        while not refused:
+            batch = _batch(log, 4, size=2_000)
+            writer.submit(batch)
+            assert writer.wait_idle(30)
+            time.sleep(0.02)  # let applies come due and fail
+            for report in writer.reports():
+                if report.batches and report.error is None:
+                    log.committed(report.batches)
+                    acked += report.batches
+                elif report.batches:
+                    refused.append(report.error)  # type: ignore[arg-type]
+                    log.abandon()
+                    writer.resume([], drop_queued=True)
+                else:
+                    assert isinstance(report.error, lmdb.DiskError)
+                    apply_errors += 1
+                    if acked_at_first_error < 0:
+                        acked_at_first_error = len(acked)
+        assert 0 <= acked_at_first_error < len(acked), "frames are still acked while LMDB cannot take them"
+        assert isinstance(refused[0], StoreError)
+        assert log.lmdb_head == 0 and log.head == acked[-1].last
+        assert [r.body for r in log.read(from_seq=1, limit=10_000)[0]] == [b for p in acked for b in p.bodies]
+        disk.failing = False
+        late = _batch(log, 1)
+        writer.submit(late)
+        deadline = time.monotonic() + 30
+        while log.lmdb_head < late.last and time.monotonic() < deadline:
+            time.sleep(0.05)
+            for report in writer.reports():  # an apply that failed just before the disk came back is retried
+                if report.error is None:
+                    log.committed(report.batches)
+                    if report.applied:
+                        log.applied(report.applied)
+        assert log.lmdb_head == log.head == late.last
+    finally:
+        writer.close()
+    log._env = disk.env

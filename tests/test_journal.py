@@ -1,0 +1,138 @@
+"""The log's journal: a batch is durable once its frame is synced, before LMDB holds it. A process that dies
+between the two leaves frames that the next open applies; a torn frame (never acknowledged) and leftovers
+of an older epoch are not applied."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from bus import log as log_module
+from bus.journal import MAGIC, Frame, Journal
+from bus.log import EventLog
+from contracts.envelope import Envelope, decode_envelope, make_envelope
+from contracts.errors import StoreError
+
+_CHILD = textwrap.dedent("""
+    import os, sys
+    import msgspec
+    from pathlib import Path
+    from bus import log as log_module
+    from bus.log import EventLog
+    from contracts.envelope import make_envelope
+
+    path, frames, per_frame, rewind_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    log_module.REWIND_AT = rewind_at
+    log = EventLog(path)
+    log.open()
+    n = 0
+    for f in range(frames):
+        envs = [make_envelope("test.journal.changed", msgspec.msgpack.encode(n + i)) for i in range(per_frame)]
+        n += per_frame
+        batch = log.prepare(envs, groups={"g": {"floor": n, "patterns": ["test.>"]}})
+        log.write([batch])
+        log.committed([batch])
+        if f == frames - 2 and rewind_at:
+            log.applied(log.apply())  # LMDB holds all but the last frame, which starts a new epoch
+    print(log.head, log.lmdb_head, flush=True)
+    os._exit(0)  # no close: nothing more reaches LMDB
+""")
+
+
+def _crash_after(path: Path, frames: int, per_frame: int = 3, rewind_at: int = 0) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(frames), str(per_frame), str(rewind_at)],
+                         capture_output=True, text=True, timeout=120, check=True, cwd=Path(__file__).parent.parent)
+    head, in_lmdb = map(int, out.stdout.splitlines()[-1].split())
+    return head, in_lmdb
+
+
+def _frames(path: Path) -> list[Frame]:
+    journal = Journal(path)
+    try:
+        return journal.open()
+    finally:
+        journal.close()
+
+
+def _env(value: int) -> Envelope:
+    return make_envelope("test.journal.changed", msgspec.msgpack.encode(value))
+
+
+def _values(log: EventLog) -> list[int]:
+    records, _, done = log.read(from_seq=1, limit=10_000)
+    assert done
+    return [msgspec.msgpack.decode(decode_envelope(r.body).payload) for r in records]
+
+
+@pytest.fixture
+def reopen(tmp_path: Path) -> Iterator[Callable[[], EventLog]]:
+    logs: list[EventLog] = []
+
+    def _open() -> EventLog:
+        log = EventLog(tmp_path / "log")
+        log.open()
+        logs.append(log)
+        return log
+
+    yield _open
+    for log in logs:
+        log.close()
+
+
+def test_frames_not_yet_in_lmdb_when_the_process_dies_are_applied_on_open(
+        tmp_path: Path, reopen: Callable[[], EventLog]) -> None:
+    head, in_lmdb = _crash_after(tmp_path / "log", frames=4)
+    assert (head, in_lmdb) == (12, 0)  # all durable, none in LMDB
+    log = reopen()
+    assert log.head == log.lmdb_head == 12
+    assert _values(log) == list(range(12))
+    assert log.load_groups()["g"]["floor"] == 12
+    assert log.append([_env(12)]) == [13]
+
+
+def test_a_torn_last_frame_is_not_applied_and_the_frames_before_it_are(
+        tmp_path: Path, reopen: Callable[[], EventLog]) -> None:
+    _crash_after(tmp_path / "log", frames=3)
+    journal = tmp_path / "log" / "journal"
+    frames = _frames(journal)
+    assert [f.number for f in frames] == [0, 1, 2]
+    with journal.open("r+b") as f:  # the last frame's final byte is damaged, as by a write cut short
+        size = sum(28 + len(fr.body) for fr in frames)
+        f.seek(size - 1)
+        last = f.read(1)
+        f.seek(size - 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+    log = reopen()
+    assert log.head == 6
+    assert _values(log) == list(range(6))
+
+
+def test_frames_of_an_older_epoch_after_the_newest_are_not_applied_again(
+        tmp_path: Path, reopen: Callable[[], EventLog], monkeypatch: pytest.MonkeyPatch) -> None:
+    head, in_lmdb = _crash_after(tmp_path / "log", frames=5, rewind_at=1)
+    assert (head, in_lmdb) == (15, 12)
+    journal = tmp_path / "log" / "journal"
+    frames = _frames(journal)
+    assert [(f.epoch, f.number) for f in frames] == [(2, 0)]  # the new epoch's first frame, over the old ones
+    assert journal.read_bytes().count(MAGIC) >= 4, "the older epoch's frames are still in the file after it"
+    log = reopen()
+    assert log.head == log.lmdb_head == 15
+    assert _values(log) == list(range(15))
+    assert log.load_groups()["g"]["floor"] == 15
+    monkeypatch.setattr(log_module, "REWIND_AT", 1)
+    assert log.append([_env(15)]) == [16]
+
+
+def test_a_log_open_in_one_place_cannot_be_opened_in_another(tmp_path: Path,
+                                                             reopen: Callable[[], EventLog]) -> None:
+    first = reopen()
+    second = EventLog(tmp_path / "log")
+    with pytest.raises(StoreError, match="open in another process"):
+        second.open()
+    assert first.append([_env(0)]) == [1]  # the first is unharmed
