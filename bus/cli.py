@@ -24,7 +24,8 @@ from contracts.errors import BusError, NotAuthorized, TimeoutError
 app = typer.Typer(help="membus: a durable local bus in front of your AI companion's memory stores.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
+"""Errors stay on one line (a wrapped path cannot be copied or grepped)."""
 
 HomeOpt = Annotated[Path | None, typer.Option("--home", envvar="MEMBUS_HOME", help="The membus home folder.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]

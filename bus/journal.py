@@ -29,6 +29,13 @@ log = structlog.get_logger("membus.journal")
 _sync = getattr(os, "fdatasync", os.fsync)
 """fdatasync where there is one (not macOS, not Windows)."""
 
+
+def _write(fd: int, header: bytes, body: bytes) -> int:
+    """Header and body in one system call, without joining them (a frame can be megabytes)."""
+    if hasattr(os, "writev"):
+        return os.writev(fd, [header, body])
+    return os.write(fd, header + body)
+
 MAGIC = b"MBJ1"
 _FRAME = struct.Struct(">4sIIQQ")
 DEFAULT_SIZE = 16 << 20
@@ -99,15 +106,16 @@ class Journal:
     def append(self, epoch: int, number: int, body: bytes) -> None:
         """Writes a frame after the last one and syncs it; the caller checked ``room`` (or ``rewind``-ed)."""
         tail = _FRAME.pack(MAGIC, len(body), 0, epoch, number)[12:]
-        frame = _FRAME.pack(MAGIC, len(body), zlib.crc32(body, zlib.crc32(tail)), epoch, number) + body
-        if self.offset + len(frame) > self.size:
-            self._extend(self.offset + len(frame))
+        header = _FRAME.pack(MAGIC, len(body), zlib.crc32(body, zlib.crc32(tail)), epoch, number)
+        size = len(header) + len(body)
+        if self.offset + size > self.size:
+            self._extend(self.offset + size)
         os.lseek(self._fd, self.offset, os.SEEK_SET)
-        written = os.write(self._fd, frame)
-        if written != len(frame):
-            raise OSError(f"short journal write: {written} of {len(frame)} bytes")
+        written = _write(self._fd, header, body)
+        if written != size:
+            raise OSError(f"short journal write: {written} of {size} bytes")
         _sync(self._fd)
-        self.offset += len(frame)
+        self.offset += size
 
     def rewind(self) -> None:
         """The next frame goes to the start: only once every frame written so far is held elsewhere."""

@@ -7,9 +7,10 @@ LMDB, one environment, named databases:
     groups  group name -> {"floor": seq, "patterns": [...]}   (consumer-group positions)
     meta    b"created" -> first open time; b"journal" -> (epoch, number) of the next journal frame to apply
 
-A commit is durable once its frame is in the journal (bus/journal.py: one write, one fdatasync) and is
+A write is durable once its frame is in the journal (bus/journal.py: one write, one fdatasync) and is
 acknowledged then. Frames are applied to LMDB behind it, many per synced LMDB commit; until then their
-records are served from memory (``_fresh``). Opening the log applies any frame LMDB does not hold yet.
+records are served from memory (``_fresh``). Opening the log applies any frame LMDB does not hold yet. A
+big write (a busy bus's) goes straight to LMDB in one synced commit, with the frames before it.
 
 A record is ``header | topic | body``. The header is version (1 byte), key id (2
 bytes, 0 = plaintext), logged-at time (unix ns, 8 bytes, non-decreasing along the
@@ -71,6 +72,8 @@ APPLY_BYTES = 4 << 20
 """Journal frames are applied to LMDB once the oldest waited this long or they add up to this much."""
 REWIND_AT = 8 << 20
 """Past this offset, the journal starts again at 0 once LMDB holds every frame."""
+DIRECT_ROWS = 512
+"""A write of this many records goes straight to LMDB."""
 MAX_UNAPPLIED = 64 << 20
 """While applying to LMDB fails (a disk error), the journal takes this much more, then refuses writes."""
 
@@ -136,8 +139,6 @@ class Prepared:
 class _Unapplied:
     """A journal frame's writes, waiting to be applied to LMDB."""
 
-    epoch: int
-    number: int
     rows: list[tuple[bytes, bytes]]
     id_rows: list[tuple[bytes, bytes]]
     corr_rows: list[tuple[bytes, bytes]]
@@ -172,7 +173,11 @@ class EventLog:
         self._assigned = 0
         """The last seq given to a prepared batch (ahead of ``head`` while batches are being written)."""
         self._pending_ids: dict[bytes, bytes] = {}
-        """Message id -> seq of prepared, not yet committed records: a retry in between is still a duplicate."""
+        """Message id -> seq of prepared records not yet in LMDB: a retry in between is still a duplicate."""
+        self._pending_older: dict[bytes, bytes] = {}
+        self._older_last = 0
+        """The ids of ``_pending_ids`` as it was when LMDB last caught up with it, all at or below this seq: dropped
+        whole once LMDB holds that seq (no per-id work while LMDB follows a busy log)."""
         self._last_ns = 0
         self._last_block: tuple[int, int, list[bytes]] | None = None
         self._journal = Journal(self.path / "journal")
@@ -229,10 +234,10 @@ class EventLog:
             log.error("journal.gap", expected=expected, first_frame=(newer[0].epoch, newer[0].number))
             newer = []
         for f in newer:
-            rows, id_rows, corr_rows, groups, last = _frame_codec.decode(f.body)
-            self._unapplied.append(_Unapplied(f.epoch, f.number, rows, id_rows, corr_rows, groups, last))
+            self._unapplied.append(_Unapplied(*_frame_codec.decode(f.body)))
         epoch = expected[0]
         if newer:
+            self._epoch, self._number = newer[-1].epoch, newer[-1].number + 1
             while True:
                 try:
                     self.apply()
@@ -328,10 +333,10 @@ class EventLog:
         if id_list:
             with self.env.begin() as txn:
                 known = dict(txn.cursor(db=self._ids).getmulti(id_list))
-        pending = self._pending_ids
+        pending, older = self._pending_ids, self._pending_older
         pack_seq, encode = _SEQ.pack, encode_envelope
         for env, id_b in zip(envelopes, id_list, strict=True):
-            seen = pending.get(id_b) or (known.get(id_b) if known else None)
+            seen = pending.get(id_b) or (older.get(id_b) if older else None) or (known.get(id_b) if known else None)
             if seen is not None:
                 results.append(_SEQ.unpack(seen)[0])
                 continue
@@ -408,18 +413,29 @@ class EventLog:
         return rows
 
     def write(self, batches: Sequence[Prepared]) -> int:
-        """Makes prepared batches durable as one journal frame (one write, one fdatasync); any thread, one at a
-        time, the same as ``apply``. Returns the last seq LMDB holds if it had to apply the frames before
-        (to make room in the journal, or to measure the log near its maximum size), else 0.
+        """Makes prepared batches durable (any thread, one at a time, the same as ``apply``): as one journal frame
+        (one write, one fdatasync), or, from ``DIRECT_ROWS`` records on, in one synced LMDB commit with the
+        frames before them (a big batch gains nothing from the journal but a second copy). Returns the last seq
+        LMDB holds if it wrote to LMDB, else 0.
 
-        Raises StoreFull (the log could not hold them at its maximum size), lmdb.MapFullError (frames applied
-        first did not fit: grow, then write the same batches again) or OSError.
+        Raises StoreFull (the log could not hold them at its maximum size), lmdb.MapFullError (nothing written:
+        grow, then write the same batches again) or OSError.
         """
         rows = [row for b in batches for row in b.rows]
         id_rows = [row for b in batches for row in b.id_rows]
         corr_rows = [row for b in batches for row in b.corr_rows]
         groups = {name: _group_codec_enc.encode(state) for b in batches for name, state in b.groups.items()}
         last = max([self._journaled, *(b.last for b in batches)])
+        entry = _Unapplied(rows, id_rows, corr_rows, groups, last)
+        if len(rows) >= DIRECT_ROWS:
+            self._unapplied.append(entry)
+            try:
+                applied = self.apply()
+            except BaseException:
+                self._unapplied.pop()
+                raise
+            self._journaled = last
+            return applied
         body = _group_codec_enc.encode((rows, id_rows, corr_rows, groups, last))
         if self._apply_failing and self._unapplied_bytes + len(body) > MAX_UNAPPLIED:
             raise StoreError("the log's journal cannot be applied to LMDB (see the broker's log): not taking more",
@@ -433,7 +449,7 @@ class EventLog:
         self._journal.append(self._epoch, self._number, body)
         if not self._unapplied:
             self._unapplied_since = time.monotonic()
-        self._unapplied.append(_Unapplied(self._epoch, self._number, rows, id_rows, corr_rows, groups, last))
+        self._unapplied.append(entry)
         self._unapplied_bytes += len(body)
         self._number += 1
         self._journaled = last
@@ -479,7 +495,7 @@ class EventLog:
                 groups.update(u.groups)
             for name, state in groups.items():
                 txn.put(name.encode(), state, db=self._groups)
-            txn.put(b"journal", _POSITION.pack(todo[-1].epoch, todo[-1].number + 1), db=self._meta)
+            txn.put(b"journal", _POSITION.pack(self._epoch, self._number), db=self._meta)  # every frame so far
         self._apply_failing = False
         self._unapplied = []
         self._unapplied_bytes = 0
@@ -508,22 +524,20 @@ class EventLog:
         done = 0
         while done < len(fresh) and fresh[done].last <= last:
             done += 1
-        if not done:
-            return
-        pending = self._pending_ids
-        if done == len(fresh) and self.lmdb_head == self._assigned:
-            pending.clear()  # nothing else in flight: the usual case, and no per-id work
-        else:
-            for b in fresh[:done]:
-                for id_b, _ in b.id_rows:
-                    pending.pop(id_b, None)
         del fresh[:done]
+        if self.lmdb_head == self._assigned:  # nothing else in flight: no id is pending
+            self._pending_ids.clear()
+            self._pending_older = {}
+        elif self.lmdb_head >= self._older_last:
+            self._pending_older, self._pending_ids = self._pending_ids, {}
+            self._older_last = self._assigned
 
     def abandon(self) -> None:
         """Forgets every prepared batch not yet committed (after a write failed for good)."""
         self._assigned = self.head
         head = self.head
         self._pending_ids = {k: v for k, v in self._pending_ids.items() if _SEQ.unpack(v)[0] <= head}
+        self._pending_older = {k: v for k, v in self._pending_older.items() if _SEQ.unpack(v)[0] <= head}
 
     def load_groups(self) -> dict[str, dict[str, Any]]:
         with self.env.begin() as txn:
@@ -626,7 +640,7 @@ class EventLog:
 
     def seq_of_id(self, message_id: str) -> int | None:
         id_b = message_id.encode()
-        pending = self._pending_ids.get(id_b)
+        pending = self._pending_ids.get(id_b) or self._pending_older.get(id_b)
         if pending is not None and _SEQ.unpack(pending)[0] <= self.head:
             return int(_SEQ.unpack(pending)[0])
         with self.env.begin() as txn:

@@ -136,3 +136,49 @@ def test_a_log_open_in_one_place_cannot_be_opened_in_another(tmp_path: Path,
     with pytest.raises(StoreError, match="open in another process"):
         second.open()
     assert first.append([_env(0)]) == [1]  # the first is unharmed
+
+
+def test_a_retried_id_gets_its_original_seq_before_and_after_lmdb_holds_it(reopen: Callable[[], EventLog]) -> None:
+    log = reopen()
+    first = _env(1)
+
+    def retried() -> int:
+        result = log.prepare([first]).results[0]  # a duplicate adds no record (and takes no seq)
+        assert log.seq_of_id(first.id) == result
+        return int(result)  # type: ignore[arg-type]
+
+    batch = log.prepare([first, _env(2)])
+    log.write([batch])
+    log.committed([batch])
+    assert retried() == 1  # journaled, not in LMDB
+    in_lmdb = log.apply()
+    busy = log.prepare([_env(3)])  # LMDB follows a busy log: another batch is on its way meanwhile
+    log.applied(in_lmdb)
+    assert retried() == 1
+    log.write([busy])
+    log.committed([busy])
+    later = log.prepare([_env(4)])
+    log.applied(log.apply())  # the ids of the first batch are dropped from memory: LMDB answers
+    assert retried() == 1
+    log.write([later])
+    log.committed([later])
+    log.applied(log.apply())
+    assert retried() == 1
+    assert _values(log) == [1, 2, 3, 4]
+
+
+def test_a_big_write_goes_straight_to_lmdb_with_the_frames_before_it(
+        tmp_path: Path, reopen: Callable[[], EventLog], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(log_module, "DIRECT_ROWS", 3)
+    log = reopen()
+    small = log.prepare([_env(0), _env(1)])
+    assert log.write([small]) == 0  # a journal frame
+    log.committed([small])
+    big = log.prepare([_env(i) for i in range(2, 6)])
+    assert log.write([big]) == 6  # one synced LMDB commit, the frame before it included
+    log.committed([big])
+    log.applied(6)
+    assert log.lmdb_head == 6 and log.unapplied_frames == 0
+    log.close()
+    again = reopen()  # the journal's frame is not applied a second time
+    assert _values(again) == list(range(6)) and again.head == 6
