@@ -60,7 +60,9 @@ class TailCache:
             at -= 1
         if at < 0:
             return
-        for first, topics, bodies, _ in list(chunks)[at:]:
+        # Only the batches from ``at`` on, taken before the first yield: copying the whole deque cost a broker
+        # with thousands of one-record batches cached more than the records it delivered.
+        for first, topics, bodies, _ in [chunks[k] for k in range(at, len(chunks))]:
             for i in range(seq - first, len(bodies)):
                 if limit <= 0:
                     return
