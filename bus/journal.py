@@ -1,8 +1,8 @@
 """The log's journal: where a commit becomes durable, with one write and one fdatasync.
 
 A synced LMDB commit flushes the disk twice (its pages, then its meta page) and writes every page it
-touched; a journal frame is one ``pwrite`` into a preallocated file and one ``fdatasync``. The event log
-(bus/log.py) acknowledges a batch once its frame is here and copies frames into LMDB behind it, in
+touched; a journal frame is one write (``pwritev``) into a preallocated file and one ``fdatasync``. The
+event log (bus/log.py) acknowledges a batch once its frame is here and copies frames into LMDB behind it, in
 synced commits of many frames; each of those commits records the next frame it expects (epoch, number).
 
 A frame is ``magic | body length | crc32 | epoch | number | body``. Frames are written back to back from
@@ -30,11 +30,13 @@ _sync = getattr(os, "fdatasync", os.fsync)
 """fdatasync where there is one (not macOS, not Windows)."""
 
 
-def _write(fd: int, header: bytes, body: bytes) -> int:
-    """Header and body in one system call, without joining them (a frame can be megabytes)."""
-    if hasattr(os, "writev"):
-        return os.writev(fd, [header, body])
+def _write(fd: int, offset: int, header: bytes, body: bytes) -> int:
+    """Header and body at ``offset`` in one system call, without joining them (a frame can be megabytes)."""
+    if hasattr(os, "pwritev"):
+        return os.pwritev(fd, [header, body], offset)
+    os.lseek(fd, offset, os.SEEK_SET)
     return os.write(fd, header + body)
+
 
 MAGIC = b"MBJ1"
 _FRAME = struct.Struct(">4sIIQQ")
@@ -110,8 +112,7 @@ class Journal:
         size = len(header) + len(body)
         if self.offset + size > self.size:
             self._extend(self.offset + size)
-        os.lseek(self._fd, self.offset, os.SEEK_SET)
-        written = _write(self._fd, header, body)
+        written = _write(self._fd, self.offset, header, body)
         if written != size:
             raise OSError(f"short journal write: {written} of {size} bytes")
         _sync(self._fd)
