@@ -452,12 +452,12 @@ class Broker:
         if not isinstance(error, lmdb.MapFullError):
             return  # the writer tries again by itself
         try:
-            self.log.grow()
+            self.log.grow(after_full=True)
         except BusError as exc:  # the journal's room check makes this unreachable; if not, take no more
             log.critical("log.cannot_apply", error=exc.message)
             self._stuck = exc
             return
-        self.writer.resume([])
+        self.writer.resume_applies()
 
     def _landed(self, batch: Prepared) -> None:
         """A batch is durable: acknowledge its publishers, then hand its records to subscribers and inboxes."""
@@ -486,7 +486,7 @@ class Broker:
     def _write_failed(self, batches: list[Prepared], error: BaseException) -> None:
         if isinstance(error, lmdb.MapFullError):
             try:
-                self.log.grow()
+                self.log.grow(after_full=True)
                 self.writer.resume(batches)
                 return
             except BusError as exc:

@@ -8,9 +8,10 @@ LMDB, one environment, named databases:
     meta    b"created" -> first open time; b"journal" -> (epoch, number) of the next journal frame to apply
 
 A write is durable once its frame is in the journal (bus/journal.py: one write, one fdatasync) and is
-acknowledged then. Frames are applied to LMDB behind it, many per synced LMDB commit; until then their
-records are served from memory (``_fresh``). Opening the log applies any frame LMDB does not hold yet. A
-big write (a busy bus's) goes straight to LMDB in one synced commit, with the frames before it.
+acknowledged then. Frames are applied to LMDB behind it, many per synced LMDB commit, on another thread than
+the writes (bus/writer.py), so a write never waits for an apply; until then their records are served from
+memory (``_fresh``). Opening the log applies any frame LMDB does not hold yet. A big write (a busy bus's)
+goes straight to LMDB in one synced commit, with the frames before it.
 
 A record is ``header | topic | body``. The header is version (1 byte), key id (2
 bytes, 0 = plaintext), logged-at time (unix ns, 8 bytes, non-decreasing along the
@@ -31,6 +32,7 @@ import contextlib
 import functools
 import itertools
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,7 +69,7 @@ _group_codec_enc = msgspec.msgpack.Encoder()
 _group_codec_dec = msgspec.msgpack.Decoder()
 _POSITION = struct.Struct(">QQ")
 """The (epoch, number) of the next journal frame LMDB expects."""
-APPLY_AFTER_S = 0.05
+APPLY_AFTER_S = 0.01
 APPLY_BYTES = 4 << 20
 """Journal frames are applied to LMDB once the oldest waited this long or they add up to this much."""
 REWIND_AT = 8 << 20
@@ -145,6 +147,12 @@ class _Unapplied:
     groups: dict[str, bytes]
     last: int
     """The newest seq the log holds with this frame."""
+    next_frame: tuple[int, int] = (0, 0)
+    """The (epoch, number) of the journal frame after this one: what LMDB records once it holds this one."""
+    size: int = 0
+    """The frame's body length (0 for a write that went straight to LMDB)."""
+    since: float = 0.0
+    """When it was written (monotonic)."""
 
 
 _frame_codec = msgspec.msgpack.Decoder(tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]],
@@ -186,9 +194,17 @@ class EventLog:
         self._fresh: list[Prepared] = []
         """Committed batches with records, not yet known to be in LMDB, in seq order."""
         self._unapplied: list[_Unapplied] = []
-        """Journal frames not yet applied to LMDB (the writing thread's)."""
+        """Journal frames not yet applied to LMDB: the writing thread adds them, the applying thread removes them
+        once LMDB holds them (both under ``_state``)."""
         self._unapplied_bytes = 0
-        self._unapplied_since = 0.0
+        self._state = threading.Lock()
+        self._applying = threading.RLock()
+        """Held while a thread writes to LMDB (apply, a direct write) or grows the map: one at a time."""
+        self._lmdb_last = 0
+        """The last seq in LMDB, as the applying side knows it."""
+        self._full_at = 0
+        """The map size at the last MapFullError: the writer and the applier can both report one for the same
+        size, and the map must grow once for it, not twice (nor refuse the second as over the limit)."""
         self._epoch = 1
         self._number = 0
         """The next journal frame's (epoch, number)."""
@@ -218,7 +234,7 @@ class EventLog:
             if cur.last():
                 self.head = _SEQ.unpack(cur.key())[0]
                 self._last_ns = _HEADER.unpack_from(cur.value())[2]
-        self._assigned = self.lmdb_head = self._journaled = self.head
+        self._assigned = self.lmdb_head = self._journaled = self._lmdb_last = self.head
         log.info("log.opened", path=str(self.path), head=self.head)
 
     def _recover(self, frames: list[Frame]) -> None:
@@ -234,7 +250,7 @@ class EventLog:
             log.error("journal.gap", expected=expected, first_frame=(newer[0].epoch, newer[0].number))
             newer = []
         for f in newer:
-            self._unapplied.append(_Unapplied(*_frame_codec.decode(f.body)))
+            self._unapplied.append(_Unapplied(*_frame_codec.decode(f.body), next_frame=(f.epoch, f.number + 1)))
         epoch = expected[0]
         if newer:
             self._epoch, self._number = newer[-1].epoch, newer[-1].number + 1
@@ -297,12 +313,17 @@ class EventLog:
                 self.grow()
         return batch.results
 
-    def grow(self) -> None:
-        """Doubles the map (no transaction of this process may be open: LMDB's rule for set_mapsize)."""
-        if self.map_size >= self.max_map_size:
-            raise StoreFull("the event log reached its maximum size", max_map_size=self.max_map_size)
-        self.map_size = min(self.map_size * 2, self.max_map_size)
-        self.env.set_mapsize(self.map_size)
+    def grow(self, *, after_full: bool = False) -> None:
+        """Doubles the map (no other transaction of this process may be open: LMDB's rule for set_mapsize; the
+        caller's thread has none, and ``_applying`` keeps the other threads' writes out). ``after_full``: only
+        if it has not grown since the last MapFullError."""
+        with self._applying:
+            if after_full and self.map_size > self._full_at:
+                return
+            if self.map_size >= self.max_map_size:
+                raise StoreFull("the event log reached its maximum size", max_map_size=self.max_map_size)
+            self.map_size = min(self.map_size * 2, self.max_map_size)
+            self.env.set_mapsize(self.map_size)
         log.warning("log.map_grown", map_size=self.map_size)
 
     def prepare(self, envelopes: Sequence[Envelope], check: Callable[[Envelope], None] | None = None,
@@ -413,10 +434,10 @@ class EventLog:
         return rows
 
     def write(self, batches: Sequence[Prepared]) -> int:
-        """Makes prepared batches durable (any thread, one at a time, the same as ``apply``): as one journal frame
-        (one write, one fdatasync), or, from ``DIRECT_ROWS`` records on, in one synced LMDB commit with the
-        frames before them (a big batch gains nothing from the journal but a second copy). Returns the last seq
-        LMDB holds if it wrote to LMDB, else 0.
+        """Makes prepared batches durable (any thread, one at a time; ``apply`` may run at the same time on
+        another): as one journal frame (one write, one fdatasync), or, from ``DIRECT_ROWS`` records on, in one
+        synced LMDB commit with the frames before them (a big batch gains nothing from the journal but a second
+        copy). Returns the last seq LMDB holds if it wrote to LMDB, else 0.
 
         Raises StoreFull (the log could not hold them at its maximum size), lmdb.MapFullError (nothing written:
         grow, then write the same batches again) or OSError.
@@ -426,14 +447,17 @@ class EventLog:
         corr_rows = [row for b in batches for row in b.corr_rows]
         groups = {name: _group_codec_enc.encode(state) for b in batches for name, state in b.groups.items()}
         last = max([self._journaled, *(b.last for b in batches)])
-        entry = _Unapplied(rows, id_rows, corr_rows, groups, last)
         if len(rows) >= DIRECT_ROWS:
-            self._unapplied.append(entry)
-            try:
-                applied = self.apply()
-            except BaseException:
-                self._unapplied.pop()
-                raise
+            with self._applying:  # no apply takes this entry before it is written, nor after it failed
+                with self._state:
+                    self._unapplied.append(_Unapplied(rows, id_rows, corr_rows, groups, last,
+                                                      next_frame=(self._epoch, self._number)))
+                try:
+                    applied = self._apply_locked()
+                except BaseException:
+                    with self._state:
+                        self._unapplied.pop()
+                    raise
             self._journaled = last
             return applied
         body = _group_codec_enc.encode((rows, id_rows, corr_rows, groups, last))
@@ -442,16 +466,18 @@ class EventLog:
                              unapplied_bytes=self._unapplied_bytes)
         applied = 0
         if not self._fits(len(body)) or not self._journal.room(len(body)):
-            applied = self.apply()
+            applied = self.apply()  # every frame so far (only this thread adds frames)
             if not self._fits(len(body)):
                 raise StoreFull("the event log reached its maximum size", max_map_size=self.max_map_size)
             self._rewind()
+        elif self._journal.offset > REWIND_AT and not self._unapplied:
+            self._rewind()
         self._journal.append(self._epoch, self._number, body)
-        if not self._unapplied:
-            self._unapplied_since = time.monotonic()
-        self._unapplied.append(entry)
-        self._unapplied_bytes += len(body)
         self._number += 1
+        with self._state:
+            self._unapplied.append(_Unapplied(rows, id_rows, corr_rows, groups, last, (self._epoch, self._number),
+                                              len(body), time.monotonic()))
+            self._unapplied_bytes += len(body)
         self._journaled = last
         return applied
 
@@ -467,20 +493,44 @@ class EventLog:
 
     def apply_due(self) -> float | None:
         """Seconds until the journal's frames should be applied to LMDB (0: now), None when there are none."""
-        if not self._unapplied:
-            return None
-        if self._unapplied_bytes >= APPLY_BYTES:
-            return 0.0
-        return max(0.0, self._unapplied_since + APPLY_AFTER_S - time.monotonic())
+        with self._state:
+            if not self._unapplied:
+                return None
+            if self._unapplied_bytes >= APPLY_BYTES:
+                return 0.0
+            since = self._unapplied[0].since
+        return max(0.0, since + APPLY_AFTER_S - time.monotonic())
 
     def apply(self) -> int:
-        """Copies the journal's frames into LMDB in one synced commit; returns the last seq LMDB now holds.
+        """Copies the journal's frames written so far into LMDB in one synced commit (any thread: frames written
+        meanwhile wait for the next apply); returns the last seq LMDB now holds.
 
         Raises lmdb.MapFullError (nothing applied: grow, then apply again) or StoreError."""
-        todo = self._unapplied
+        with self._applying:
+            return self._apply_locked()
+
+    def _apply_locked(self) -> int:
+        with self._state:
+            todo = self._unapplied[:]
         if not todo:
-            return self._journaled
-        self._apply_failing = True
+            return self._lmdb_last
+        try:
+            self._to_lmdb(todo)
+        except BaseException as exc:
+            self._apply_failing = True
+            if isinstance(exc, lmdb.MapFullError):
+                self._full_at = self.map_size
+            raise
+        self._apply_failing = False
+        with self._state:
+            del self._unapplied[:len(todo)]
+            self._unapplied_bytes -= sum(u.size for u in todo)
+        self._lmdb_last = todo[-1].last
+        return todo[-1].last
+
+    def _to_lmdb(self, todo: list[_Unapplied]) -> None:
+        """One synced commit of ``todo``'s writes, recording the journal frame that follows the last of them
+        (not the newest frame: the writer may have added frames since ``todo`` was taken)."""
         with self.env.begin(write=True) as txn:
             log_cur = txn.cursor(db=self._log)
             ids_cur = txn.cursor(db=self._ids)
@@ -495,13 +545,7 @@ class EventLog:
                 groups.update(u.groups)
             for name, state in groups.items():
                 txn.put(name.encode(), state, db=self._groups)
-            txn.put(b"journal", _POSITION.pack(self._epoch, self._number), db=self._meta)  # every frame so far
-        self._apply_failing = False
-        self._unapplied = []
-        self._unapplied_bytes = 0
-        if self._journal.offset > REWIND_AT:
-            self._rewind()
-        return todo[-1].last
+            txn.put(b"journal", _POSITION.pack(*todo[-1].next_frame), db=self._meta)
 
     def _rewind(self) -> None:
         """The journal starts again at 0 with a new epoch (every frame in it is in LMDB)."""
@@ -518,8 +562,9 @@ class EventLog:
                 self._fresh.append(b)
 
     def applied(self, last: int) -> None:
-        """Records that LMDB holds every record up to ``last`` (what ``apply`` returned)."""
-        self.lmdb_head = max(self.lmdb_head, last)
+        """Records that LMDB holds every record up to ``last`` (what ``apply`` returned). An apply can report
+        records whose write this thread has not heard of yet: it counts only up to the durable head."""
+        self.lmdb_head = max(self.lmdb_head, min(last, self.head))
         fresh = self._fresh
         done = 0
         while done < len(fresh) and fresh[done].last <= last:

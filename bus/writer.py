@@ -3,13 +3,16 @@ preparing and delivering while the disk syncs (the journal's fdatasync and LMDB'
 
 Everything that arrives while one journal write is in flight becomes the next one (group commit without
 a timer). A small batch that finds the writer idle can be written on the caller's thread (``write_now``).
-Batches are written in the order they were submitted. Between writes, the same thread applies the
-journal's frames to LMDB when they are due (EventLog.apply_due) and reports how far LMDB got.
+Batches are written in the order they were submitted. A second thread, the applier, copies the journal's
+frames to LMDB when they are due (EventLog.apply_due) and reports how far LMDB got: a journal write never
+waits behind an LMDB commit, which takes several fdatasyncs (at 10k requests/s, a write that waited for one
+was the tail of the store pipeline's latency).
 
 After a failed write the writer halts: the batches it could not write and every one queued behind it
 come back in one report, and nothing more is written until the broker ``resume``s it (after growing the
-map, or after giving up on them). A full map while applying halts it the same way, with no batches in
-the report (they are durable already); any other failure to apply is reported and tried again later.
+map, or after giving up on them). A full map while applying halts the applier the same way, with no batches
+in the report (they are durable already; writes go on, as the journal only takes frames that will fit); any
+other failure to apply is reported and tried again later.
 """
 
 from __future__ import annotations
@@ -45,11 +48,16 @@ class Report:
 class LogWriter:
     def __init__(self, event_log: EventLog) -> None:
         self._log = event_log
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        """The writer thread and ``wait_idle`` callers wait on it."""
+        self._apply_cond = threading.Condition(lock)
+        """The applier waits on it: a submit wakes the writer, not the applier."""
         self._todo: list[Prepared] = []
         self._reports: deque[Report] = deque()
         self._busy = False
         self._halted = False
+        self._apply_halted = False
         self._closing = False
         self._apply_retry_at = 0.0
         self._idle_waiters = 0
@@ -58,7 +66,9 @@ class LogWriter:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._thread = threading.Thread(target=self._run, name="membus-log-writer", daemon=True)
+        self._applier = threading.Thread(target=self._run_applies, name="membus-log-applier", daemon=True)
         self._thread.start()
+        self._applier.start()
 
     def fileno(self) -> int:
         """Readable when reports are waiting (register it in the broker's poller)."""
@@ -94,13 +104,19 @@ class LogWriter:
             self._reports.clear()
             return out
 
+    def resume_applies(self) -> None:
+        """After a full map while applying (the broker grew it): the applier goes on."""
+        with self._cond:
+            self._apply_halted = False
+            self._apply_cond.notify()
+
     def resume(self, retry: list[Prepared], *, drop_queued: bool = False) -> None:
         """After a failed write: writes ``retry`` first (the same batches, after the map grew), then what was
         queued meanwhile, or, with ``drop_queued``, nothing of it (the broker gave up on all of them)."""
         with self._cond:
             self._todo = retry if drop_queued else retry + self._todo
             self._halted = False
-            self._cond.notify()
+            self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         with self._cond:
@@ -111,36 +127,44 @@ class LogWriter:
                 self._idle_waiters -= 1
 
     def close(self) -> None:
+        """Stops both threads once the queued batches are written; the log applies what is left when it closes."""
         with self._cond:
             self._closing = True
-            self._cond.notify()
+            self._cond.notify_all()
+            self._apply_cond.notify()
         self._thread.join(30)
+        self._applier.join(30)
         os.close(self._wake_r)
         os.close(self._wake_w)
 
     def _run(self) -> None:
         while True:
-            batches: list[Prepared] = []
+            with self._cond:
+                while not (self._todo and not self._halted and not self._busy):
+                    if self._closing and not self._busy:
+                        return
+                    self._cond.wait(APPLY_RETRY_S / 100 if self._busy else None)  # busy: the loop is in a write_now
+                batches, self._todo = self._todo, []
+                self._busy = True
+            self._write(batches)
+            self._wake_loop()
+
+    def _run_applies(self) -> None:
+        while True:
             with self._cond:
                 while True:
-                    due = None if self._halted else self._apply_due()
-                    if due == 0 and not self._busy:  # busy: the loop thread is in a ``write_now``
-                        break  # due frames go to LMDB before more are written: LMDB lags by ~APPLY_AFTER_S
-                    if self._todo and not self._halted:
-                        batches, self._todo = self._todo, []
-                        break
-                    if self._closing and not self._busy:
-                        if due is not None and time.monotonic() >= self._apply_retry_at:
-                            break  # the rest goes to LMDB now
+                    if self._closing:
                         return
-                    self._cond.wait(APPLY_RETRY_S / 100 if self._busy else due)
-                self._busy = True
-            if batches:
-                self._write(batches)
-            else:
-                self._apply()
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_w, b"x")
+                    due = None if self._apply_halted else self._apply_due()
+                    if due == 0:
+                        break
+                    self._apply_cond.wait(due)
+            self._apply()
+            self._wake_loop()
+
+    def _wake_loop(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
 
     def _apply_due(self) -> float | None:
         due = self._log.apply_due()
@@ -161,11 +185,13 @@ class LogWriter:
                 self._halted = True
             self._reports.append(Report(batches, error, applied))
             self._busy = False
-            if self._idle_waiters or (error is None and self._log.unapplied_frames == 1):
-                self._cond.notify_all()  # the writer thread times the apply of a first frame
+            if self._idle_waiters:
+                self._cond.notify_all()
+            if error is None and self._log.unapplied_frames == 1:
+                self._apply_cond.notify()  # the applier times the apply of a first frame
 
     def _apply(self) -> None:
-        """Applies the journal's frames to LMDB (the caller set ``_busy``) and leaves the report."""
+        """Applies the journal's frames to LMDB (on the applier thread) and leaves the report."""
         try:
             report = Report([], None, applied=self._log.apply())
         except lmdb.MapFullError as exc:
@@ -176,8 +202,7 @@ class LogWriter:
             report = Report([], exc)
         with self._cond:
             if isinstance(report.error, lmdb.MapFullError):
-                self._halted = True
+                self._apply_halted = True
             self._reports.append(report)
-            self._busy = False
             if self._idle_waiters:
                 self._cond.notify_all()

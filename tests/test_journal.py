@@ -85,6 +85,54 @@ def reopen(tmp_path: Path) -> Iterator[Callable[[], EventLog]]:
         log.close()
 
 
+_CHILD_DURING_APPLY = textwrap.dedent("""
+    import os, sys, threading
+    import msgspec
+    from pathlib import Path
+    from bus.log import EventLog
+    from contracts.envelope import make_envelope
+
+    started, go = threading.Event(), threading.Event()
+
+    class HeldApply(EventLog):
+        def _to_lmdb(self, todo):
+            started.set()
+            assert go.wait(30)
+            super()._to_lmdb(todo)
+
+    log = HeldApply(Path(sys.argv[1]))
+    log.open()
+
+    def frame(first):
+        batch = log.prepare([make_envelope("test.journal.changed", msgspec.msgpack.encode(first + i))
+                             for i in range(3)])
+        log.write([batch])
+        log.committed([batch])
+
+    frame(0)
+    frame(3)
+    applier = threading.Thread(target=lambda: print("applied", log.apply(), flush=True))
+    applier.start()
+    assert started.wait(30)  # the apply took the two frames and is about to commit them
+    frame(6)  # written meanwhile, as the writer thread does
+    go.set()
+    applier.join(30)
+    print(log.head, flush=True)
+    os._exit(0)  # no close: the third frame never reaches LMDB
+""")
+
+
+def test_a_frame_written_while_an_apply_commits_is_applied_on_open_after_a_crash(
+        tmp_path: Path, reopen: Callable[[], EventLog]) -> None:
+    out = subprocess.run([sys.executable, "-c", _CHILD_DURING_APPLY, str(tmp_path / "log")], capture_output=True,
+                         text=True, timeout=120, check=True, cwd=Path(__file__).parent.parent)
+    assert out.stdout.splitlines()[-2:] == ["applied 6", "9"]  # LMDB held 2 of the 3 acknowledged frames
+    assert [f.number for f in _frames(tmp_path / "log" / "journal")] == [0, 1, 2]
+    log = reopen()
+    assert log.head == log.lmdb_head == 9
+    assert _values(log) == list(range(9))  # the third frame once, the first two not twice
+
+
 def test_frames_not_yet_in_lmdb_when_the_process_dies_are_applied_on_open(
         tmp_path: Path, reopen: Callable[[], EventLog]) -> None:
     head, in_lmdb = _crash_after(tmp_path / "log", frames=4)

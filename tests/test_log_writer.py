@@ -1,5 +1,6 @@
 """The log writer: a quiet broker's lone publish is written on its own thread, anything else in order on the
-writer thread, and a failed write halts the writer with the batches it could not write."""
+writer thread, a failed write halts the writer with the batches it could not write, and applying the journal to
+LMDB (on the applier thread) never holds a write up."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from contracts.errors import StoreError
 
 
 class RecordingLog(EventLog):
-    """A real log that notes which thread wrote each batch and can hold the writer thread inside a write."""
+    """A real log that notes which thread wrote each batch and can hold the writer thread inside a write, or
+    the applier inside an apply."""
 
     def __init__(self, path: Path, **kwargs: int) -> None:
         super().__init__(path, **kwargs)  # type: ignore[arg-type]
@@ -30,12 +32,20 @@ class RecordingLog(EventLog):
         self.hold = threading.Event()
         self.hold.set()
         self.inside = threading.Event()
+        self.hold_apply = threading.Event()
+        self.hold_apply.set()
+        self.inside_apply = threading.Event()
 
-    def write(self, batches: Sequence[Prepared]) -> None:
+    def write(self, batches: Sequence[Prepared]) -> int:
         self.writers.append(threading.get_ident())
         self.inside.set()
         assert self.hold.wait(30)
-        super().write(batches)
+        return super().write(batches)
+
+    def _apply_locked(self) -> int:
+        self.inside_apply.set()
+        assert self.hold_apply.wait(30)
+        return super()._apply_locked()
 
 
 @pytest.fixture
@@ -86,7 +96,40 @@ def test_an_idle_writer_writes_on_the_callers_thread_and_a_busy_one_queues_in_or
         writer.close()
 
 
-def test_a_full_map_while_applying_halts_the_writer_and_the_journaled_records_stay_readable(tmp_path: Path) -> None:
+def test_a_write_is_not_held_up_by_an_apply_in_progress(log: RecordingLog) -> None:
+    writer = LogWriter(log)
+    try:
+        log.hold_apply.clear()
+        first = _batch(log, 2)
+        assert writer.write_now(first)
+        assert log.inside_apply.wait(30)  # the applier took the first frame and is inside its LMDB commit
+        second = _batch(log, 2)
+        writer.submit(second)
+        assert _land(log, writer) == [first, second]  # both durable (journaled) while that apply is held
+        assert log.lmdb_head == 0
+        assert [r.seq for r in log.read(from_seq=1)[0]] == [1, 2, 3, 4]  # served from memory
+        log.hold_apply.set()
+        deadline = time.monotonic() + 30
+        while log.lmdb_head < second.last and time.monotonic() < deadline:
+            time.sleep(0.02)
+            for report in writer.reports():
+                assert report.error is None and not report.batches
+                log.applied(report.applied)
+        assert log.lmdb_head == second.last  # the frame written during the apply followed in the next one
+    finally:
+        log.hold_apply.set()
+        writer.close()
+    reopened = EventLog(log.path)
+    log.close()
+    reopened.open()
+    try:
+        assert [r.body for r in reopened.read(from_seq=1)[0]] == first.bodies + second.bodies
+    finally:
+        reopened.close()
+        log.open()  # the fixture closes it
+
+
+def test_a_full_map_while_applying_halts_the_applier_and_the_journaled_records_stay_readable(tmp_path: Path) -> None:
     small = RecordingLog(tmp_path / "small", map_size=64 << 10, max_map_size=16 << 20)
     small.open()
     writer = LogWriter(small)
@@ -106,14 +149,19 @@ def test_a_full_map_while_applying_halts_the_writer_and_the_journaled_records_st
         (failed,) = reports
         assert isinstance(failed.error, lmdb.MapFullError) and failed.batches == []
         queued = _batch(small, 1)
-        assert not writer.write_now(queued)  # halted: not written
-        writer.submit(queued)
-        assert small.lmdb_head == 0 and [r.body for r in small.read(from_seq=1)[0]] == big.bodies
-        small.grow()
-        small.grow()
-        writer.resume([])
+        assert writer.write_now(queued)  # writes go on into the journal: a frame is only taken if it will fit
         assert _land(small, writer) == [queued]
-        assert small.head == queued.last
+        time.sleep(0.2)
+        assert writer.reports() == []  # halted: the applier does not try again by itself
+        assert small.lmdb_head == 0 and [r.body for r in small.read(from_seq=1)[0]] == big.bodies + queued.bodies
+        small.grow()
+        small.grow()
+        writer.resume_applies()
+        deadline = time.monotonic() + 30
+        while small.lmdb_head < queued.last and time.monotonic() < deadline:
+            time.sleep(0.02)
+            _land(small, writer)
+        assert small.lmdb_head == small.head == queued.last
     finally:
         writer.close()
         small.close()
@@ -191,3 +239,27 @@ def test_a_disk_error_while_applying_keeps_the_journal_acking_up_to_a_bound_then
     finally:
         writer.close()
     log._env = disk.env
+
+
+def test_a_full_map_reported_by_both_threads_grows_the_map_once(tmp_path: Path) -> None:
+    small = EventLog(tmp_path / "small", map_size=64 << 10, max_map_size=16 << 20)
+    small.open()
+    try:
+        big = _batch(small, 4, size=40_000)
+        small.write([big])
+        small.committed([big])
+        with pytest.raises(lmdb.MapFullError):
+            small.apply()
+        small.grow(after_full=True)  # the applier's report
+        assert small.map_size == 128 << 10
+        small.grow(after_full=True)  # the writer's, for the same full map: grown already
+        assert small.map_size == 128 << 10
+        while True:
+            try:
+                small.applied(small.apply())
+                break
+            except lmdb.MapFullError:
+                small.grow(after_full=True)  # a new full map: grows again
+        assert small.map_size > 128 << 10 and small.lmdb_head == big.last
+    finally:
+        small.close()
