@@ -42,10 +42,10 @@ class RecordingLog(EventLog):
         assert self.hold.wait(30)
         return super().write(batches)
 
-    def _apply_locked(self) -> int:
+    def _to_lmdb(self, todo: list[Any]) -> None:
         self.inside_apply.set()
         assert self.hold_apply.wait(30)
-        return super()._apply_locked()
+        super()._to_lmdb(todo)
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_a_write_is_not_held_up_by_an_apply_in_progress(log: RecordingLog) -> No
         log.hold_apply.clear()
         first = _batch(log, 2)
         assert writer.write_now(first)
-        assert log.inside_apply.wait(30)  # the applier took the first frame and is inside its LMDB commit
+        assert log.inside_apply.wait(30)  # the applier took the first frame and is about to commit it
         second = _batch(log, 2)
         writer.submit(second)
         assert _land(log, writer) == [first, second]  # both durable (journaled) while that apply is held
@@ -119,14 +119,6 @@ def test_a_write_is_not_held_up_by_an_apply_in_progress(log: RecordingLog) -> No
     finally:
         log.hold_apply.set()
         writer.close()
-    reopened = EventLog(log.path)
-    log.close()
-    reopened.open()
-    try:
-        assert [r.body for r in reopened.read(from_seq=1)[0]] == first.bodies + second.bodies
-    finally:
-        reopened.close()
-        log.open()  # the fixture closes it
 
 
 def test_a_full_map_while_applying_halts_the_applier_and_the_journaled_records_stay_readable(tmp_path: Path) -> None:

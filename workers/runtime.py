@@ -123,8 +123,7 @@ class WorkerRuntime:
                         if not batch and not waiting:
                             self._idle(bus)
                         self._write_status(bus.head)
-                    while flights:
-                        self._land(consumer, flights.popleft())
+                    self._land_all(consumer, flights)
                     self._remove_logged(force=True)
         finally:
             self.backend.close()
@@ -160,8 +159,7 @@ class WorkerRuntime:
             retry_seqs = {o.seq for o in outcomes if o.status == "retry"}
             pending = [e for e in pending if e.seq in retry_seqs]
             if pending:
-                while flights:
-                    self._land(consumer, flights.popleft())
+                self._land_all(consumer, flights)
                 self._land(consumer, flight)
                 flight = None
                 if self._stop:
@@ -173,6 +171,10 @@ class WorkerRuntime:
         if flight is not None:
             flights.append(flight)
         return position
+
+    def _land_all(self, consumer: Any, flights: deque[_Flight]) -> None:
+        while flights:
+            self._land(consumer, flights.popleft())
 
     def _land(self, consumer: Any, flight: _Flight) -> None:
         """Acks a batch once its outbox (replies, change events) is in the log."""
