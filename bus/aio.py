@@ -187,6 +187,9 @@ class AsyncConsumer:
     async def nack(self, deliveries: list[Delivery] | list[int], reason: str, *, delay: float = 0.0) -> None:
         self._c.nack(deliveries, reason, delay=delay)
 
+    async def touch(self) -> None:
+        self._c.touch()
+
     async def __aenter__(self) -> AsyncConsumer:
         return self
 

@@ -275,6 +275,8 @@ class Broker:
                 self._ack(client, frames[2].bytes.decode(), P.ack_body.decode(frames[3].buffer))
             elif cmd == P.NACK:
                 self._nack(client, frames[2].bytes.decode(), P.nack_body.decode(frames[3].buffer))
+            elif cmd == P.TOUCH:
+                self._touch(client, frames[2].bytes.decode())
             elif cmd == P.SUB:
                 self._subscribe(client, frames[2].bytes, P.unpack(frames[3].buffer))
             elif cmd == P.UNSUB:
@@ -499,11 +501,10 @@ class Broker:
             self._refuse(pubs, error)
 
     def _refuse(self, pubs: _Pubs, error: BaseException) -> None:
-        code = error.code if isinstance(error, BusError) else "store_error"
-        message = error.message if isinstance(error, BusError) else f"the log could not be written: {error!r}"
+        refusal = self.log.unavailable(error)
         for client, batch_id, envs in pubs:
             if client is not None:
-                self._send(client.rid, P.PUBACK, batch_id, P.pack([[code, message] for _ in envs]))
+                self._send(client.rid, P.PUBACK, batch_id, P.pack([[refusal.code, refusal.message] for _ in envs]))
 
     def publish_internal(self, topic: str, payload: Any, *, correlation_id: str = "", recipient: str = "",
                          causation_id: str = "") -> int:
@@ -646,6 +647,17 @@ class Broker:
             if client.rid in group.members:
                 group.members[client.rid] += 1
             self._retry_or_dead_letter(group, seq, reason, now + delay)
+
+    def _touch(self, client: Client, name: str) -> None:
+        """The member is still working on what it holds: its messages in flight get a new ack deadline, so a live
+        worker that waits for its disk is neither redelivered to nor dead-lettered."""
+        group = self.groups.get(name)
+        if group is None:
+            return
+        deadline = time.monotonic() + group.ack_timeout
+        for infl in group.inflight.values():
+            if infl.rid == client.rid:
+                infl.deadline = deadline
 
     def _retry_or_dead_letter(self, group: Group, seq: int, reason: str, due: float) -> None:
         attempts = group.attempts.get(seq, 1)

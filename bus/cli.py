@@ -87,7 +87,10 @@ def broker(home: HomeOpt = None) -> None:
     from bus.broker import run
 
     logs.configure(process="broker")
-    run(home)
+    try:
+        run(home)
+    except BusError as exc:  # it cannot start (its log is open elsewhere, no room for it): say why, no traceback
+        _fail(exc)
 
 
 @app.command()
@@ -226,6 +229,9 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
                       str(ws.get("failed")), str(ws.get("dead_lettered")), str(ws.get("last_batch")),
                       str(ws.get("max_batch")))
         out.print(w)
+        for name, ws in sorted(st["workers"].items()):
+            if ws.get("stalled"):
+                out.print(f"[red]worker {name} cannot write its store, and keeps trying:[/] {ws['stalled']}")
     out.print("clients: " + ", ".join(f"{c['name']} ({c['source']})" for c in st["clients"]))
     out.print("counters: " + json.dumps(st["counters"]))
 

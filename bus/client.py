@@ -409,6 +409,12 @@ class Consumer:
         if items:
             self._conn.nack(self.group, items)
 
+    def touch(self) -> None:
+        """Tells the broker this member is still working on every message it was handed (fetched or not): each
+        gets a new ack timeout, and no delivery attempt is counted. Call it while waiting on something slow
+        (a full disk) for longer than the ack timeout, so the messages are not redelivered or dead-lettered."""
+        self._conn.touch(self.group)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -643,6 +643,9 @@ class Connection(threading.Thread):
     def nack(self, name: str, items: list[tuple[int, str, float]]) -> None:
         self.call(lambda: self._send([P.NACK, name.encode(), P.pack([list(i) for i in items])]))
 
+    def touch(self, name: str) -> None:
+        self.call(lambda: self._send([P.TOUCH, name.encode()]))
+
     # -- timers ----------------------------------------------------------------------------------
 
     def _timers(self) -> None:

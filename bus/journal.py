@@ -22,7 +22,7 @@ from typing import NamedTuple
 import structlog
 
 from bus.filelock import try_lock
-from contracts.errors import StoreError
+from contracts.errors import StoreError, StoreUnavailable
 
 log = structlog.get_logger("membus.journal")
 
@@ -69,7 +69,12 @@ class Journal:
                              path=str(self.path))
         length = os.fstat(self._fd).st_size
         if length < self.size:
-            self._preallocate(self.size)
+            try:
+                self._preallocate(self.size)
+            except OSError as exc:
+                self.close()
+                raise StoreUnavailable(f"no room for the log's journal ({self.size >> 20} MiB) at {self.path}: "
+                                       f"{exc.strerror}", path=str(self.path)) from exc
         self.size = max(self.size, length)
         frames = self._scan()
         self.offset = 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import shutil
 import struct
 import threading
 import time
@@ -46,7 +47,7 @@ import structlog
 from bus.journal import Frame, Journal
 from bus.sealing import OVERHEAD, TAG_LEN
 from contracts.envelope import Envelope, encode_envelope
-from contracts.errors import BusError, IntegrityError, StoreError, StoreFull
+from contracts.errors import BusError, IntegrityError, StoreError, StoreFull, StoreUnavailable
 from contracts.topics import matches_any
 
 log = structlog.get_logger("membus.log")
@@ -480,6 +481,20 @@ class EventLog:
             self._unapplied_bytes += len(body)
         self._journaled = last
         return applied
+
+    def unavailable(self, error: BaseException) -> BusError:
+        """What publishers are told when a write failed: a BusError as it is; anything else (a disk error from
+        the journal or LMDB: LMDB reports a full disk as an I/O error) as StoreUnavailable, naming the log's
+        folder and the room left on its disk."""
+        if isinstance(error, BusError):
+            return error
+        try:
+            free: int | None = shutil.disk_usage(self.path).free
+        except OSError:
+            free = None
+        room = "free space unknown" if free is None else f"{free / 2**20:.0f} MiB free on its disk"
+        return StoreUnavailable(f"the event log at {self.path} could not be written ({room}): {error}",
+                                path=str(self.path), free_bytes=free)
 
     def _fits(self, adding: int) -> bool:
         """Whether LMDB at its maximum size surely holds the frames waiting and one of ``adding`` bytes: an

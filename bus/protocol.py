@@ -14,6 +14,8 @@ Client -> broker
     JOIN     [JOIN, group, body]    {"patterns": [...], "credit": int, "ack_timeout": s, "max_attempts": int}
     ACK      [ACK, group, seqs]     seqs: array of int; each ack also returns one credit
     NACK     [NACK, group, items]   items: array of [seq, reason, delay_s]: redeliver (or dead-letter)
+    TOUCH    [TOUCH, group]         every message in flight to this member gets a new ack deadline (it is still
+                                    working on them: a worker waiting for its disk); no attempt is counted
     LEAVE    [LEAVE, group]
     REPLAY   [REPLAY, ID, body]     {"from_seq", "to_seq", "since_ns", "until_ns", "patterns",
                                      "correlation_id", "limit"}: one page, answered by REPLAYED
@@ -50,6 +52,7 @@ UNSUB = b"UNSUB"
 JOIN = b"JOIN"
 ACK = b"ACK"
 NACK = b"NACK"
+TOUCH = b"TOUCH"
 LEAVE = b"LEAVE"
 REPLAY = b"REPLAY"
 STATUS = b"STATUS"
@@ -67,7 +70,8 @@ PONG = b"PONG"
 ERROR = b"ERROR"
 
 CLIENT_COMMANDS = {
-    HELLO: 2, PUB: 3, SUB: 3, UNSUB: 2, JOIN: 3, ACK: 3, NACK: 3, LEAVE: 2, REPLAY: 3, STATUS: 2, PING: 1, BYE: 1,
+    HELLO: 2, PUB: 3, SUB: 3, UNSUB: 2, JOIN: 3, ACK: 3, NACK: 3, TOUCH: 2, LEAVE: 2, REPLAY: 3, STATUS: 2, PING: 1,
+    BYE: 1,
 }
 """Command -> the exact number of frames it has."""
 

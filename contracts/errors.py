@@ -91,6 +91,14 @@ class StoreFull(StoreError):
     code = "store_full"
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be written just now (a full disk, an I/O error, a lock held elsewhere): nothing was
+    written. The broker refuses the publish, a worker retries its whole batch until it can; neither answers a
+    message ``.failed`` for it."""
+
+    code = "store_unavailable"
+
+
 class HandlerError(BusError):
     """A handler raised something that is not a BusError; the original type and text are kept."""
 

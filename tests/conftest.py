@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,9 +29,11 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 
 class BrokerProcess:
-    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.home = Home(home)
         self.env = {**os.environ, "MEMBUS_LOG_JSON": "1", **(env or {})}
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = home / "broker.log"
 
@@ -40,7 +42,7 @@ class BrokerProcess:
         old = self.home.read_run_file()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "bus", "broker", "--home", str(self.home.path)],
-                                         env=self.env, stdout=log, stderr=log)
+                                         env=self.env, stdout=log, stderr=log, preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             run = self.home.read_run_file()

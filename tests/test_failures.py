@@ -134,6 +134,21 @@ def test_ack_timeout_redelivers(bus: Bus) -> None:
         c.ack([again])
 
 
+def test_a_member_that_touches_keeps_its_messages_past_the_ack_timeout(bus: Bus) -> None:
+    seq = bus.publish("test.touchy.request", {})
+    with bus.consume("busy", ["test.touchy.*"], credit=5, ack_timeout=1.5, max_attempts=2) as c:
+        (first,) = c.fetch(5, timeout=10)
+        for _ in range(10):  # 5 s: three ack timeouts, and a timed-out message would be dead-lettered at once
+            time.sleep(0.5)
+            c.touch()
+        group = bus.status()["groups"]["busy"]
+        assert (group["inflight"], group["redelivery_pending"], group["dead_letters"]) == (1, 0, 0)
+        assert c.fetch(5, timeout=0.5) == []  # not handed out again
+        c.ack([first])
+        assert first.seq == seq
+    assert bus.status()["groups"]["busy"]["inflight"] == 0
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,12 @@ def stop_process(proc: subprocess.Popen[bytes] | None, *, term_timeout: float = 
 class WorkerProcess:
     """``python -m bus worker NAME --home DIR``, logging to ``<home>/worker-NAME.log``."""
 
-    def __init__(self, home: Path, name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, name: str, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.home = Home(home)
         self.name = name
         self.env = child_env(env)
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = home / f"worker-{name}.log"
 
@@ -56,7 +59,8 @@ class WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "bus", "worker", self.name,
                                           "--home", str(self.home.path)],
-                                         env=self.env, cwd=REPO, stdout=log, stderr=log)
+                                         env=self.env, cwd=REPO, stdout=log, stderr=log,
+                                         preexec_fn=self.preexec_fn)
         if wait:
             wait_until(self._consuming, timeout=timeout, what=f"worker {self.name} consuming")
         return self

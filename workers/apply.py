@@ -17,7 +17,7 @@ import structlog
 from bus.logs import handling
 from bus.protocol import DEAD_LETTER_TOPIC
 from contracts.envelope import Envelope, encode_new
-from contracts.errors import BusError, HandlerError, UnknownTopic
+from contracts.errors import BusError, HandlerError, StoreUnavailable, UnknownTopic
 from contracts.registry import decode_payload, encode_payload, to_builtins
 from contracts.topics import reply_topics
 from workers.base import Backend, Context
@@ -80,6 +80,8 @@ def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None
     (the runtime dead-letters it, after ``attempt`` attempts). ``retry`` outcomes do not move the
     position past them. A seq at or below the position, including one already applied earlier in
     this batch (a redelivery after an ack timeout can sit in the same batch), is ``skipped``.
+    A StoreUnavailable (full disk, I/O error) from a handler or the commit aborts the whole batch: nothing is
+    applied, and the caller tries it again.
     """
     if position is None:
         position = backend.load_position()
@@ -129,6 +131,8 @@ def _apply_one(backend: Backend, txn: Any, env: Envelope, final: int) -> Outcome
             with backend.savepoint(txn):
                 reply = handler(backend, txn, payload, ctx)
             return Outcome(env.seq, env.topic, "applied", reply=reply, events=ctx.events)
+        except StoreUnavailable:
+            raise  # the store's trouble, not the message's: the whole batch is rolled back and tried again later
         except BusError as exc:
             log.info("message.failed", code=exc.code, error=exc.message)
             return Outcome(env.seq, env.topic, "failed", error=exc)

@@ -27,7 +27,7 @@ import structlog
 
 import contracts.analytics as an
 from contracts.envelope import Envelope
-from contracts.errors import BusError, StoreError, ValidationError
+from contracts.errors import BusError, StoreError, StoreUnavailable, ValidationError
 from contracts.ids import id_time_ms
 from contracts.inventory import InventoryItem, InventoryPage
 from workers.base import Backend, Context, handles
@@ -217,6 +217,8 @@ class DuckdbBackend(Backend):
                 self.con.execute("COMMIT")
         except BusError:
             raise
+        except duckdb.IOException as exc:  # a full disk, an I/O error: the batch is tried again
+            raise StoreUnavailable(f"duckdb store: {exc}", store="duckdb") from exc
         except duckdb.Error as exc:
             raise StoreError(f"duckdb store: {type(exc).__name__}: {exc}", store="duckdb") from exc
 

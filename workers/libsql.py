@@ -10,7 +10,6 @@ and ids left empty are the envelope id, so replaying the log gives the same rows
 
 from __future__ import annotations
 
-import builtins
 import itertools
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +25,7 @@ import structlog
 import contracts.structured as c
 from bus.keys import KeyRing, subkey
 from bus.sealing import open_sealed, seal
-from contracts.errors import IntegrityError, NotFound, StoreError, StoreFull, ValidationError
+from contracts.errors import IntegrityError, NotFound, StoreError, StoreUnavailable, ValidationError
 from contracts.inventory import InventoryItem, InventoryPage
 from schemas.registry import apply_all
 from workers import libsql_repos as repo
@@ -45,9 +44,9 @@ class TransactionLost(RuntimeError):
 def translate_error(exc: Exception, sql: str = "") -> BaseException:
     """The one place where libsql driver errors become membus errors.
 
-    Constraint violations and unreadable files are IntegrityError, a full disk is StoreFull,
-    other SQL errors StoreError (answered with ``.failed``). A busy database or an I/O error
-    is transient: it stays a builtin exception, which the runtime retries.
+    Constraint violations and unreadable files are IntegrityError, other SQL errors StoreError (answered
+    with ``.failed``). A full disk, an I/O error or a database locked by another process is the store's
+    trouble, not the message's: StoreUnavailable, and the runtime retries the whole batch until it works.
     """
     text = str(exc)
     lowered = text.lower()
@@ -56,12 +55,8 @@ def translate_error(exc: Exception, sql: str = "") -> BaseException:
         return IntegrityError(text, sql=statement)
     if "file is not a database" in lowered or "malformed" in lowered:
         return IntegrityError(f"{text} (wrong encryption key or corrupt file)", sql=statement)
-    if "database or disk is full" in lowered:
-        return StoreFull(text, sql=statement)
-    if "database is locked" in lowered or "busy" in lowered:
-        return builtins.TimeoutError(f"libsql: {text}")
-    if "disk i/o error" in lowered:
-        return OSError(f"libsql: {text}")
+    if any(s in lowered for s in ("database or disk is full", "database is locked", "busy", "disk i/o error")):
+        return StoreUnavailable(f"libsql: {text}", sql=statement)
     return StoreError(text, sql=statement)
 
 

@@ -44,7 +44,7 @@ import structlog
 
 from bus.keys import NONCE_LEN, DerivedKey, KeyRing, subkey
 from bus.sealing import VERSION, open_sealed
-from contracts.errors import IntegrityError, StoreError, StoreFull, ValidationError
+from contracts.errors import IntegrityError, StoreError, StoreFull, StoreUnavailable, ValidationError
 from contracts.inventory import InventoryItem, InventoryPage
 from contracts.working import (
     APPEND,
@@ -551,8 +551,8 @@ class LmdbBackend(Backend):
                     self._grow(txn, keep=len(txn.journal))
         except BaseException as exc:
             txn.abort()
-            if isinstance(exc, lmdb.Error):
-                raise StoreError(f"lmdb: {exc}", exception=type(exc).__name__) from exc
+            if isinstance(exc, lmdb.Error):  # a full disk shows as an I/O error at the commit
+                raise StoreUnavailable(f"lmdb: {exc}", exception=type(exc).__name__) from exc
             raise
 
     def savepoint(self, txn: _Batch) -> AbstractContextManager[None]:

@@ -6,7 +6,9 @@ It opens its store inside this process, publishes anything its outbox still
 holds from before a crash, then consumes in batches: apply (workers/apply.py),
 publish the outbox, ack. A transient handler error is retried here, in order,
 with back-off; after ``max_attempts`` the message is answered ``.failed`` and
-dead-lettered, and the worker goes on. SIGTERM finishes the current batch.
+dead-lettered, and the worker goes on. A batch the store cannot take (a full disk, an I/O error: StoreError) is
+tried again until it can, for as long as it takes; meanwhile the worker tells the broker it is still working
+on its messages, so they are neither redelivered nor dead-lettered. SIGTERM finishes the current batch.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ class WorkerRuntime:
         self._stop = False
         self.stats: dict[str, Any] = {"worker": name, "pid": os.getpid(), "applied": 0, "observed": 0, "failed": 0,
                                       "skipped": 0, "retried": 0, "dead_lettered": 0, "batches": 0,
-                                      "last_batch": 0, "max_batch": 0, "position": 0, "errors": 0}
+                                      "last_batch": 0, "max_batch": 0, "position": 0, "errors": 0,
+                                      "stalled": ""}
+        """``stalled``: why the store cannot take the current batch, while the worker keeps trying ("" otherwise)."""
         self._last_status = 0.0
         self._sending: set[int] = set()
         """Outbox entries (by seq) published and not yet acknowledged by the broker."""
@@ -139,6 +143,7 @@ class WorkerRuntime:
         """
         pending = [d.message.envelope for d in batch]
         attempt = 1
+        stalls = 0
         flight: _Flight | None = None
         while pending:
             final = {e.seq for e in pending} if attempt >= self.max_attempts else set()
@@ -146,14 +151,19 @@ class WorkerRuntime:
             try:
                 outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
                                                  attempt=attempt)
-            except StoreError as exc:  # the commit itself failed (disk or map full, I/O): nothing was applied
+            except StoreError as exc:  # the store could not take the batch (disk full, I/O): nothing was applied
                 self.stats["errors"] += 1
-                log.error("batch.commit_failed", error=exc.message, code=exc.code, first_seq=pending[0].seq)
+                stalls += 1
+                log.error("batch.commit_failed", error=exc.message, code=exc.code, first_seq=pending[0].seq,
+                          tries=stalls)
+                consumer.touch()  # not an attempt of the messages': no redelivery, no dead letter meanwhile
+                self.stats["stalled"] = f"{exc.code}: {exc.message}"
+                self._write_status(bus.head)
                 if self._stop:
                     break
-                time.sleep(min(self.retry_backoff_s * 2 ** min(attempt, 5), 5.0))
-                attempt += 1
+                time.sleep(min(self.retry_backoff_s * 2 ** min(stalls, 5), 5.0))
                 continue
+            self.stats["stalled"] = ""
             flight = _Flight(self._publish_outbox(bus), [o.seq for o in outcomes if o.status != "retry"])
             self._count(outcomes)
             retry_seqs = {o.seq for o in outcomes if o.status == "retry"}

@@ -1,0 +1,117 @@
+"""A full disk, for real: the broker and a worker run under a file-size limit (RLIMIT_FSIZE), so their stores'
+writes fail as they would on a full disk (LMDB and SQLite report it as an I/O error); then the limit is lifted,
+as if space had been freed, without restarting anything."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.client import Bus, reply_message
+from contracts.errors import BusError, StoreUnavailable
+from tests.conftest import BrokerProcess, wait_until
+from tests.workers_util import WorkerProcess
+
+pytestmark = pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs prlimit (Linux)")
+
+
+def files_limited_to(size: int) -> Callable[[], None]:
+    """A child's preexec_fn: no file of it grows past ``size``; the hard limit stays open, so ``give_room``
+    can lift the soft one later. SIGXFSZ ignored: the write fails with EFBIG instead of killing the process."""
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+    return limit
+
+
+def give_room(pid: int) -> None:
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+def test_a_full_disk_refuses_publishes_as_store_unavailable_and_the_broker_takes_them_again_once_there_is_room(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    broker = BrokerProcess(home, preexec_fn=files_limited_to(24 << 20)).start()  # the journal is 16 MB
+    pad = "x" * 4000
+    acked: dict[int, int] = {}
+    refusal: BaseException | None = None
+    try:
+        with Bus.connect(home, module="test") as bus:
+            for start in range(0, 20_000, 100):  # 80 MB: far past the limit
+                pendings = [(i, bus.publish_nowait("test.fill.changed", {"i": i, "pad": pad}, timeout=30))
+                            for i in range(start, start + 100)]
+                for i, p in pendings:
+                    try:
+                        acked[p.result(30)] = i
+                    except BusError as exc:
+                        refusal = exc
+                if refusal is not None:
+                    break
+            assert isinstance(refusal, StoreUnavailable), refusal
+            assert str(home / "log") in refusal.message and "MiB free" in refusal.message
+            assert broker.alive
+
+            give_room(broker.proc.pid)  # type: ignore[union-attr]
+            after = wait_until(lambda: _publish_or_none(bus, {"i": -2, "pad": ""}), timeout=30, what="room again")
+            assert after == max(acked) + 1  # nothing refused took a seq
+        broker.kill()
+        broker = BrokerProcess(home).start()
+        with Bus.connect(home, module="test") as bus:
+            logged = {m.seq: m.payload["i"] for m in bus.replay(from_seq=1, timeout=30)}
+        assert logged == {**acked, after: -2}  # every acknowledged message, once; no refused one
+    finally:
+        broker.stop()
+
+
+def _publish_or_none(bus: Bus, payload: dict[str, Any]) -> int | None:
+    try:
+        return bus.publish("test.fill.changed", payload, timeout=10)
+    except StoreUnavailable:
+        return None
+
+
+def test_a_worker_whose_disk_is_full_holds_its_batch_without_failing_or_dead_lettering_it_and_applies_it_later(
+        broker: BrokerProcess) -> None:
+    # An ack timeout of 1 s and 2 attempts: without the worker's TOUCH the broker would dead-letter its held
+    # messages within seconds (and answer their requesters .failed) while it waits for room.
+    worker = WorkerProcess(broker.home.path, "libsql", preexec_fn=files_limited_to(2 << 20),
+                           env={"MEMBUS_WORKER_ACK_TIMEOUT_S": "1", "MEMBUS_WORKER_MAX_ATTEMPTS": "2",
+                                "MEMBUS_WORKER_RETRY_BACKOFF_S": "0.05"}).start()
+    try:
+        with Bus.connect(broker.home.path, module="test") as bus:
+            requests = [bus.request_nowait("conversation.message.append.request",
+                                           {"conversation_id": f"c{i % 4}", "user_id": "u1", "role": "user",
+                                            "text": f"message {i} " + "m" * 3000}, timeout=120)
+                        for i in range(800)]  # ~2.4 MB of text, more with the indexes: past the 2 MB limit
+            stalled = wait_until(lambda: worker.status().get("stalled"), timeout=60, what="the worker stalled")
+            assert "store_unavailable" in stalled
+            wait_until(lambda: bus.status()["groups"]["libsql"]["inflight"] > 0, what="messages held")
+            held_since = worker.status()["updated"]
+            wait_until(lambda: worker.status()["updated"] > held_since + 3, timeout=30, what="3 s of stall")
+            assert bus.status()["groups"]["libsql"]["dead_letters"] == 0
+
+            give_room(worker.proc.pid)  # type: ignore[union-attr]
+            replies = [reply_message(r.result(120)).payload for r in requests]  # a .failed reply would raise
+            assert [r.text.split()[1] for r in replies] == [str(i) for i in range(800)]
+            assert worker.alive and worker.status()["pid"] == worker.proc.pid  # type: ignore[union-attr]
+            assert worker.fresh_status()["stalled"] == ""
+            assert bus.status()["groups"]["libsql"]["dead_letters"] == 0
+            for c in range(4):
+                page = bus.request("conversation.history.request", {"conversation_id": f"c{c}", "limit": 500})
+                assert page.payload.total == 200  # each message once
+    finally:
+        worker.stop()
+
+
+def test_a_broker_without_room_for_its_journal_says_so_and_exits(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bus", "broker", "--home", str(tmp_path / "home")],
+                          preexec_fn=files_limited_to(4 << 20), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "no room for the log's journal (16 MiB)" in proc.stderr and "Traceback" not in proc.stderr
