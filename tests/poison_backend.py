@@ -1,4 +1,5 @@
-"""A test worker whose handler raises an unexpected error for payloads marked poison.
+"""A test worker whose handler raises an unexpected error for payloads marked poison, and never returns for
+payloads marked hang (a store call wedged in native code).
 
 Run in a real worker process with ``MEMBUS_EXTRA_BACKENDS=poison=tests.poison_backend:PoisonBackend``.
 It keeps its data in a real LMDB store (it is an LmdbBackend answering one extra topic), so position,
@@ -7,6 +8,7 @@ outbox and the exactly-once machinery are the production ones.
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 from contracts.working import ContextSet
@@ -22,6 +24,8 @@ class PoisonBackend(LmdbBackend):
 
     @handles(TOPIC)
     def handle(self, txn: Any, payload: Any, ctx: Context) -> dict[str, Any]:
+        if payload.get("hang"):
+            time.sleep(3600)
         if payload.get("poison"):
             raise RuntimeError(f"poisoned message {payload.get('n')}")
         reply = self.context_set(txn, ContextSet(session_id="poison", key=f"n{payload['n']}", value=payload["n"]),

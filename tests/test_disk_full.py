@@ -115,3 +115,24 @@ def test_a_broker_without_room_for_its_journal_says_so_and_exits(tmp_path: Path)
                           preexec_fn=files_limited_to(4 << 20), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "no room for the log's journal (16 MiB)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_worker_wedged_in_a_store_call_keeps_its_messages_then_ends_so_a_new_process_recovers(
+        broker: BrokerProcess) -> None:
+    # The Chroma worker on a full disk hung inside Chroma's upsert after a failed compaction (native code, never
+    # returning). The poison backend's "hang" payload stands in for that call.
+    from tests.poison_backend import TOPIC
+
+    env = {"MEMBUS_EXTRA_BACKENDS": "poison=tests.poison_backend:PoisonBackend", "MEMBUS_WORKER_ACK_TIMEOUT_S": "1",
+           "MEMBUS_WORKER_WEDGED_AFTER_S": "8"}
+    worker = WorkerProcess(broker.home.path, "poison", env=env).start()
+    try:
+        with Bus.connect(broker.home.path, module="test") as bus:
+            bus.publish(TOPIC, {"n": 1, "hang": True})
+            # 8 ack timeouts pass while it is stuck (the broker dead-letters after 5): the worker's TOUCH keeps it
+            assert worker.proc.wait(60) == 1  # type: ignore[union-attr]  # faulthandler's exit
+            assert bus.status()["groups"]["poison"]["dead_letters"] == 0
+            assert "Timeout (0:00:08)!" in worker.log_tail(20_000)
+            assert "poison_backend.py" in worker.log_tail(20_000)  # the stuck call's stack, for the bug report
+    finally:
+        worker.stop()

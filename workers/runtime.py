@@ -8,14 +8,20 @@ publish the outbox, ack. A transient handler error is retried here, in order,
 with back-off; after ``max_attempts`` the message is answered ``.failed`` and
 dead-lettered, and the worker goes on. A batch the store cannot take (a full disk, an I/O error: StoreError) is
 tried again until it can, for as long as it takes; meanwhile the worker tells the broker it is still working
-on its messages, so they are neither redelivered nor dead-lettered. SIGTERM finishes the current batch.
+on its messages, so they are neither redelivered nor dead-lettered. A thread does the same while one batch
+takes long. A store call that never returns (``wedged_after_s``; Chroma after a failed compaction on a full
+disk hung for good, holding the GIL) ends the process through faulthandler's native watchdog, which needs no
+GIL and prints every thread's stack first: a new process recovers, and ``membus up`` starts one. SIGTERM
+finishes the current batch.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -68,7 +74,8 @@ is one batch more). With 1 the worker waited ~19 % of its time for the previous 
 
 class WorkerRuntime:
     def __init__(self, name: str, home: Home, *, batch_size: int = 500, max_attempts: int = 5,
-                 retry_backoff_s: float = 0.2, ack_timeout_s: float | None = None, **settings: Any) -> None:
+                 retry_backoff_s: float = 0.2, ack_timeout_s: float | None = None,
+                 wedged_after_s: float = 900.0, **settings: Any) -> None:
         self.name = name
         self.home = home
         self.batch_size = batch_size
@@ -76,6 +83,11 @@ class WorkerRuntime:
         self.retry_backoff_s = retry_backoff_s
         self.backend: Backend = load(name)(home.data_dir(name), **settings)
         self.ack_timeout_s = ack_timeout_s or self.backend.ack_timeout_s
+        self.wedged_after_s = wedged_after_s
+        self._applying_since: float | None = None
+        """When the batch being applied went into the store (None between batches)."""
+        self._armed_at = 0.0
+        """When faulthandler's timer was last set (0: not set)."""
         self._stop = False
         self.stats: dict[str, Any] = {"worker": name, "pid": os.getpid(), "applied": 0, "observed": 0, "failed": 0,
                                       "skipped": 0, "retried": 0, "dead_lettered": 0, "batches": 0,
@@ -114,6 +126,8 @@ class WorkerRuntime:
                 with bus.consume(self.name, list(self.backend.patterns),
                                  credit=(MAX_FLIGHTS + 1) * self.batch_size, ack_timeout=self.ack_timeout_s,
                                  from_seq=position + 1) as consumer:
+                    threading.Thread(target=self._touch_while_busy, args=(consumer,), name="membus-touch",
+                                     daemon=True).start()
                     # Batches overlap: while the broker logs the outbox of up to MAX_FLIGHTS applied batches, the
                     # next one is applied. They land (outbox logged, deliveries acked) in order.
                     flights: deque[_Flight] = deque()
@@ -125,11 +139,13 @@ class WorkerRuntime:
                         while flights and (not batch or len(flights) > MAX_FLIGHTS or flights[0].logged()):
                             self._land(consumer, flights.popleft())
                         if not batch and not waiting:
+                            self._disarm()
                             self._idle(bus)
                         self._write_status(bus.head)
                     self._land_all(consumer, flights)
                     self._remove_logged(force=True)
         finally:
+            self._disarm()
             self.backend.close()
             log.info("worker.stopped", position=self.stats["position"])
 
@@ -148,6 +164,8 @@ class WorkerRuntime:
         while pending:
             final = {e.seq for e in pending} if attempt >= self.max_attempts else set()
             self._added.clear()
+            self._arm()
+            self._applying_since = time.monotonic()
             try:
                 outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
                                                  attempt=attempt)
@@ -159,10 +177,12 @@ class WorkerRuntime:
                 consumer.touch()  # not an attempt of the messages': no redelivery, no dead letter meanwhile
                 self.stats["stalled"] = f"{exc.code}: {exc.message}"
                 self._write_status(bus.head)
+                self._applying_since = None
                 if self._stop:
                     break
                 time.sleep(min(self.retry_backoff_s * 2 ** min(stalls, 5), 5.0))
                 continue
+            self._applying_since = None
             self.stats["stalled"] = ""
             flight = _Flight(self._publish_outbox(bus), [o.seq for o in outcomes if o.status != "retry"])
             self._count(outcomes)
@@ -181,6 +201,32 @@ class WorkerRuntime:
         if flight is not None:
             flights.append(flight)
         return position
+
+    def _touch_while_busy(self, consumer: Any) -> None:
+        """While one batch is in the store for long (a third of the ack timeout), its messages get new ack
+        deadlines (TOUCH): a slow batch is neither redelivered nor dead-lettered."""
+        touched = 0.0
+        every = (self.ack_timeout_s or self.home.settings().ack_timeout_s) / 3  # the group's, or the broker's
+        while not self._stop:
+            time.sleep(min(1.0, every / 2))
+            since, now = self._applying_since, time.monotonic()
+            if since is not None and now - since >= every and now - touched >= every:
+                consumer.touch()
+                touched = now
+
+    def _arm(self) -> None:
+        """Ends the process if the store has not returned ``wedged_after_s`` from now. The timer is re-set at most
+        once a second (setting it starts a thread: ~50 µs), so it fires ``wedged_after_s`` - 1 s into a call at
+        the earliest."""
+        now = time.monotonic()
+        if now - self._armed_at >= 1.0:
+            faulthandler.dump_traceback_later(self.wedged_after_s, exit=True)
+            self._armed_at = now
+
+    def _disarm(self) -> None:
+        if self._armed_at:
+            faulthandler.cancel_dump_traceback_later()
+            self._armed_at = 0.0
 
     def _land_all(self, consumer: Any, flights: deque[_Flight]) -> None:
         while flights:
@@ -280,7 +326,8 @@ def read_worker_status(home: Home) -> dict[str, dict[str, Any]]:
 
 
 RUNTIME_ENV = {"batch_size": "MEMBUS_WORKER_BATCH_SIZE", "max_attempts": "MEMBUS_WORKER_MAX_ATTEMPTS",
-               "retry_backoff_s": "MEMBUS_WORKER_RETRY_BACKOFF_S", "ack_timeout_s": "MEMBUS_WORKER_ACK_TIMEOUT_S"}
+               "retry_backoff_s": "MEMBUS_WORKER_RETRY_BACKOFF_S", "ack_timeout_s": "MEMBUS_WORKER_ACK_TIMEOUT_S",
+               "wedged_after_s": "MEMBUS_WORKER_WEDGED_AFTER_S"}
 """Runtime settings a deployment (or a test) can set from the environment."""
 
 
