@@ -125,6 +125,30 @@ def test_a_worker_whose_disk_is_full_holds_its_batch_without_failing_or_dead_let
         worker.stop()
 
 
+def test_a_worker_stalls_before_its_store_fills_the_disk_and_a_restart_with_room_applies_everything(
+        broker: BrokerProcess) -> None:
+    base = {"MEMBUS_WORKER_ACK_TIMEOUT_S": "1", "MEMBUS_WORKER_RETRY_BACKOFF_S": "0.05"}
+    worker = WorkerProcess(broker.home.path, "libsql",
+                           env={**base, "MEMBUS_WORKER_MIN_FREE_MB": str(1 << 40)}).start()  # more than any disk
+    try:
+        with Bus.connect(broker.home.path, module="test") as bus:
+            requests = [bus.request_nowait(APPEND["libsql"], {"conversation_id": "c1", "user_id": "u1",
+                                                              "role": "user", "text": f"message {i}"}, timeout=120)
+                        for i in range(20)]
+            stalled = wait_until(lambda: worker.status().get("stalled"), timeout=60, what="the worker stalled")
+            assert "MiB the worker keeps in reserve" in stalled
+            held_since = worker.status()["updated"]
+            wait_until(lambda: worker.status()["updated"] > held_since + 3, timeout=30, what="3 s of stall")
+            assert not any(r.done for r in requests)  # nothing applied, nothing answered .failed
+            assert bus.status()["groups"]["libsql"]["dead_letters"] == 0
+            worker.stop()
+            worker = WorkerProcess(broker.home.path, "libsql", env=base).start()
+            assert [reply_message(r.result(120)).payload.text for r in requests] == [f"message {i}" for i in range(20)]
+            assert sorted(_held(bus, "libsql", "c1")) == sorted(f"message {i}" for i in range(20))
+    finally:
+        worker.stop()
+
+
 def test_a_broker_without_room_for_its_journal_says_so_and_exits(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bus", "broker", "--home", str(tmp_path / "home")],
                           preexec_fn=files_limited_to(4 << 20), capture_output=True, text=True, timeout=60)

@@ -7,7 +7,8 @@ holds from before a crash, then consumes in batches: apply (workers/apply.py),
 publish the outbox, ack. A transient handler error is retried here, in order,
 with back-off; after ``max_attempts`` the message is answered ``.failed`` and
 dead-lettered, and the worker goes on. A batch the store cannot take (a full disk, an I/O error: StoreError) is
-tried again until it can, for as long as it takes; meanwhile the worker tells the broker it is still working
+tried again until it can, for as long as it takes (and below ``min_free_mb`` of free disk no batch goes to the
+store at all, so it never gets full); meanwhile the worker tells the broker it is still working
 on its messages, so they are neither redelivered nor dead-lettered. A thread does the same while one batch
 takes long. A store call that never returns (``wedged_after_s``; Chroma after a failed compaction on a full
 disk hung for good, holding the GIL) ends the process through faulthandler's native watchdog, which needs no
@@ -20,6 +21,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -38,7 +40,7 @@ from bus.message import Delivery
 from bus.sealing import store_keyring
 from contracts.catalog import load_all
 from contracts.envelope import Envelope
-from contracts.errors import BusError, StoreError
+from contracts.errors import BusError, StoreError, StoreUnavailable
 from workers.apply import Outcome, apply_batch
 from workers.base import Backend
 from workers.registry import load
@@ -75,7 +77,7 @@ is one batch more). With 1 the worker waited ~19 % of its time for the previous 
 class WorkerRuntime:
     def __init__(self, name: str, home: Home, *, batch_size: int = 500, max_attempts: int = 5,
                  retry_backoff_s: float = 0.2, ack_timeout_s: float | None = None,
-                 wedged_after_s: float = 900.0, **settings: Any) -> None:
+                 wedged_after_s: float = 900.0, min_free_mb: int = 64, **settings: Any) -> None:
         self.name = name
         self.home = home
         self.batch_size = batch_size
@@ -84,6 +86,9 @@ class WorkerRuntime:
         self.backend: Backend = load(name)(home.data_dir(name), **settings)
         self.ack_timeout_s = ack_timeout_s or self.backend.ack_timeout_s
         self.wedged_after_s = wedged_after_s
+        self.min_free_mb = min_free_mb
+        """Below this much free space on the store's disk no batch goes to the store: the worker stalls as on a full
+        disk, before its store gets there (Chroma, filled up, blocked in native code holding the GIL)."""
         self._applying_since: float | None = None
         """When the batch being applied went into the store (None between batches)."""
         self._armed_at = 0.0
@@ -167,6 +172,7 @@ class WorkerRuntime:
             self._arm()
             self._applying_since = time.monotonic()
             try:
+                self._check_room()
                 outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
                                                  attempt=attempt)
             except StoreError as exc:  # the store could not take the batch (disk full, I/O): nothing was applied
@@ -213,6 +219,15 @@ class WorkerRuntime:
             if since is not None and now - since >= every and now - touched >= every:
                 consumer.touch()
                 touched = now
+
+    def _check_room(self) -> None:
+        if self.min_free_mb <= 0:
+            return
+        free = shutil.disk_usage(self.backend.data_dir).free
+        if free < self.min_free_mb << 20:
+            raise StoreUnavailable(f"the disk holding {self.backend.data_dir} has {free >> 20} MiB free, less than "
+                                   f"the {self.min_free_mb} MiB the worker keeps in reserve "
+                                   f"(MEMBUS_WORKER_MIN_FREE_MB)", free_bytes=free)
 
     def _arm(self) -> None:
         """Ends the process if the store has not returned ``wedged_after_s`` from now. The timer is re-set at most
@@ -327,7 +342,7 @@ def read_worker_status(home: Home) -> dict[str, dict[str, Any]]:
 
 RUNTIME_ENV = {"batch_size": "MEMBUS_WORKER_BATCH_SIZE", "max_attempts": "MEMBUS_WORKER_MAX_ATTEMPTS",
                "retry_backoff_s": "MEMBUS_WORKER_RETRY_BACKOFF_S", "ack_timeout_s": "MEMBUS_WORKER_ACK_TIMEOUT_S",
-               "wedged_after_s": "MEMBUS_WORKER_WEDGED_AFTER_S"}
+               "wedged_after_s": "MEMBUS_WORKER_WEDGED_AFTER_S", "min_free_mb": "MEMBUS_WORKER_MIN_FREE_MB"}
 """Runtime settings a deployment (or a test) can set from the environment."""
 
 
