@@ -871,8 +871,23 @@ def _raw(record: Record) -> msgspec.Raw:
     return msgspec.Raw(record.body)
 
 
+def _more_open_files() -> None:
+    """Every client connection is a file descriptor: the broker takes the hard limit (as Go programs do at start)
+    instead of the default soft one, often 1024, past which it stops accepting connections without a word."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):  # macOS caps it lower (kern.maxfilesperproc)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def run(home: Path | str | None = None, *, settings: Settings | None = None) -> None:
     """Runs a broker in this process until SIGTERM or SIGINT."""
+    _more_open_files()
     broker = Broker(Home(home), settings)
     broker.start()
 

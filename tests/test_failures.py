@@ -344,3 +344,24 @@ def test_log_grows_its_map_under_load_and_refuses_with_store_full_at_its_limit(t
             assert len(list(b.replay(topic="test.fill.changed"))) == len(acked) + 1
     finally:
         broker.stop()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX resource limits")
+def test_the_broker_takes_more_clients_than_its_inherited_soft_limit_of_open_files(tmp_path: Path) -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 256:
+        pytest.skip("the hard limit of open files is too low to raise")
+    broker = BrokerProcess(tmp_path / "home",
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, hard))).start()
+    buses: list[Bus] = []
+    try:
+        for i in range(40):  # left at 32 open files, it stopped answering new clients at about the 18th
+            buses.append(Bus.connect(broker.home.path, module="test", timeout=10))
+            assert buses[-1].publish("test.clients.changed", {"i": i}, timeout=10) > 0
+        assert len(buses[0].status()["clients"]) == 40
+    finally:
+        for bus in buses:
+            bus.close()
+        broker.stop()

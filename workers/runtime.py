@@ -10,10 +10,10 @@ dead-lettered, and the worker goes on. A batch the store cannot take (a full dis
 tried again until it can, for as long as it takes (and below ``min_free_mb`` of free disk no batch goes to the
 store at all, so it never gets full); meanwhile the worker tells the broker it is still working
 on its messages, so they are neither redelivered nor dead-lettered. A thread does the same while one batch
-takes long. A store call that never returns (``wedged_after_s``; Chroma after a failed compaction on a full
-disk hung for good, holding the GIL) ends the process through faulthandler's native watchdog, which needs no
-GIL and prints every thread's stack first: a new process recovers, and ``membus up`` starts one. SIGTERM
-finishes the current batch.
+takes long. A store call that does not return in ``wedged_after_s`` ends the process through faulthandler's
+native timer, which needs no GIL and prints every thread's stack first: a new process recovers, and ``membus up``
+starts one. (On a full disk Chroma's upsert blocked holding the GIL after a failed compaction; in three runs of
+four it was still blocked minutes after the disk had room again.) SIGTERM finishes the current batch.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class WorkerRuntime:
         self.wedged_after_s = wedged_after_s
         self.min_free_mb = min_free_mb
         """Below this much free space on the store's disk no batch goes to the store: the worker stalls as on a full
-        disk, before its store gets there (Chroma, filled up, blocked in native code holding the GIL)."""
+        disk, before its store meets one (Chroma on a full disk blocked in native code, holding the GIL)."""
         self._applying_since: float | None = None
         """When the batch being applied went into the store (None between batches)."""
         self._armed_at = 0.0
