@@ -22,7 +22,7 @@ from typing import Any
 
 from bus import protocol as P
 from bus.client import Bus, Consumer, Subscription, build_request, replay_body, reply_message
-from bus.connection import Pending, decode_replayed
+from bus.connection import MAX_OUTSTANDING, Pending, decode_replayed
 from bus.message import Delivery, Message
 from contracts.envelope import encode_envelope
 from contracts.errors import TimeoutError
@@ -60,9 +60,10 @@ class AsyncBus:
 
     @classmethod
     async def connect(cls, home: Path | str | None = None, *, module: str = "app", endpoint: str | None = None,
-                      server_key: bytes | None = None, timeout: float = 10.0) -> AsyncBus:
+                      server_key: bytes | None = None, timeout: float = 10.0,
+                      max_outstanding: int = MAX_OUTSTANDING) -> AsyncBus:
         bus = await asyncio.to_thread(Bus.connect, home, module=module, endpoint=endpoint, server_key=server_key,
-                                      timeout=timeout)
+                                      timeout=timeout, max_outstanding=max_outstanding)
         return cls(bus)
 
     @property

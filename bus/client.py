@@ -25,7 +25,16 @@ from typing import Any
 import structlog
 
 from bus import protocol as P
-from bus.connection import MAX_BATCH, MAX_BATCH_BYTES, Connection, GroupState, LiveState, Pending, decode_replayed
+from bus.connection import (
+    MAX_BATCH,
+    MAX_BATCH_BYTES,
+    MAX_OUTSTANDING,
+    Connection,
+    GroupState,
+    LiveState,
+    Pending,
+    decode_replayed,
+)
 from bus.home import Home
 from bus.message import Delivery, Message
 from contracts.envelope import Envelope, encode_envelope, encode_many, encode_new, make_envelope
@@ -38,7 +47,7 @@ _sub_ids = itertools.count(1)
 
 
 def _connection(home: Path | str | None, module: str, endpoint: str | None, server_key: bytes | None,
-                timeout: float) -> Connection:
+                timeout: float, max_outstanding: int = MAX_OUTSTANDING) -> Connection:
     h = Home(home)
     public, secret = h.module_keys(module, create=True)
 
@@ -56,7 +65,7 @@ def _connection(home: Path | str | None, module: str, endpoint: str | None, serv
         ep = resolve()
     key = server_key or h.broker_public_key()
     conn = Connection(endpoint=ep, server_key=key, public_key=public, secret_key=secret, name=module,
-                      resolve_endpoint=None if endpoint else resolve)
+                      resolve_endpoint=None if endpoint else resolve, max_outstanding=max_outstanding)
     conn.start()
     left = max(0.0, deadline - time.monotonic())
     while not conn.connected.wait(min(0.05, left) if left > 0 else 0):
@@ -123,9 +132,13 @@ class Bus:
 
     @classmethod
     def connect(cls, home: Path | str | None = None, *, module: str = "app", endpoint: str | None = None,
-                server_key: bytes | None = None, timeout: float = 10.0) -> Bus:
-        """Connects as ``module`` to the broker of ``home`` (``MEMBUS_HOME`` or the user data dir)."""
-        return cls(_connection(home, module, endpoint, server_key, timeout), Home(home))
+                server_key: bytes | None = None, timeout: float = 10.0,
+                max_outstanding: int = MAX_OUTSTANDING) -> Bus:
+        """Connects as ``module`` to the broker of ``home`` (``MEMBUS_HOME`` or the user data dir).
+
+        ``max_outstanding``: publishes not yet answered (queued or in flight) before a publish call waits for
+        room, and raises TimeoutError after its timeout if none comes: memory stays bounded."""
+        return cls(_connection(home, module, endpoint, server_key, timeout, max_outstanding), Home(home))
 
     @property
     def source(self) -> str:

@@ -35,6 +35,10 @@ log = structlog.get_logger("membus.client")
 MAX_BATCH = 1024
 MAX_BATCH_BYTES = 1 << 20
 MAX_INFLIGHT_BATCHES = 4
+MAX_OUTSTANDING = 1 << 18
+"""Publishes not yet answered (queued or in flight) a connection holds before a publish call waits for room:
+memory stays bounded when the broker takes messages slower than they come, or is gone (~100 MB of 256-byte
+messages)."""
 RESEND_AFTER_S = 3.0
 
 _live_decoder = msgspec.msgpack.Decoder(tuple[int, int, list[Envelope]])
@@ -194,7 +198,7 @@ class _Counters:
 class Connection(threading.Thread):
     def __init__(self, *, endpoint: str, server_key: bytes, public_key: bytes, secret_key: bytes,
                  name: str, resolve_endpoint: Callable[[], str | None] | None = None,
-                 heartbeat_s: float = 1.0) -> None:
+                 heartbeat_s: float = 1.0, max_outstanding: int = MAX_OUTSTANDING) -> None:
         super().__init__(name=f"membus-io-{name}", daemon=True)
         self.endpoint = endpoint
         self._resolve_endpoint = resolve_endpoint
@@ -205,6 +209,12 @@ class Connection(threading.Thread):
         self.cond = threading.Condition()
         self._ops: collections.deque[Callable[[], None]] = collections.deque()
         self._pubq: collections.deque[_PubItem] = collections.deque()
+        self.max_outstanding = max_outstanding
+        self._submitted = 0
+        """Messages handed to publish (by the publishing threads; a lost update between two of them only loosens
+        the bound)."""
+        self._answered = 0
+        """Messages whose publish settled (by the I/O thread): ``_submitted - _answered`` are outstanding."""
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -244,6 +254,9 @@ class Connection(threading.Thread):
 
     def submit_publish(self, data: bytes, timeout: float) -> Pending:
         self._check_usable()
+        if self._submitted - self._answered >= self.max_outstanding:
+            self._wait_for_room(1, timeout)
+        self._submitted += 1
         item = _PubItem(self.cond, data, time.monotonic() + timeout)
         self._pubq.append(item)
         self._wake()
@@ -252,12 +265,30 @@ class Connection(threading.Thread):
     def submit_publish_many(self, chunks: list[tuple[bytes, int]], timeout: float) -> Gathered:
         """Queues chunks of envelopes, each (concatenated envelopes, how many), as one publish."""
         self._check_usable()
+        total = sum(count for _, count in chunks)
+        if self._submitted - self._answered + total > self.max_outstanding:
+            self._wait_for_room(total, timeout)
+        self._submitted += total
         deadline = time.monotonic() + timeout
         parts = [_PubItem(self.cond, data, deadline, count) for data, count in chunks]
         gathered = Gathered(self.cond, parts)
         self._pubq.extend(parts)
         self._wake()
         return gathered
+
+    def _wait_for_room(self, adding: int, timeout: float) -> None:
+        """Backpressure: waits until ``adding`` more messages fit under ``max_outstanding`` (a call larger than the
+        bound waits until nothing else is outstanding)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self._submitted - self._answered > max(0, self.max_outstanding - adding):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self._submitted - self._answered} publishes are still unanswered (at most "
+                                       f"{self.max_outstanding}): the broker takes them slower than they come, or "
+                                       f"cannot be reached", timeout=timeout, outstanding=self.max_outstanding)
+                self.cond.wait(left)
+                self._check_usable()
 
     def request(self, build: Callable[[int], list[bytes]]) -> Pending:
         """Sends the frames ``build(request_id)`` returns and waits for the answer with that id."""
@@ -407,6 +438,8 @@ class Connection(threading.Thread):
             self._waiters.clear()
             for p in items:
                 if not p.done:
+                    if isinstance(p, _PubItem):
+                        self._answered += p.count or 1
                     p.error = err
                     p._settle()
             self.cond.notify_all()
@@ -437,6 +470,8 @@ class Connection(threading.Thread):
         with self.cond:
             i = 0
             for item in batch.items:
+                if not item.done:
+                    self._answered += item.count or 1
                 if item.count:  # a publish_many chunk: every message's seq or error
                     item.value = [r if r.__class__ is int else error_from_wire({"code": r[0], "message": r[1]})
                                   for r in results[i:i + item.count]]
@@ -663,6 +698,7 @@ class Connection(threading.Thread):
                     with self.cond:
                         for item in batch.items:
                             if item.deadline <= now and not item.done:
+                                self._answered += item.count or 1
                                 item.error = TimeoutError(
                                     "publish not acknowledged in time (it may still be logged; publish again "
                                     "with the same message_id to be sure)", message_id="")
@@ -679,6 +715,7 @@ class Connection(threading.Thread):
             with self.cond:
                 while self._pubq and self._pubq[0].deadline <= now:
                     item = self._pubq.popleft()
+                    self._answered += item.count or 1
                     item.error = TimeoutError("publish not sent in time: no broker", message_id="")
                     item._settle()
                 self.cond.notify_all()

@@ -365,3 +365,23 @@ def test_the_broker_takes_more_clients_than_its_inherited_soft_limit_of_open_fil
         for bus in buses:
             bus.close()
         broker.stop()
+
+
+def test_a_publisher_waits_for_room_when_the_broker_stops_answering_so_its_memory_stays_bounded(
+        broker: BrokerProcess) -> None:
+    with Bus.connect(broker.home.path, module="test", max_outstanding=1000) as bus:
+        seqs = [p.result(60) for p in [bus.publish_nowait("test.room.changed", {"i": i}, timeout=60)
+                                       for i in range(5000)]]  # 5x the bound, never waiting: they wait for room
+        assert len(set(seqs)) == 5000
+        os.kill(broker.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            queued = [bus.publish_nowait("test.room.changed", {"i": i}, timeout=60) for i in range(1000)]
+            with pytest.raises(TimeoutError, match="1000 publishes are still unanswered"):
+                bus.publish_nowait("test.room.changed", {"i": -1}, timeout=0.5)
+            with pytest.raises(TimeoutError, match="still unanswered"):
+                bus.publish_many("test.room.changed", [{"i": -2}, {"i": -3}], timeout=0.5)
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        later = [p.result(60) for p in queued]
+        assert later == list(range(later[0], later[0] + 1000))  # every queued one, in order
+        assert bus.publish("test.room.changed", {"i": 0}) == later[-1] + 1  # the refused ones took no seq
