@@ -150,6 +150,7 @@ class WorkerRuntime:
                     self._land_all(consumer, flights)
                     self._remove_logged(force=True)
         finally:
+            self._stop = True  # ends the touch thread too
             self._disarm()
             self.backend.close()
             log.info("worker.stopped", position=self.stats["position"])
@@ -223,7 +224,10 @@ class WorkerRuntime:
     def _check_room(self) -> None:
         if self.min_free_mb <= 0:
             return
-        free = shutil.disk_usage(self.backend.data_dir).free
+        try:
+            free = shutil.disk_usage(self.backend.data_dir).free
+        except OSError:  # no folder to ask about: the store reports what is wrong when it is written
+            return
         if free < self.min_free_mb << 20:
             raise StoreUnavailable(f"the disk holding {self.backend.data_dir} has {free >> 20} MiB free, less than "
                                    f"the {self.min_free_mb} MiB the worker keeps in reserve "
