@@ -136,9 +136,9 @@ def test_ack_timeout_redelivers(bus: Bus) -> None:
 
 def test_a_member_that_touches_keeps_its_messages_past_the_ack_timeout(bus: Bus) -> None:
     seq = bus.publish("test.touchy.request", {})
-    with bus.consume("busy", ["test.touchy.*"], credit=5, ack_timeout=1.5, max_attempts=2) as c:
+    with bus.consume("busy", ["test.touchy.*"], credit=5, ack_timeout=2.5, max_attempts=2) as c:
         (first,) = c.fetch(5, timeout=10)
-        for _ in range(10):  # 5 s: three ack timeouts, and a timed-out message would be dead-lettered at once
+        for _ in range(12):  # 6 s: over two ack timeouts, after which an untouched message is dead-lettered
             time.sleep(0.5)
             c.touch()
         group = bus.status()["groups"]["busy"]
