@@ -14,6 +14,7 @@ bus/aio.py is the asyncio twin with the same method names.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import threading
 import time
@@ -222,13 +223,15 @@ class Bus:
                        headers: dict[str, str] | None = None) -> Pending:
         """Sends a request; ``.result()`` of what it returns is the reply envelope (keeps many in flight).
 
-        Use ``reply_message(envelope)`` to turn it into a Message, raising a ``.failed`` reply's error.
+        Use ``reply_message(envelope)`` to turn it into a Message, raising a ``.failed`` reply's error. If the
+        broker refuses the request itself (a full disk, a topic the module may not use), ``.result()`` raises
+        that refusal at once.
         """
         check_topic(topic)
         mid, data = encode_new(topic, encode_payload(topic, payload), correlation_id=correlation_id,
                                reply_to=self._conn.inbox, headers=headers)
         waiter = self._conn.await_reply(mid)
-        self._conn.submit_publish(data, timeout)
+        self._conn.submit_publish(data, timeout).add_done_callback(functools.partial(self._conn.reply_refused, mid))
         return waiter
 
     def request(self, topic: str, payload: Any, *, timeout: float = 10.0, correlation_id: str = "",

@@ -309,6 +309,18 @@ class Connection(threading.Thread):
             self._waiters[request_id] = pending
         return pending
 
+    def reply_refused(self, request_id: str, sent: Pending) -> None:
+        """Once a request's publish settled: if the broker refused it, no reply will come, and the reply's waiter
+        fails now with the refusal instead of waiting out its timeout."""
+        if sent.error is None:
+            return
+        with self.cond:
+            waiter = self._waiters.pop(request_id, None)
+            if waiter is not None and not waiter.done:
+                waiter.error = sent.error
+                waiter._settle()
+                self.cond.notify_all()
+
     def forget_reply(self, request_id: str) -> None:
         with self.cond:
             self._waiters.pop(request_id, None)

@@ -18,7 +18,7 @@ import zmq
 from bus import protocol as P
 from bus.client import Bus
 from contracts.envelope import make_envelope
-from contracts.errors import BusError, StoreFull
+from contracts.errors import BusError, NotAuthorized, StoreFull
 from tests.conftest import BrokerProcess, wait_until
 
 
@@ -385,3 +385,9 @@ def test_a_publisher_waits_for_room_when_the_broker_stops_answering_so_its_memor
         later = [p.result(60) for p in queued]
         assert later == list(range(later[0], later[0] + 1000))  # every queued one, in order
         assert bus.publish("test.room.changed", {"i": 0}) == later[-1] + 1  # the refused ones took no seq
+
+
+def test_a_request_the_broker_refuses_fails_with_the_refusal_not_a_timeout(bus: Bus) -> None:
+    pending = bus.request_nowait("bus.sneaky.request", {}, timeout=600)  # a topic reserved for the broker
+    with pytest.raises(NotAuthorized, match="reserved for the broker"):
+        pending.result(30)  # without the refusal it would wait for a reply that cannot come: TimeoutError
