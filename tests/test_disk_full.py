@@ -70,6 +70,33 @@ def test_a_full_disk_refuses_publishes_as_store_unavailable_and_the_broker_takes
         broker.stop()
 
 
+def test_requests_on_a_full_broker_disk_are_refused_at_once_or_answered_exactly_once(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    broker = BrokerProcess(home, preexec_fn=files_limited_to(24 << 20)).start()
+    worker = WorkerProcess(home, "lmdb").start()
+    try:
+        with Bus.connect(home, module="test") as bus:
+            requests = [bus.request_nowait(APPEND["lmdb"], {"conversation_id": f"c{i // 100}", "user_id": "u1",
+                                                            "role": "user", "text": f"{i} " + "m" * 4000},
+                                           timeout=120) for i in range(10_000)]  # 40 MB: the log fills
+            wait_until(lambda: any(r.done and r.error is not None for r in requests), timeout=60, what="a refusal")
+            give_room(broker.proc.pid)  # type: ignore[union-attr]  # replies waiting to be logged go in now
+            answered = refused = 0
+            for r in requests:
+                try:
+                    reply_message(r.result(120))
+                    answered += 1
+                except StoreUnavailable:
+                    refused += 1
+            assert refused > 0 and answered > 0 and answered + refused == 10_000
+            logged = {m.id for m in bus.replay(topic=APPEND["lmdb"])}
+            replies = [m.causation_id for m in bus.replay(topic="working.message.append.complete")]
+        assert len(logged) == answered and sorted(replies) == sorted(logged)  # each logged request answered once
+    finally:
+        worker.stop()
+        broker.stop()
+
+
 def _publish_or_none(bus: Bus, payload: dict[str, Any]) -> int | None:
     try:
         return bus.publish("test.fill.changed", payload, timeout=10)
