@@ -225,12 +225,13 @@ class Bus:
 
         Use ``reply_message(envelope)`` to turn it into a Message, raising a ``.failed`` reply's error. If the
         broker refuses the request itself (a full disk, a topic the module may not use), ``.result()`` raises
-        that refusal at once.
+        that refusal at once; with no reply within ``timeout``, it fails with TimeoutError by itself (so done
+        callbacks run then too).
         """
         check_topic(topic)
         mid, data = encode_new(topic, encode_payload(topic, payload), correlation_id=correlation_id,
                                reply_to=self._conn.inbox, headers=headers)
-        waiter = self._conn.await_reply(mid)
+        waiter = self._conn.await_reply(mid, timeout)
         self._conn.submit_publish(data, timeout).add_done_callback(functools.partial(self._conn.reply_refused, mid))
         return waiter
 

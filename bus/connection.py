@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import os
 import socket
 import threading
@@ -224,6 +225,8 @@ class Connection(threading.Thread):
         self._next_id = 1
         self._requests: dict[int, Pending] = {}
         self._waiters: dict[str, Pending] = {}
+        self._reply_deadlines: list[tuple[float, str, float]] = []
+        """Heap of (deadline, request id, timeout) of the waiters that fail by themselves when no reply came."""
         self.subs: dict[int, LiveState] = {}
         self.groups: dict[str, GroupState] = {}
         self.welcome: dict[str, Any] | None = None
@@ -303,10 +306,14 @@ class Connection(threading.Thread):
         self.call(op)
         return pending
 
-    def await_reply(self, request_id: str) -> Pending:
+    def await_reply(self, request_id: str, timeout: float | None = None) -> Pending:
+        """A waiter for the reply to ``request_id``; with ``timeout``, it fails with TimeoutError by itself once
+        that has passed without a reply (and is forgotten), so its callbacks run and nothing is kept for ever."""
         pending = Pending(self.cond)
         with self.cond:
             self._waiters[request_id] = pending
+            if timeout is not None:
+                heapq.heappush(self._reply_deadlines, (time.monotonic() + timeout, request_id, timeout))
         return pending
 
     def reply_refused(self, request_id: str, sent: Pending) -> None:
@@ -723,6 +730,15 @@ class Connection(threading.Thread):
                     batch.sent_at = now
                     self.counters.resent += batch.count
                     self._send([P.PUB, P.pack_id(bid), batch.frame])
+        if self._reply_deadlines and self._reply_deadlines[0][0] <= now:
+            with self.cond:
+                while self._reply_deadlines and self._reply_deadlines[0][0] <= now:
+                    _, request_id, timeout = heapq.heappop(self._reply_deadlines)
+                    waiter = self._waiters.pop(request_id, None)
+                    if waiter is not None and not waiter.done:
+                        waiter.error = TimeoutError(f"no reply within {timeout} s", timeout=timeout)
+                        waiter._settle()
+                self.cond.notify_all()
         if self._pubq and self._pubq[0].deadline <= now:
             with self.cond:
                 while self._pubq and self._pubq[0].deadline <= now:

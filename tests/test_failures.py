@@ -391,3 +391,12 @@ def test_a_request_the_broker_refuses_fails_with_the_refusal_not_a_timeout(bus: 
     pending = bus.request_nowait("bus.sneaky.request", {}, timeout=600)  # a topic reserved for the broker
     with pytest.raises(NotAuthorized, match="reserved for the broker"):
         pending.result(30)  # without the refusal it would wait for a reply that cannot come: TimeoutError
+
+
+def test_a_request_nobody_answers_fails_by_itself_after_its_timeout(bus: Bus) -> None:
+    fired = threading.Event()
+    pending = bus.request_nowait("test.nobody.request", {}, timeout=1.0)  # no worker handles it
+    pending.add_done_callback(lambda _p: fired.set())
+    assert fired.wait(30)  # a done callback hears of it too, without anyone calling result()
+    with pytest.raises(TimeoutError, match=r"no reply within 1\.0 s"):
+        pending.result(0)
