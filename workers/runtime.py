@@ -8,9 +8,9 @@ publish the outbox, ack. A transient handler error is retried here, in order,
 with back-off; after ``max_attempts`` the message is answered ``.failed`` and
 dead-lettered, and the worker goes on. A batch the store cannot take (a full disk, an I/O error: StoreError) is
 tried again until it can, for as long as it takes (and below ``min_free_mb`` of free disk no batch goes to the
-store at all, so it never gets full); meanwhile the worker tells the broker it is still working
-on its messages, so they are neither redelivered nor dead-lettered. A thread does the same while one batch
-takes long. A store call that does not return in ``wedged_after_s`` ends the process through faulthandler's
+store at all, so it never gets full). While one batch takes long, for whatever reason, a thread tells the
+broker the worker is still working on its messages (TOUCH), so they are neither redelivered nor
+dead-lettered. A store call that does not return in ``wedged_after_s`` ends the process through faulthandler's
 native timer, which needs no GIL and prints every thread's stack first: a new process recovers, and ``membus up``
 starts one. (On a full disk Chroma's upsert blocked holding the GIL after a failed compaction; in three runs of
 four it was still blocked minutes after the disk had room again.) SIGTERM finishes the current batch.
@@ -89,8 +89,9 @@ class WorkerRuntime:
         self.min_free_mb = min_free_mb
         """Below this much free space on the store's disk no batch goes to the store: the worker stalls as on a full
         disk, before its store meets one (Chroma on a full disk blocked in native code, holding the GIL)."""
-        self._applying_since: float | None = None
-        """When the batch being applied went into the store (None between batches)."""
+        self._busy_since: float | None = None
+        """When the worker took the batch it is applying, retries and stalls included (None between batches): its
+        messages are touched while this lasts."""
         self._armed_at = 0.0
         """When faulthandler's timer was last set (0: not set)."""
         self._stop = False
@@ -163,6 +164,14 @@ class WorkerRuntime:
         applying later batches. A batch with retries is landed here with every flight before it, before its
         retry, so its retries stay in log order.
         """
+        self._busy_since = time.monotonic()
+        try:
+            return self._apply_until_done(bus, consumer, batch, position, flights)
+        finally:
+            self._busy_since = None
+
+    def _apply_until_done(self, bus: Bus, consumer: Any, batch: list[Delivery], position: int,
+                          flights: deque[_Flight]) -> int:
         pending = [d.message.envelope for d in batch]
         attempt = 1
         stalls = 0
@@ -171,7 +180,6 @@ class WorkerRuntime:
             final = {e.seq for e in pending} if attempt >= self.max_attempts else set()
             self._added.clear()
             self._arm()
-            self._applying_since = time.monotonic()
             try:
                 self._check_room()
                 outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
@@ -181,15 +189,12 @@ class WorkerRuntime:
                 stalls += 1
                 log.error("batch.commit_failed", error=exc.message, code=exc.code, first_seq=pending[0].seq,
                           tries=stalls)
-                consumer.touch()  # not an attempt of the messages': no redelivery, no dead letter meanwhile
-                self.stats["stalled"] = f"{exc.code}: {exc.message}"
+                self.stats["stalled"] = f"{exc.code}: {exc.message}"  # meanwhile _touch_while_busy holds them
                 self._write_status(bus.head)
-                self._applying_since = None
                 if self._stop:
                     break
                 time.sleep(min(self.retry_backoff_s * 2 ** min(stalls, 5), 5.0))
                 continue
-            self._applying_since = None
             self.stats["stalled"] = ""
             flight = _Flight(self._publish_outbox(bus), [o.seq for o in outcomes if o.status != "retry"])
             self._count(outcomes)
@@ -210,13 +215,14 @@ class WorkerRuntime:
         return position
 
     def _touch_while_busy(self, consumer: Any) -> None:
-        """While one batch is in the store for long (a third of the ack timeout), its messages get new ack
-        deadlines (TOUCH): a slow batch is neither redelivered nor dead-lettered."""
+        """While one batch takes long (a third of the ack timeout: a slow store, retries, a full disk), its
+        messages get new ack deadlines (TOUCH), which count no attempt: they are neither redelivered nor
+        dead-lettered meanwhile."""
         touched = 0.0
         every = (self.ack_timeout_s or self.home.settings().ack_timeout_s) / 3  # the group's, or the broker's
         while not self._stop:
             time.sleep(min(1.0, every / 2))
-            since, now = self._applying_since, time.monotonic()
+            since, now = self._busy_since, time.monotonic()
             if since is not None and now - since >= every and now - touched >= every:
                 consumer.touch()
                 touched = now
