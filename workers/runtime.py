@@ -219,7 +219,9 @@ class WorkerRuntime:
         messages get new ack deadlines (TOUCH), which count no attempt: they are neither redelivered nor
         dead-lettered meanwhile."""
         touched = 0.0
-        every = (self.ack_timeout_s or self.home.settings().ack_timeout_s) / 3  # the group's, or the broker's
+        # A third of the group's (or the broker's) ack timeout, but no more often than the broker's 100 ms tick: a
+        # tiny ack timeout (tests use 1 ms to force redeliveries) must not make this thread spin.
+        every = max(0.1, (self.ack_timeout_s or self.home.settings().ack_timeout_s) / 3)
         while not self._stop:
             time.sleep(min(1.0, every / 2))
             since, now = self._busy_since, time.monotonic()
