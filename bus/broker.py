@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import operator
 import os
 import signal
 import time
@@ -370,18 +371,37 @@ class Broker:
                                         f"{self.settings.max_message_bytes}")
         if self._publish_grants.get((env.source, env.topic)):
             return  # this module published this topic earlier in this append: already checked
-        try:
-            check_topic(env.topic)
-        except BusError as exc:
-            self.counters["invalid"] += 1
-            raise Rejected(exc.code, exc.message) from None
-        if env.topic.startswith(("bus.", "security.")) and not (
-                env.source == "broker" or (env.source.startswith("worker-") and env.topic.startswith("bus."))):
-            self.counters["unauthorized"] += 1
-            raise Rejected("not_authorized", f"topic {env.topic!r} is reserved for the broker")
-        if env.source != "broker" and not self._may_publish(env.source, env.topic):
+        refused = self._refusal(env.source, env.topic)
+        if refused is None:
+            return
+        why, rejected = refused
+        if why == "denied":
             self._denied(env.source, "publish", env.topic)
-            raise Rejected("not_authorized", f"module {env.source!r} may not publish {env.topic!r}")
+        else:
+            self.counters[why] += 1
+        raise rejected
+
+    def _refusal(self, source: str, topic: str) -> tuple[str, Rejected] | None:
+        """Why ``source`` may not publish on ``topic`` (the counter to raise, or "denied"), or None if it may."""
+        try:
+            check_topic(topic)
+        except BusError as exc:
+            return "invalid", Rejected(exc.code, exc.message)
+        if topic.startswith(("bus.", "security.")) and not (
+                source == "broker" or (source.startswith("worker-") and topic.startswith("bus."))):
+            return "unauthorized", Rejected("not_authorized", f"topic {topic!r} is reserved for the broker")
+        if source != "broker" and not self._may_publish(source, topic):
+            return "denied", Rejected("not_authorized", f"module {source!r} may not publish {topic!r}")
+        return None
+
+    def _all_pass(self, envs: list[Envelope]) -> bool:
+        """Whether ``_check`` would pass every envelope, judged once per module and topic: then the log needs no
+        per-envelope check. When one would fail, ``_check`` runs per envelope (and counts what it refuses)."""
+        if max(map(len, map(_payload_of, envs)), default=0) > self.settings.max_message_bytes:
+            return False
+        grants = self._publish_grants
+        return all(grants.get(key) or self._refusal(*key) is None
+                   for key in set(zip(map(_source_of, envs), map(_topic_of, envs), strict=True)))
 
     def _may_publish(self, source: str, topic: str) -> bool:
         """Decided once per (module, topic) per append: the permissions file is stat'ed per batch, not per message."""
@@ -422,7 +442,8 @@ class Broker:
         flat = [env for _, _, envs in pubs for env in envs]
         self._publish_grants.clear()
         try:
-            batch = self.log.prepare(flat, self._check, self._dirty_group_states())
+            batch = self.log.prepare(flat, None if self._all_pass(flat) else self._check,
+                                     self._dirty_group_states())
         except Exception as exc:  # a read of the log failed: refuse this batch, keep serving
             log.exception("log.prepare_failed", error=repr(exc))
             self._refuse(pubs, exc)
@@ -865,6 +886,11 @@ class Broker:
         counters["auth_rejected"] = self.auth.rejected
         return {"broker": self.broker_id, "endpoint": self.endpoint, "pid": os.getpid(), "head": head,
                 "log": self.log.stats(), "groups": groups, "clients": clients, "counters": counters}
+
+
+_payload_of = operator.attrgetter("payload")
+_source_of = operator.attrgetter("source")
+_topic_of = operator.attrgetter("topic")
 
 
 def _raw(record: Record) -> msgspec.Raw:

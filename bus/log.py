@@ -136,6 +136,9 @@ class Prepared:
     """How many of ``results`` are Rejected."""
     addressed: int = 0
     """How many new records have a recipient (replies to route to an inbox)."""
+    unsealed: list[bytes] | None = None
+    """Each new record's header + topic while its rows wait to be sealed: ``write`` seals them, on the writer's
+    thread, so the broker's loop goes on receiving meanwhile."""
 
 
 @dataclass(slots=True)
@@ -329,7 +332,7 @@ class EventLog:
 
     def prepare(self, envelopes: Sequence[Envelope], check: Callable[[Envelope], None] | None = None,
                 groups: dict[str, dict[str, Any]] | None = None) -> Prepared:
-        """Decides each envelope's fate and seq and seals its record, without writing anything.
+        """Decides each envelope's fate and seq and makes its record, without writing anything (``write`` seals it).
 
         Seqs continue from the last prepared batch, not from the durable head: batches are written in the
         order they were prepared, or, after a failed write, abandoned together.
@@ -356,6 +359,11 @@ class EventLog:
             with self.env.begin() as txn:
                 known = dict(txn.cursor(db=self._ids).getmulti(id_list))
         pending, older = self._pending_ids, self._pending_older
+        if (id_list and check is None and not known and pending.keys().isdisjoint(id_list)
+                and older.keys().isdisjoint(id_list) and len(set(id_list)) == len(id_list)):
+            fresh = self._prepare_fresh(envelopes, id_list, version, key_id, logged_ns, groups)
+            if fresh is not None:
+                return fresh
         pack_seq, encode = _SEQ.pack, encode_envelope
         for env, id_b in zip(envelopes, id_list, strict=True):
             seen = pending.get(id_b) or (older.get(id_b) if older else None) or (known.get(id_b) if known else None)
@@ -394,13 +402,42 @@ class EventLog:
             if cid and cid != env.id:
                 corr_rows.append((cid.encode() + b"\x00" + key, b""))
             results.append(head)
-        if sealing and plain:
-            rows = self._sealed_rows(first, prefixes_of_rows, plain)
-        if rows:
+        if plain:
             self._last_ns = logged_ns
         self._assigned = head
         return Prepared(results, rows, id_rows, corr_rows, plain, topics, first, head, groups or {}, logged_ns,
-                        refused, addressed)
+                        refused, addressed, prefixes_of_rows if sealing and plain else None)
+
+    def _prepare_fresh(self, envelopes: Sequence[Envelope], id_list: list[bytes], version: int, key_id: int,
+                       logged_ns: int, groups: dict[str, dict[str, Any]] | None) -> Prepared | None:
+        """``prepare`` of a batch whose envelopes all become new records (checked already, no id seen before):
+        the same records, made by C-level maps over the batch instead of a Python loop turn per record. None
+        when a topic is too long for a record (the per-record path refuses just those)."""
+        topics = [env.topic for env in envelopes]
+        heads: dict[str, bytes] = {}
+        for topic in set(topics):
+            topic_b = topic.encode()
+            if len(topic_b) > 255:
+                return None
+            heads[topic] = _HEADER.pack(version, key_id, logged_ns, len(topic_b)) + topic_b
+        first = self._assigned + 1
+        seqs = range(first, first + len(envelopes))
+        for env, seq in zip(envelopes, seqs, strict=True):
+            env.seq = seq
+        keys = list(map(_SEQ.pack, seqs))
+        plain = list(map(encode_envelope, envelopes))
+        prefixes = list(map(heads.__getitem__, topics))
+        sealing = self.cipher is not None
+        rows = [] if sealing else list(zip(keys, map(bytes.__add__, prefixes, plain), strict=True))
+        id_rows = list(zip(id_list, keys, strict=True))
+        self._pending_ids.update(id_rows)
+        corr_rows = [(cid.encode() + b"\x00" + key, b"") for env, key in zip(envelopes, keys, strict=True)
+                     if (cid := env.correlation_id) and cid != env.id]
+        addressed = sum(1 for env in envelopes if env.recipient)
+        self._last_ns = logged_ns
+        self._assigned = seqs[-1]
+        return Prepared(list(seqs), rows, id_rows, corr_rows, plain, topics, first, seqs[-1], groups or {},
+                        logged_ns, 0, addressed, prefixes if sealing else None)
 
     def _sealed_rows(self, first: int, prefixes: list[bytes], bodies: list[bytes]) -> list[tuple[bytes, bytes]]:
         """The rows of records ``first``.. sealed in blocks (``prefixes``: each record's header + topic).
@@ -443,6 +480,9 @@ class EventLog:
         Raises StoreFull (the log could not hold them at its maximum size), lmdb.MapFullError (nothing written:
         grow, then write the same batches again) or OSError.
         """
+        for b in batches:
+            if b.unsealed is not None:  # kept if this write fails and is tried again
+                b.rows, b.unsealed = self._sealed_rows(b.first, b.unsealed, b.bodies), None
         rows = [row for b in batches for row in b.rows]
         id_rows = [row for b in batches for row in b.id_rows]
         corr_rows = [row for b in batches for row in b.corr_rows]

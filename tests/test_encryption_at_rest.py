@@ -122,6 +122,45 @@ def _append(log: EventLog, text: str) -> int:
     return seq
 
 
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_a_batch_the_broker_checked_as_a_whole_is_logged_as_one_checked_per_envelope(
+        tmp_path: Path, ring: KeyRing, sealed: bool) -> None:
+    """A batch that passes the broker's checks as a whole is prepared without a per-envelope loop (seqs, rows
+    and index entries made list-wide, sealed by ``write``): the log must hold what the per-envelope path makes."""
+    envs = [make_envelope(f"notes.kind{i % 3}.changed", msgspec.msgpack.encode({"i": i}),
+                          correlation_id="conv-1" if i % 4 == 0 else "", recipient="inbox.x" if i % 5 == 0 else "")
+            for i in range(150)]
+    seen: dict[str, tuple[list[tuple[int, str, bytes]], list[int]]] = {}
+    for path, check in (("whole", None), ("each", lambda env: None)):
+        log = _log(tmp_path / path, ring if sealed else None)
+        try:
+            assert log.append([msgspec.structs.replace(e) for e in envs], check=check) == list(range(1, 151))
+            log.close()
+            log = _log(tmp_path / path, ring if sealed else None)  # read back from LMDB, not from memory
+            records, _, done = log.read(from_seq=1, limit=1000)
+            assert done
+            correlated, _, _ = log.read(from_seq=1, correlation_id="conv-1", limit=1000)
+            assert [log.seq_of_id(e.id) for e in envs] == list(range(1, 151))
+            seen[path] = ([(r.seq, r.topic, r.body) for r in records], [r.seq for r in correlated])
+        finally:
+            log.close()
+    assert seen["whole"] == seen["each"]
+    assert seen["whole"][1] == list(range(1, 151, 4))
+    bodies = [decode_envelope(body) for _, _, body in seen["whole"][0]]
+    assert [(b.seq, b.id, b.recipient) for b in bodies] == [(i + 1, e.id, e.recipient) for i, e in enumerate(envs)]
+    again = _log(tmp_path / "whole", ring if sealed else None)
+    try:  # a retried batch is deduplicated whichever path logged it
+        assert again.append([msgspec.structs.replace(e) for e in envs[:10]]) == list(range(1, 11))
+        assert again.head == 150
+        whole = again.prepare([msgspec.structs.replace(e, id=new_id()) for e in envs])
+        each = again.prepare([msgspec.structs.replace(e, id=new_id()) for e in envs], lambda env: None)
+        assert whole.addressed == each.addressed == 30  # replies the broker routes to an inbox
+        assert (whole.first, each.first) == (151, 301)
+    finally:
+        again.abandon()
+        again.close()
+
+
 def test_log_records_are_sealed_and_read_back(tmp_path: Path, ring: KeyRing) -> None:
     log = _log(tmp_path / "log", ring)
     seq = _append(log, SECRET)

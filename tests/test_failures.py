@@ -275,6 +275,41 @@ def test_malformed_frames_get_typed_errors_and_the_broker_stays_up(broker: Broke
         s.close(0)
 
 
+def test_one_frame_mixing_good_and_refused_messages_gets_one_answer_each_and_counts_each_refusal_once(
+        tmp_path: Path) -> None:
+    """The broker checks a batch once per module and topic when all of it passes; when some of it does not, each
+    message is checked alone: the refused get their own typed error, the rest are logged."""
+    b = BrokerProcess(tmp_path / "home", env={"MEMBUS_MAX_MESSAGE_BYTES": "10000"}).start()
+    s = _raw_socket(b)
+    try:
+        with Bus.connect(b.home.path, module="test") as bus:
+            before = bus.status()["counters"]
+            s.send_multipart([P.HELLO, P.pack({"client": "raw", "inbox": ""})])
+            assert s.recv_multipart()[0] == P.WELCOME
+            envs = [make_envelope("test.good.changed", msgspec.msgpack.encode(1)),
+                    make_envelope("test.big.changed", msgspec.msgpack.encode("y" * 20_000)),
+                    make_envelope("bus.fake.changed", msgspec.msgpack.encode(2)),
+                    make_envelope("Not A Topic", msgspec.msgpack.encode(3)),
+                    make_envelope("test.good.changed", msgspec.msgpack.encode(4))]
+            results = []
+            for attempt in range(2):  # the same frame again: the logged two keep their seqs
+                s.send_multipart([P.PUB, P.pack_id(attempt), msgspec.msgpack.encode(envs)])
+                frames = s.recv_multipart()
+                assert frames[0] == P.PUBACK
+                results.append(P.unpack(frames[2]))
+            first, again = results
+            assert isinstance(first[0], int) and first[4] == first[0] + 1
+            assert [r[0] for r in first[1:4]] == ["too_large", "not_authorized", "validation"]
+            assert again == first
+            after = bus.status()["counters"]
+            assert {k: after.get(k, 0) - before.get(k, 0) for k in ("too_large", "unauthorized", "invalid")} == \
+                {"too_large": 2, "unauthorized": 2, "invalid": 2}
+            assert [r.seq for r in bus.replay(from_seq=first[0])] == [first[0], first[4]]
+    finally:
+        s.close(0)
+        b.stop()
+
+
 def test_oversized_messages_are_refused_with_a_typed_error(tmp_path: Path) -> None:
     b = BrokerProcess(tmp_path / "home", env={"MEMBUS_MAX_MESSAGE_BYTES": "10000"}).start()
     try:
