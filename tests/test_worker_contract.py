@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -335,6 +336,46 @@ def test_a_message_whose_handler_keeps_raising_is_dead_lettered_once(tmp_path: P
         st = worker.fresh_status()
         assert (st["applied"], st["dead_lettered"], st["retried"]) == (2, 1, 2)
         assert bus.status()["groups"]["poison"]["dead_letters"] == 0  # the worker gave up, not the broker
+
+
+def test_a_message_that_kills_its_worker_is_isolated_then_dead_lettered_and_the_rest_applied(
+        tmp_path: Path) -> None:
+    """A message whose handling ends the process (SIGKILL here: a native crash or an out-of-memory kill) must not
+    stop its store for good: after a death the batch is applied one message per transaction, and a message that
+    alone ends ``max_attempts`` processes is answered ``.failed`` and dead-lettered without running again."""
+    from tests.poison_backend import TOPIC
+
+    with System(tmp_path / "home", worker_env=POISON_ENV) as system:
+        bus = system.bus
+        pending = [bus.request_nowait(TOPIC, {"n": i, "crash": i == 7}, timeout=REQUEST_TIMEOUT,
+                                      correlation_id=f"c{i}") for i in range(20)]
+        worker = system.worker("poison", wait=False)
+        deaths = 0
+        deadline = time.monotonic() + 120
+        while not all(p.done for p in pending):
+            assert time.monotonic() < deadline, f"{deaths} deaths, requests still unanswered"
+            assert worker.proc is not None
+            if worker.proc.poll() is not None:
+                deaths += 1
+                assert deaths <= 6, "the worker keeps dying on the same message"
+                worker.start(wait=False)
+            time.sleep(0.05)
+        assert deaths == 4  # once in the first batch, then 3 times (max_attempts) with the message alone
+        for i, p in enumerate(pending):
+            if i == 7:
+                with pytest.raises(HandlerError) as info:
+                    reply_message(p.result(1))
+                assert "ended 3 times" in info.value.message
+            else:
+                assert reply_message(p.result(1)).payload["n"] == i
+        wait_caught_up(bus, "poison")
+        (request, *_) = bus.replay(correlation_id="c7")
+        dead = [m.payload for m in bus.replay(topic=DEAD_LETTER_TOPIC)]
+        assert [(d["seq"], d["attempts"]) for d in dead] == [(request.seq, 3)]
+        for i in (6, 8, 19):  # applied once each, whatever batch or death they were in
+            assert [m.topic for m in bus.replay(correlation_id=f"c{i}")] == [
+                TOPIC, "working.context.changed", "test.poison.complete"]
+        assert worker.proc is not None and worker.proc.poll() is None
 
 
 # -- a worker that is down ------------------------------------------------------------------------------------

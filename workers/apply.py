@@ -9,6 +9,7 @@ position, so a crash at any instant neither loses nor doubles an effect.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +73,7 @@ def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
 
 def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None = None,
                 final_attempt: set[int] | frozenset[int] = frozenset(),
-                attempt: int = 1) -> tuple[list[Outcome], int]:
+                attempt: int = 1, condemned: Mapping[int, HandlerError] | None = None) -> tuple[list[Outcome], int]:
     """Applies ``batch`` (in log order) in one transaction; returns the outcomes and the new position.
 
     A message whose handler raises an unexpected error is rolled back alone and reported as
@@ -81,7 +82,8 @@ def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None
     position past them. A seq at or below the position, including one already applied earlier in
     this batch (a redelivery after an ack timeout can sit in the same batch), is ``skipped``.
     A StoreUnavailable (full disk, I/O error) from a handler or the commit aborts the whole batch: nothing is
-    applied, and the caller tries it again.
+    applied, and the caller tries it again. A message in ``condemned`` is not handled: it fails with its error
+    there, and is dead-lettered (workers/suspects.py).
     """
     if position is None:
         position = backend.load_position()
@@ -96,7 +98,10 @@ def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None
             if blocked:
                 outcomes.append(Outcome(env.seq, env.topic, "retry"))
                 continue
-            outcome = _apply_one(backend, txn, env, attempt if env.seq in final_attempt else 0)
+            if condemned and env.seq in condemned:
+                outcome = Outcome(env.seq, env.topic, "failed", error=condemned[env.seq])
+            else:
+                outcome = _apply_one(backend, txn, env, attempt if env.seq in final_attempt else 0)
             outcomes.append(outcome)
             if outcome.status == "retry":
                 blocked = True  # keep log order: nothing after a retried message is applied yet

@@ -13,7 +13,9 @@ broker the worker is still working on its messages (TOUCH), so they are neither 
 dead-lettered. A store call that does not return in ``wedged_after_s`` ends the process through faulthandler's
 native timer, which needs no GIL and prints every thread's stack first: a new process recovers, and ``membus up``
 starts one. (On a full disk Chroma's upsert blocked holding the GIL after a failed compaction; in three runs of
-four it was still blocked minutes after the disk had room again.) SIGTERM finishes the current batch.
+four it was still blocked minutes after the disk had room again.) A message whose handling ends the process
+every time is found and dead-lettered after ``max_attempts`` deaths (workers/suspects.py), so it cannot stop
+the store for good. SIGTERM finishes the current batch.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from bus.message import Delivery
 from bus.sealing import store_keyring
 from contracts.catalog import load_all
 from contracts.envelope import Envelope
-from contracts.errors import BusError, StoreError, StoreUnavailable
+from contracts.errors import BusError, HandlerError, StoreError, StoreUnavailable
 from workers.apply import Outcome, apply_batch
 from workers.base import Backend
 from workers.registry import load
+from workers.suspects import ApplyingMarker, Suspects
 
 log = structlog.get_logger("membus.worker")
 
@@ -109,6 +112,10 @@ class WorkerRuntime:
         """Outbox entries already in the log, removed from the store in bulk (a resend would be stored once)."""
         self._logged_since = 0.0
         self._resync = False
+        data_dir = self.backend.data_dir
+        self._marker = ApplyingMarker(data_dir.with_name(data_dir.name + ".applying"))
+        """Beside the store, not in it: a rebuilt store replays the same log, the same message included."""
+        self._suspects: Suspects | None = None
         add = self.backend.outbox_add
 
         def tap(txn: Any, seq: int, items: list[bytes]) -> None:
@@ -123,6 +130,7 @@ class WorkerRuntime:
     def run(self) -> None:
         structlog.contextvars.bind_contextvars(worker=self.name)
         self.backend.open()
+        self._suspects = self._marker.open()
         try:
             with Bus.connect(self.home.path, module=f"worker-{self.name}", timeout=30.0) as bus:
                 self._flush_outbox(bus)
@@ -153,6 +161,7 @@ class WorkerRuntime:
         finally:
             self._stop = True  # ends the touch thread too
             self._disarm()
+            self._marker.close()
             self.backend.close()
             log.info("worker.stopped", position=self.stats["position"])
 
@@ -166,7 +175,14 @@ class WorkerRuntime:
         """
         self._busy_since = time.monotonic()
         try:
-            return self._apply_until_done(bus, consumer, batch, position, flights)
+            suspects = self._suspects
+            if suspects is None or not any(suspects.holds(d.seq) for d in batch):
+                return self._apply_until_done(bus, consumer, batch, position, flights)
+            for delivery in batch:  # one per transaction: a message that ends the process again is then known
+                position = self._apply_until_done(bus, consumer, [delivery], position, flights)
+            if position >= suspects.last:
+                self._suspects = None
+            return position
         finally:
             self._busy_since = None
 
@@ -180,10 +196,15 @@ class WorkerRuntime:
             final = {e.seq for e in pending} if attempt >= self.max_attempts else set()
             self._added.clear()
             self._arm()
+            deaths = self._suspects.deaths_of(pending[0].seq) if self._suspects and len(pending) == 1 else 0
             try:
                 self._check_room()
-                outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
-                                                 attempt=attempt)
+                self._marker.mark(pending[0].seq, pending[-1].seq, deaths)
+                try:
+                    outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
+                                                     attempt=attempt, condemned=self._condemned(pending[0], deaths))
+                finally:
+                    self._marker.clear()
             except StoreError as exc:  # the store could not take the batch (disk full, I/O): nothing was applied
                 self.stats["errors"] += 1
                 stalls += 1
@@ -213,6 +234,16 @@ class WorkerRuntime:
         if flight is not None:
             flights.append(flight)
         return position
+
+    def _condemned(self, env: Envelope, deaths: int) -> dict[int, HandlerError] | None:
+        """The message to fail unhandled: one that has ended ``max_attempts`` processes applied alone."""
+        if deaths < self.max_attempts:
+            return None
+        log.error("message.condemned", seq=env.seq, topic=env.topic, deaths=deaths)
+        return {env.seq: HandlerError(
+            f"the worker process ended {deaths} times while applying this message alone (a crash in native code, "
+            f"an out-of-memory kill, or a store call that never returned): dead-lettered without running it again",
+            topic=env.topic, attempts=deaths)}
 
     def _touch_while_busy(self, consumer: Any) -> None:
         """While one batch takes long (a third of the ack timeout: a slow store, retries, a full disk), its
