@@ -4,7 +4,7 @@ A message whose handling ends the process (a crash in native code, an out-of-mem
 never returns and trips the wedge timer) is redelivered to the next run, which it ends too, and so on: the
 broker cannot count those deaths, since a store worker rejoins at its own position. So the worker keeps the
 count: before each store transaction it writes the range of seqs it is about to apply to a small file, and
-clears it afterwards. A run that finds a range there applies those messages one per transaction, and the
+blanks it afterwards. A run that finds a range there applies those messages one per transaction, and the
 range written for a message applied alone carries the deaths it has caused so far. The runtime answers
 ``.failed`` and dead-letters a message that has ended ``max_attempts`` processes applied alone, without
 running it again.
@@ -41,6 +41,11 @@ class Suspects:
         return self.deaths if self.first == self.last == seq else 0
 
 
+RECORD = 64
+"""The file is one record of this size, overwritten in place: once its block is allocated, marking and
+clearing need no more room on the disk."""
+
+
 class ApplyingMarker:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -48,26 +53,39 @@ class ApplyingMarker:
 
     def open(self) -> Suspects | None:
         """Opens the file; returns what the previous process was applying when it ended, if anything."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        text = os.pread(self._fd, 64, 0).decode(errors="replace").split()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            text = os.pread(self._fd, RECORD, 0).decode(errors="replace").split()
+        except OSError as exc:
+            self._failed(exc)
+            return None
         try:
             first, last, deaths = (int(v) for v in text)
-        except ValueError:  # empty (a clean stop, a first run) or unreadable: nothing to suspect
+        except ValueError:  # blank (a clean stop, a first run) or unreadable: nothing to suspect
             return None
         suspects = Suspects(first, last, deaths + 1)
         log.warning("worker.died_while_applying", first_seq=first, last_seq=last, deaths=suspects.deaths)
         return suspects
 
     def mark(self, first: int, last: int, deaths: int) -> None:
-        assert self._fd is not None
-        data = b"%d %d %d" % (first, last, deaths)
-        os.pwrite(self._fd, data, 0)
-        os.ftruncate(self._fd, len(data))
+        self._write(b"%d %d %d" % (first, last, deaths))
 
     def clear(self) -> None:
-        assert self._fd is not None
-        os.ftruncate(self._fd, 0)
+        self._write(b"")
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.pwrite(self._fd, data.ljust(RECORD), 0)
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        """The worker goes on without it (its store reports its own trouble): only crash isolation is lost."""
+        log.warning("worker.marker_unusable", path=str(self.path), error=repr(exc))
+        self.close()
 
     def close(self) -> None:
         if self._fd is not None:
