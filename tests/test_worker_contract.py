@@ -376,6 +376,7 @@ def test_a_message_that_kills_its_worker_is_isolated_then_dead_lettered_and_the_
             assert [m.topic for m in bus.replay(correlation_id=f"c{i}")] == [
                 TOPIC, "working.context.changed", "test.poison.complete"]
         assert worker.proc is not None and worker.proc.poll() is None
+        assert worker.fresh_status()["suspects"] == ""  # past the suspects: batches as usual again
 
 
 # -- a worker that is down ------------------------------------------------------------------------------------

@@ -101,8 +101,9 @@ class WorkerRuntime:
         self.stats: dict[str, Any] = {"worker": name, "pid": os.getpid(), "applied": 0, "observed": 0, "failed": 0,
                                       "skipped": 0, "retried": 0, "dead_lettered": 0, "batches": 0,
                                       "last_batch": 0, "max_batch": 0, "position": 0, "errors": 0,
-                                      "stalled": ""}
-        """``stalled``: why the store cannot take the current batch, while the worker keeps trying ("" otherwise)."""
+                                      "stalled": "", "suspects": ""}
+        """``stalled``: why the store cannot take the current batch, while the worker keeps trying ("" otherwise).
+        ``suspects``: the seqs a process ended while applying, now applied one per transaction ("" otherwise)."""
         self._last_status = 0.0
         self._sending: set[int] = set()
         """Outbox entries (by seq) published and not yet acknowledged by the broker."""
@@ -131,6 +132,7 @@ class WorkerRuntime:
         structlog.contextvars.bind_contextvars(worker=self.name)
         self.backend.open()
         self._suspects = self._marker.open()
+        self._show_suspects()
         try:
             with Bus.connect(self.home.path, module=f"worker-{self.name}", timeout=30.0) as bus:
                 self._flush_outbox(bus)
@@ -182,6 +184,7 @@ class WorkerRuntime:
                 position = self._apply_until_done(bus, consumer, [delivery], position, flights)
             if position >= suspects.last:
                 self._suspects = None
+                self._show_suspects()
             return position
         finally:
             self._busy_since = None
@@ -234,6 +237,12 @@ class WorkerRuntime:
         if flight is not None:
             flights.append(flight)
         return position
+
+    def _show_suspects(self) -> None:
+        s = self._suspects
+        self.stats["suspects"] = "" if s is None else (
+            f"seq {s.first}, which has ended {s.deaths} of at most {self.max_attempts} processes" if s.first == s.last
+            else f"seqs {s.first}..{s.last}, being applied when a process ended")
 
     def _condemned(self, env: Envelope, deaths: int) -> dict[int, HandlerError] | None:
         """The message to fail unhandled: one that has ended ``max_attempts`` processes applied alone."""
