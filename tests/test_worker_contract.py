@@ -379,6 +379,25 @@ def test_a_message_that_kills_its_worker_is_isolated_then_dead_lettered_and_the_
         assert worker.fresh_status()["suspects"] == ""  # past the suspects: batches as usual again
 
 
+def test_a_range_marked_by_a_process_that_ended_after_its_commit_is_not_suspected(tmp_path: Path) -> None:
+    """The process can end between a transaction's commit and the marker's clearing: the next run finds the
+    range already applied, so it suspects nothing and applies in batches."""
+    with System(tmp_path / "home") as system:
+        bus = system.bus
+        publish_all(bus, LMDB.write_topic, [LMDB.write(i) for i in range(10)])
+        worker = system.worker("lmdb")
+        wait_caught_up(bus, "lmdb")
+        position = worker.fresh_status()["position"]
+        assert worker.stop() == 0
+        marker = tmp_path / "home" / "data" / "lmdb.applying"
+        marker.write_bytes(f"1 {position} 0".encode().ljust(64))
+        system.worker("lmdb")
+        publish_all(bus, LMDB.write_topic, [LMDB.write(i) for i in range(10, 60)])
+        wait_caught_up(bus, "lmdb")
+        st = worker.fresh_status()
+        assert st["suspects"] == "" and st["applied"] == 50 and st["batches"] < 50
+
+
 # -- a worker that is down ------------------------------------------------------------------------------------
 
 

@@ -132,11 +132,13 @@ class WorkerRuntime:
         structlog.contextvars.bind_contextvars(worker=self.name)
         self.backend.open()
         self._suspects = self._marker.open()
-        self._show_suspects()
         try:
             with Bus.connect(self.home.path, module=f"worker-{self.name}", timeout=30.0) as bus:
                 self._flush_outbox(bus)
                 position = self.backend.load_position()
+                if self._suspects is not None and position >= self._suspects.last:
+                    self._suspects = None  # the process ended after their commit: nothing to suspect
+                self._show_suspects()
                 self.stats["position"] = position
                 log.info("worker.started", position=position, patterns=list(self.backend.patterns))
                 with bus.consume(self.name, list(self.backend.patterns),
@@ -180,8 +182,12 @@ class WorkerRuntime:
             suspects = self._suspects
             if suspects is None or not any(suspects.holds(d.seq) for d in batch):
                 return self._apply_until_done(bus, consumer, batch, position, flights)
-            for delivery in batch:  # one per transaction: a message that ends the process again is then known
+            for delivery in [d for d in batch if d.seq <= suspects.last]:
+                # one per transaction: a message that ends the process again is then known
                 position = self._apply_until_done(bus, consumer, [delivery], position, flights)
+            rest = [d for d in batch if d.seq > suspects.last]
+            if rest:
+                position = self._apply_until_done(bus, consumer, rest, position, flights)
             if position >= suspects.last:
                 self._suspects = None
                 self._show_suspects()
