@@ -71,6 +71,11 @@ class _Flight:
         return self.outbox is None or self.outbox.pending.done
 
 
+ISOLATE_IN = 16
+"""After a process ended in a transaction of more messages than this, they are applied this many at a time, and
+only a chunk that ends a process again goes one message at a time: recovering from an ordinary kill of a busy
+worker costs a few dozen transactions, not one per message (the Chroma worker would embed each alone)."""
+
 MAX_FLIGHTS = 2
 """Applied batches whose outbox may be on its way to the log while the next batch is applied (the group's credit
 is one batch more). With 1 the worker waited ~19 % of its time for the previous batch's outbox at saturation;
@@ -182,9 +187,10 @@ class WorkerRuntime:
             suspects = self._suspects
             if suspects is None or not any(suspects.holds(d.seq) for d in batch):
                 return self._apply_until_done(bus, consumer, batch, position, flights)
-            for delivery in [d for d in batch if d.seq <= suspects.last]:
-                # one per transaction: a message that ends the process again is then known
-                position = self._apply_until_done(bus, consumer, [delivery], position, flights)
+            inside = [d for d in batch if d.seq <= suspects.last]
+            step = ISOLATE_IN if suspects.count > ISOLATE_IN else 1  # a big batch in chunks first, then alone
+            for i in range(0, len(inside), step):
+                position = self._apply_until_done(bus, consumer, inside[i:i + step], position, flights)
             rest = [d for d in batch if d.seq > suspects.last]
             if rest:
                 position = self._apply_until_done(bus, consumer, rest, position, flights)
@@ -208,7 +214,7 @@ class WorkerRuntime:
             deaths = self._suspects.deaths_of(pending[0].seq) if self._suspects and len(pending) == 1 else 0
             try:
                 self._check_room()
-                self._marker.mark(pending[0].seq, pending[-1].seq, deaths)
+                self._marker.mark(pending[0].seq, pending[-1].seq, deaths, len(pending))
                 try:
                     outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
                                                      attempt=attempt, condemned=self._condemned(pending[0], deaths))
@@ -247,8 +253,8 @@ class WorkerRuntime:
     def _show_suspects(self) -> None:
         s = self._suspects
         self.stats["suspects"] = "" if s is None else (
-            f"seq {s.first}, which has ended {s.deaths} of at most {self.max_attempts} processes" if s.first == s.last
-            else f"seqs {s.first}..{s.last}, being applied when a process ended")
+            f"seq {s.first}, which has ended {s.deaths} of at most {self.max_attempts} processes" if s.count == 1
+            else f"{s.count} messages in seqs {s.first}..{s.last}, being applied when a process ended")
 
     def _condemned(self, env: Envelope, deaths: int) -> dict[int, HandlerError] | None:
         """The message to fail unhandled: one that has ended ``max_attempts`` processes applied alone."""

@@ -4,8 +4,9 @@ A message whose handling ends the process (a crash in native code, an out-of-mem
 never returns and trips the wedge timer) is redelivered to the next run, which it ends too, and so on: the
 broker cannot count those deaths, since a store worker rejoins at its own position. So the worker keeps the
 count: before each store transaction it writes the range of seqs it is about to apply to a small file, and
-blanks it afterwards. A run that finds a range there applies those messages one per transaction, and the
-range written for a message applied alone carries the deaths it has caused so far. The runtime answers
+blanks it afterwards. A run that finds a range there applies those messages in small chunks, and the messages
+of a chunk that ends a process again one per transaction; the range written for a message applied alone
+carries the deaths it has caused so far. The runtime answers
 ``.failed`` and dead-letters a message that has ended ``max_attempts`` processes applied alone, without
 running it again.
 
@@ -26,19 +27,20 @@ log = structlog.get_logger("membus.worker")
 
 @dataclass(frozen=True)
 class Suspects:
-    """Seqs ``first``..``last`` were being applied when a process ended; ``deaths`` processes have ended while
-    applying exactly this range (this one included)."""
+    """``count`` messages in seqs ``first``..``last`` were being applied when a process ended; ``deaths``
+    processes have ended while applying exactly this range (this one included)."""
 
     first: int
     last: int
     deaths: int
+    count: int
 
     def holds(self, seq: int) -> bool:
         return self.first <= seq <= self.last
 
     def deaths_of(self, seq: int) -> int:
         """How many processes the message ``seq`` ended when applied alone."""
-        return self.deaths if self.first == self.last == seq else 0
+        return self.deaths if self.count == 1 and self.first == seq else 0
 
 
 RECORD = 64
@@ -61,15 +63,16 @@ class ApplyingMarker:
             self._failed(exc)
             return None
         try:
-            first, last, deaths = (int(v) for v in text)
+            first, last, deaths, count = (int(v) for v in text)
         except ValueError:  # blank (a clean stop, a first run) or unreadable: nothing to suspect
             return None
-        suspects = Suspects(first, last, deaths + 1)
-        log.warning("worker.died_while_applying", first_seq=first, last_seq=last, deaths=suspects.deaths)
+        suspects = Suspects(first, last, deaths + 1, count)
+        log.warning("worker.died_while_applying", first_seq=first, last_seq=last, messages=count,
+                    deaths=suspects.deaths)
         return suspects
 
-    def mark(self, first: int, last: int, deaths: int) -> None:
-        self._write(b"%d %d %d" % (first, last, deaths))
+    def mark(self, first: int, last: int, deaths: int, count: int) -> None:
+        self._write(b"%d %d %d %d" % (first, last, deaths, count))
 
     def clear(self) -> None:
         self._write(b"")
