@@ -6,9 +6,8 @@ broker cannot count those deaths, since a store worker rejoins at its own positi
 count: before each store transaction it writes the range of seqs it is about to apply to a small file, and
 blanks it afterwards. A run that finds a range there applies those messages in small chunks, and the messages
 of a chunk that ends a process again one per transaction; the range written for a message applied alone
-carries the deaths it has caused so far. The runtime answers
-``.failed`` and dead-letters a message that has ended ``max_attempts`` processes applied alone, without
-running it again.
+carries the deaths it has caused so far. The runtime answers ``.failed`` and dead-letters a message that has
+ended ``max_attempts`` processes applied alone, without running it again.
 
 No fsync: the file only has to outlive the process, not the machine.
 """
