@@ -233,7 +233,7 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
             if ws.get("stalled"):
                 out.print(f"[red]worker {name} cannot write its store, and keeps trying:[/] {ws['stalled']}")
             if ws.get("suspects"):
-                out.print(f"[yellow]worker {name} applies one message at a time after its process ended:[/] "
+                out.print(f"[yellow]worker {name} isolates what it was applying when its process ended:[/] "
                           f"{ws['suspects']}")
     out.print("clients: " + ", ".join(f"{c['name']} ({c['source']})" for c in st["clients"]))
     out.print("counters: " + json.dumps(st["counters"]))

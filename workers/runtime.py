@@ -108,7 +108,7 @@ class WorkerRuntime:
                                       "last_batch": 0, "max_batch": 0, "position": 0, "errors": 0,
                                       "stalled": "", "suspects": ""}
         """``stalled``: why the store cannot take the current batch, while the worker keeps trying ("" otherwise).
-        ``suspects``: the seqs a process ended while applying, now applied one per transaction ("" otherwise)."""
+        ``suspects``: the seqs a process ended while applying, now applied in chunks, then alone ("" otherwise)."""
         self._last_status = 0.0
         self._sending: set[int] = set()
         """Outbox entries (by seq) published and not yet acknowledged by the broker."""
