@@ -12,6 +12,7 @@ import pytest
 
 import contracts.analytics  # noqa: F401 - registers the analytics topics
 from contracts.envelope import Envelope, make_envelope
+from contracts.errors import StoreError
 from contracts.ids import new_id
 from contracts.registry import encode_payload
 from workers.apply import apply_batch
@@ -162,7 +163,15 @@ def test_redelivery_is_skipped_and_upserts_keep_one_row(backend: DuckdbBackend) 
     outcomes, position = apply_batch(backend, batch)
     assert {o.status for o in outcomes} == {"skipped"}
     assert position == 7
-    # even without the position (a lost position table), natural keys keep one row per message
+    # even without the position (a lost position table), natural keys keep one row per message: events are
+    # appended without an upsert, so the first try meets a key already there, fails whole, and the batch is
+    # tried again upserting (the worker's runtime retries a StoreError)
+    assert backend.append_only == {"events"}
+    with pytest.raises(StoreError, match="tried again upserting"):
+        apply_batch(backend, batch, position=0)
+    assert backend.stats() == {"messages": 5, "feedback": 1, "facts": 1, "events": 7}
+    assert backend.load_position() == 7
+    assert backend.append_only == frozenset()
     apply_batch(backend, batch, position=0)
     assert backend.stats() == {"messages": 5, "feedback": 1, "facts": 1, "events": 7}
 
