@@ -31,6 +31,23 @@ HomeOpt = Annotated[Path | None, typer.Option("--home", envvar="MEMBUS_HOME", he
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
+def _fit(table: Table) -> Table:
+    """Keeps every number and one-word header whole in a narrow terminal: a column shrinks no further than its
+    longest word (rich would otherwise shorten ``1234567`` to ``12345…``), and no column rules take the room."""
+    from rich import box
+    from rich.text import Text
+
+    table.box, table.show_edge, table.padding = box.SIMPLE_HEAD, False, (0, 1, 0, 0)
+
+    for column in table.columns:
+        cells = [Text.from_markup(c).plain if isinstance(c, str) else "" for c in column.cells]
+        words = str(column.header).split() + [w for c in cells for w in c.split()]
+        column.min_width = max((len(w) for w in words), default=0)
+        if not any(" " in c for c in cells):  # a column of numbers: its header wraps rather than widening it
+            column.max_width = column.min_width
+    return table
+
+
 def _home(home: Path | None) -> Home:
     return Home(home)
 
@@ -220,15 +237,15 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
         shown = pats[0] if len(pats) == 1 else f"{len(pats)} patterns"
         t.add_row(name, shown, str(g["acked"]), str(g["lag"]), str(g["inflight"]), str(g["redelivery_pending"]),
                   str(g["members"]), str(g["dead_letters"]))
-    out.print(t)
+    out.print(_fit(t))
     if st["workers"]:
-        w = Table("worker", "pid", "position", "lag", "applied", "failed", "dead-lettered", "last batch",
+        w = Table("worker", "pid", "position", "lag", "applied", "failed", "dead letters", "last batch",
                   "max batch")
         for name, ws in sorted(st["workers"].items()):
             w.add_row(name, str(ws.get("pid")), str(ws.get("position")), str(ws.get("lag")), str(ws.get("applied")),
                       str(ws.get("failed")), str(ws.get("dead_lettered")), str(ws.get("last_batch")),
                       str(ws.get("max_batch")))
-        out.print(w)
+        out.print(_fit(w))
         for name, ws in sorted(st["workers"].items()):
             if ws.get("stalled"):
                 out.print(f"[red]worker {name} cannot write its store, and keeps trying:[/] {ws['stalled']}")
@@ -281,7 +298,7 @@ def check(home: HomeOpt = None, json_out: JsonOpt = False,
             held = ", ".join(f"{n} {k}" for k, n in s.counts.items())
             t.add_row(s.name, "yes" if s.running else "[red]no[/]", str(s.position), str(s.acked),
                       str(s.lag) if not s.lag else f"[yellow]{s.lag}[/]", held)
-        out.print(t)
+        out.print(_fit(t))
         for d in report.differences:
             out.print(f"[bold red]differs[/] {d.describe()}", highlight=False)
         if report.ok:

@@ -142,6 +142,12 @@ def test_the_cli_publishes_requests_replays_and_reports_status(up: UpProcess, co
         assert st["groups"][w]["members"] == 1 and st["groups"][w]["lag"] == 0
         assert st["workers"][w]["pid"] == up.worker_pid(w)
     assert st["workers"]["libsql"]["applied"] >= 1
+    shown = cli(home, "status")  # not a terminal: rich lays the tables out 80 columns wide
+    assert shown.returncode == 0, shown.stderr
+    for w in WORKERS:  # each worker's row, with its pid and position whole (not "12345…")
+        ws = st["workers"][w]
+        row = next(line.split() for line in shown.stdout.splitlines() if line.split()[:2] == [w, str(ws["pid"])])
+        assert row[2] == str(ws["position"]), shown.stdout
 
     usage = cli(home, "publish", "companion.mood.changed", "{not json")
     assert usage.returncode == 2 and "not valid JSON" in usage.stderr

@@ -1,0 +1,21 @@
+"""How the `membus` command lays out its tables for a person."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from bus.cli import _fit
+
+
+def test_status_tables_keep_every_number_whole_in_80_columns() -> None:
+    table = Table("worker", "pid", "position", "lag", "applied", "failed", "dead letters", "last batch", "max batch")
+    for name in ("chroma", "duckdb", "libsql", "lmdb"):
+        table.add_row(name, "4194304", "10000000", "[yellow]5[/]", "10000000", "0", "0", "500", "500")
+    console = Console(width=80, record=True)
+    console.print(_fit(table))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    rows = [line.split() for line in lines if line.split()[:1] == ["lmdb"]]
+    assert rows == [["lmdb", "4194304", "10000000", "5", "10000000", "0", "0", "500", "500"]]
+    assert "position" in lines[1].split() and "letters" in lines[1].split()  # headers whole too (two lines)
