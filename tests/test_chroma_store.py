@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import contracts.semantic
 import contracts.structured  # noqa: F401  (the real memory.fact.changed contract)
@@ -112,6 +115,50 @@ def test_bm25_incremental_add_replace_remove(bm25: Bm25Index) -> None:
     assert bm25.search("other", "banana") == []  # collections are separate
 
 
+def bm25_by_hand(docs: dict[str, tuple[str, str]], query: str, user: str | None,
+                 k1: float = 1.2, b: float = 0.75) -> dict[str, float]:
+    """Okapi BM25 of every document sharing a term with ``query``, from the texts themselves."""
+    tokens = {doc: tokenize(text) for doc, (text, _) in docs.items()}
+    avg = sum(map(len, tokens.values())) / len(tokens)
+    scores: dict[str, float] = {}
+    for term in dict.fromkeys(tokenize(query)):
+        df = sum(term in t for t in tokens.values())
+        if not df:
+            continue
+        idf = math.log(1.0 + (len(docs) - df + 0.5) / (df + 0.5))
+        for doc, t in tokens.items():
+            tf = t.count(term)
+            if tf and (user is None or docs[doc][1] == user):
+                scores[doc] = scores.get(doc, 0.0) + idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(t) / avg))
+    return scores
+
+
+WORDS = ["tea", "milk", "lemon", "jazz", "hiking", "berlin", "knees", "coffee", "the", "and"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=8).map(" ".join), min_size=1,
+                      max_size=12),
+       query=st.lists(st.sampled_from(WORDS), min_size=1, max_size=4).map(" ".join),
+       user=st.sampled_from([None, "u1", "u2"]), k=st.integers(1, 12))
+def test_bm25_search_equals_bm25_computed_from_the_texts(texts: list[str], query: str, user: str | None,
+                                                         k: int) -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    index = Bm25Index(conn)
+    index.create()
+    docs = {f"d{i:02}": (text, f"u{i % 2 + 1}") for i, text in enumerate(texts)}
+    for doc, (text, owner) in docs.items():
+        index.add("m", doc, text, user_id=owner)
+    expected = bm25_by_hand(docs, query, user)
+    got = index.search("m", query, k=k, user_id=user)
+    conn.close()
+    assert len(got) == min(k, len(expected))
+    assert all(score == pytest.approx(expected[doc], rel=1e-9) for doc, score in got)
+    assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
+    cutoff = got[-1][1] if got else math.inf
+    assert all(expected[doc] <= cutoff * (1 + 1e-9) for doc in set(expected) - {doc for doc, _ in got})
+
+
 def test_bm25_filters_by_user(bm25: Bm25Index) -> None:
     bm25.add("m", "a", "likes jazz", user_id="u1")
     bm25.add("m", "b", "likes jazz", user_id="u2")
@@ -154,6 +201,17 @@ def test_threshold_and_scores(real: tuple[ChromaBackend, Log]) -> None:
     hybrid = search(backend, log, "cello orchestra", hybrid=True, user_id="u1", k=3,
                     where={"fact_type": "personal"})
     assert hybrid[0].id == "s3" and hybrid[0].bm25 is not None and hybrid[0].semantic is not None
+
+
+def test_hybrid_keyword_hits_of_another_user_stay_out(real: tuple[ChromaBackend, Log]) -> None:
+    backend, log = real
+    # "brother" is only in u2's fact: for u1 it is a keyword hit of nobody's, for u2 the best one
+    mine = search(backend, log, "brother Berlin", hybrid=True, user_id="u1", k=10, candidates=10)
+    assert "other" not in [h.id for h in mine] and {h.metadata["user_id"] for h in mine} == {"u1"}
+    theirs = search(backend, log, "brother Berlin", hybrid=True, user_id="u2", k=10)
+    assert [h.id for h in theirs] == ["other"] and theirs[0].bm25 is not None
+    everyone = search(backend, log, "brother Berlin", hybrid=True, k=10)
+    assert {"other", "s0"} <= {h.id for h in everyone}
 
 
 # -- exactly-once, reopen, superseded facts (the hashing embedder: no semantics needed) -------------

@@ -428,8 +428,10 @@ class ChromaBackend(Backend):
 
     def _fetch_missing(self, req: sem.HybridSearch, vector: NDArray[np.float32], keys: list[tuple[str, str]],
                        hits: dict[tuple[str, str], sem.SearchHit]) -> None:
-        """Texts, metadata and semantic relevance of keyword-only hits, with ``where`` applied."""
-        where = self._where(req.user_id, req.where)
+        """Texts, metadata and semantic relevance of keyword-only hits, with ``where`` applied. BM25 applied the
+        user filter already (it indexes each document's user), so Chroma gets ids alone unless ``where`` asks for
+        more: its ``where`` reads the metadata of all of a user's documents, not just those ids."""
+        where = self._where(None, req.where)
         for kind in COLLECTIONS:
             ids = [doc_id for c, doc_id in keys if c == kind]
             if not ids:
