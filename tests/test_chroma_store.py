@@ -238,6 +238,19 @@ def test_same_batch_twice_is_skipped_and_counts_stay(hashed: ChromaBackend) -> N
     assert hashed.bm25 is not None and hashed.bm25.count("memory") == 5
 
 
+def test_searches_between_writes_see_every_record(hashed: ChromaBackend) -> None:
+    """The worker keeps each collection's size between writes (Chroma counts 100k records in ~8 ms); a search
+    asks for at most that many, so a size not updated after a write would hide records."""
+    log = Log()
+    apply_batch(hashed, [log.env("memory.fact.changed", fact(f"f{i}", f"tea fact {i}")) for i in range(3)])
+    assert len(search(hashed, log, "tea fact", k=10)) == 3
+    apply_batch(hashed, [log.env("memory.fact.changed", fact(f"f{i}", f"tea fact {i}")) for i in range(3, 6)])
+    assert len(search(hashed, log, "tea fact", k=10)) == 6
+    apply_batch(hashed, [log.env("semantic.remove.request", {"id": "f0", "collection": "memory"}, reply_to="i")])
+    assert hashed.stats()["memory"] == hashed.collection("memory").count() == 5
+    assert sorted(h.id for h in search(hashed, log, "tea fact", k=10)) == [f"f{i}" for i in range(1, 6)]
+
+
 def test_position_and_index_survive_reopen(tmp_path: Path) -> None:
     log = Log()
     first = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder())
