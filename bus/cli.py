@@ -38,7 +38,6 @@ def _fit(table: Table) -> Table:
     from rich.text import Text
 
     table.box, table.show_edge, table.padding = box.SIMPLE_HEAD, False, (0, 1, 0, 0)
-
     for column in table.columns:
         cells = [Text.from_markup(c).plain if isinstance(c, str) else "" for c in column.cells]
         words = str(column.header).split() + [w for c in cells for w in c.split()]
