@@ -251,6 +251,36 @@ def test_searches_between_writes_see_every_record(hashed: ChromaBackend) -> None
     assert sorted(h.id for h in search(hashed, log, "tea fact", k=10)) == [f"f{i}" for i in range(1, 6)]
 
 
+@pytest.mark.parametrize("ids_max", [50_000, 0], ids=["by-ids", "by-where"])
+def test_a_user_filter_finds_what_chromas_where_finds(hashed: ChromaBackend, monkeypatch: pytest.MonkeyPatch,
+                                                      ids_max: int) -> None:
+    """A search for one user names the user's documents by id (or asks for no filter when the store is theirs
+    alone) instead of Chroma's slow metadata ``where``: the same hits either way."""
+    monkeypatch.setattr("workers.chroma.IDS_FILTER_MAX", ids_max)
+    log = Log()
+    owners = ["u1"] * 8 + ["u2"] * 2
+    apply_batch(hashed, [log.env("memory.fact.changed", fact(f"f{i}", f"note {i} about tea and cake", user=u))
+                         for i, u in enumerate(owners)])
+    coll = hashed.collection("memory")
+
+    def chroma_where(user: str) -> list[str]:
+        vector = hashed._embed_query("tea cake")
+        found = coll.query(query_embeddings=[vector], n_results=10, where=hashed._where(user, {}),
+                           include=["distances"])
+        return list(found["ids"][0])
+
+    for user in ("u1", "u2", "u3"):
+        got = [h.id for h in search(hashed, log, "tea cake", user_id=user, k=10, min_relevance=-1.0)]
+        assert sorted(got) == sorted(chroma_where(user)), user
+        assert len(got) == owners.count(user)
+    apply_batch(hashed, [log.env("semantic.remove.request", {"id": f"f{i}", "collection": "memory"},
+                                 reply_to="i") for i in (8, 9)])  # now every document is u1's
+    assert hashed.bm25 is not None and hashed.bm25.count_of_user("memory", "u1") == hashed.size("memory") == 8
+    got = [h.id for h in search(hashed, log, "tea cake", user_id="u1", k=10, min_relevance=-1.0)]
+    assert sorted(got) == sorted(chroma_where("u1")) == [f"f{i}" for i in range(8)]
+    assert search(hashed, log, "tea cake", user_id="u2", k=10, min_relevance=-1.0) == []
+
+
 def test_position_and_index_survive_reopen(tmp_path: Path) -> None:
     log = Log()
     first = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder())

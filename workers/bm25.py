@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS bm25_postings (
     PRIMARY KEY (collection, term, doc)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS bm25_postings_by_doc ON bm25_postings (doc);
+CREATE INDEX IF NOT EXISTS bm25_docs_by_user ON bm25_docs (collection, user_id);
 CREATE TABLE IF NOT EXISTS bm25_terms (
     collection TEXT NOT NULL,
     term TEXT NOT NULL,
@@ -137,6 +138,15 @@ class Bm25Index:
             "total_length = total_length + excluded.total_length",
             (collection, docs, length),
         )
+
+    def count_of_user(self, collection: str, user_id: str) -> int:
+        row = self.conn.execute("SELECT count(*) FROM bm25_docs WHERE collection = ? AND user_id = ?",
+                                (collection, self._user(user_id))).fetchone()
+        return int(row[0])
+
+    def docs_of_user(self, collection: str, user_id: str) -> list[str]:
+        return [doc_id for (doc_id,) in self.conn.execute(
+            "SELECT doc_id FROM bm25_docs WHERE collection = ? AND user_id = ?", (collection, self._user(user_id)))]
 
     def count(self, collection: str) -> int:
         row = self.conn.execute("SELECT docs FROM bm25_stats WHERE collection = ?", (collection,)).fetchone()

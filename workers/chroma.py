@@ -37,6 +37,8 @@ from workers.embedding import Embedder, MembusEmbeddingFunction, load_embedder
 
 log = structlog.get_logger("membus.chroma")
 
+IDS_FILTER_MAX = 50_000
+"""Up to this many documents of one user, a search names them by id rather than filtering on metadata."""
 COLLECTIONS = {"memory": "memory_facts", "conversation": "conversation_segments"}
 SEALED_METADATA = "_sealed"
 RRF_K = 60
@@ -387,15 +389,15 @@ class ChromaBackend(Backend):
                         query_vector: NDArray[np.float32] | None = None) -> list[sem.SearchHit]:
         k = k or req.k
         vector = query_vector if query_vector is not None else self._embed_query(req.query)
-        where = self._where(req.user_id, req.where)
         hits: list[sem.SearchHit] = []
         for kind in self._kinds(req.collection):
             coll = self.collection(kind)
             size = self.size(kind)
-            if size == 0:
+            where, ids = self._scope(kind, size, req.user_id, req.where)
+            if size == 0 or ids == []:
                 continue
-            found = coll.query(query_embeddings=[vector], n_results=min(k, size), where=where,
-                               include=["documents", "metadatas", "distances"])
+            found = coll.query(query_embeddings=[vector], n_results=min(k, size if ids is None else len(ids)),
+                               where=where, ids=ids, include=["documents", "metadatas", "distances"])
             for doc_id, text, meta, dist in zip(found["ids"][0], found["documents"][0], found["metadatas"][0],
                                                 found["distances"][0], strict=True):
                 relevance = 1.0 - float(dist)
@@ -405,6 +407,22 @@ class ChromaBackend(Backend):
                                               semantic=relevance, metadata=plain))
         hits.sort(key=lambda h: (-h.score, h.id))
         return hits[:k]
+
+    def _scope(self, kind: str, size: int, user_id: str | None,
+               fields: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str] | None]:
+        """The cheapest (where, ids) that selects a user's documents: local Chroma's ``where`` reads metadata
+        for ~35 ms at 100k records whatever it matches (chroma-core/chroma#7092), a list of ids costs 10-28 ms
+        up to 50k ids, no filter 3-8 ms. The BM25 table holds the same documents with their users, so it tells
+        whether the user owns all of them (one person's local store: no filter needed) or how many."""
+        assert self.bm25 is not None
+        if user_id is None or fields:
+            return self._where(user_id, fields), None
+        owned = self.bm25.count_of_user(kind, user_id)
+        if owned == size:
+            return None, None
+        if owned <= IDS_FILTER_MAX:
+            return None, self.bm25.docs_of_user(kind, user_id)
+        return self._where(user_id, fields), None
 
     def hybrid_search(self, req: sem.HybridSearch) -> list[sem.SearchHit]:
         assert self.bm25 is not None
