@@ -147,7 +147,7 @@ def test_the_cli_publishes_requests_replays_and_reports_status(up: UpProcess, co
     for w in WORKERS:  # each worker's row, with its pid and position whole (not "12345…")
         ws = st["workers"][w]
         row = next(line.split() for line in shown.stdout.splitlines() if line.split()[:2] == [w, str(ws["pid"])])
-        assert row[2] == str(ws["position"]), shown.stdout
+        assert row[2].isdigit() and int(row[2]) >= ws["position"], shown.stdout  # a worker may move on between
 
     usage = cli(home, "publish", "companion.mood.changed", "{not json")
     assert usage.returncode == 2 and "not valid JSON" in usage.stderr
