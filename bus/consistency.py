@@ -251,19 +251,31 @@ def expected_in_working_memory(truth: Truth, held: list[InventoryItem], info: di
     return expected
 
 
+def _status_files_since(home: Home, names: list[str], since: float, wait: float = 3.0) -> dict[str, dict[str, Any]]:
+    """The workers' status files, once each of ``names`` has written its own after ``since`` (a running worker
+    writes one at least every ~1.5 s), or after ``wait`` s: a file from before the log settled shows an older
+    position, such as 0 just after a first burst of traffic."""
+    from workers.runtime import read_worker_status
+
+    deadline = time.monotonic() + wait
+    while True:
+        workers = read_worker_status(home)
+        if all(float(workers.get(n, {}).get("updated", 0)) >= since for n in names) or time.monotonic() > deadline:
+            return workers
+        time.sleep(0.1)
+
+
 KINDS = {"lmdb": ("messages",), "chroma": ("memory", "conversation"), "duckdb": ("messages", "facts", "feedback")}
 
 
 def check(bus: Any, home: Home, *, timeout: float = 30.0) -> CheckReport:
     """Waits (up to ``timeout``) for the stores to catch up, then compares them. Never raises for a
     store that is stopped or does not answer: that is a difference in the report."""
-    from workers.runtime import read_worker_status
-
     load_all()  # replies decode into their contracts
     started = time.monotonic()
     stores = store_groups(bus.status())
     settled, status = settle(bus, stores, timeout)
-    workers = read_worker_status(home)
+    workers = _status_files_since(home, [n for n in stores if status["groups"][n]["members"]], time.time())
     differences: list[Difference] = []
     states: dict[str, StoreState] = {}
     for name in stores:

@@ -53,6 +53,8 @@ def test_check_is_clean_after_traffic_and_names_the_ids_a_stopped_store_lacks(tm
         report = json.loads(done.stdout)
         assert done.returncode == 0, done.stdout + done.stderr
         assert report["ok"] and {st["name"] for st in report["stores"]} == set(ALL)
+        # positions read after the log settled, not from a status file written before the traffic
+        assert all(0 < st["position"] <= report["head"] for st in report["stores"]), report["stores"]
         counts = {st["name"]: st["counts"] for st in report["stores"]}
         assert counts["libsql"] == {"facts": 4, "messages": 6, "feedback": 1}
         assert counts["chroma"] == {"memory": 3, "conversation": 6}  # the superseded fact is not indexed
