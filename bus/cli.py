@@ -32,18 +32,20 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 
 def _fit(table: Table) -> Table:
-    """Keeps every number and one-word header whole in a narrow terminal: a column shrinks no further than its
-    longest word (rich would otherwise shorten ``1234567`` to ``12345…``), and no column rules take the room."""
+    """Keeps every number, name and one-word header whole in a narrow terminal: a column of single words
+    shrinks no further than its longest one (rich would otherwise shorten ``1234567`` to ``12345…``), prose
+    wraps around them, and no column rules take the room."""
     from rich import box
     from rich.text import Text
 
     table.box, table.show_edge, table.padding = box.SIMPLE_HEAD, False, (0, 1, 0, 0)
     for column in table.columns:
         cells = [Text.from_markup(c).plain if isinstance(c, str) else "" for c in column.cells]
-        words = str(column.header).split() + [w for c in cells for w in c.split()]
-        column.min_width = max((len(w) for w in words), default=0)
-        if not any(" " in c for c in cells):  # a column of numbers: its header wraps rather than widening it
-            column.max_width = column.min_width
+        head = max((len(w) for w in str(column.header).split()), default=0)
+        if any(" " in c for c in cells):  # prose: wraps, and folds a word longer than the room left
+            column.overflow, column.min_width = "fold", head
+            continue
+        column.min_width = column.max_width = max([head, *map(len, cells)])  # the header wraps instead
     return table
 
 
@@ -267,12 +269,14 @@ def topics(json_out: JsonOpt = False) -> None:
         typer.echo(json.dumps([{"topic": s.topic, "handled_by": s.handled_by, "description": s.description,
                                 "schema": json_schema(s.topic)} for s in specs], indent=2))
         return
-    t = Table("topic", "handled by", "fields", "description")
-    for s in specs:
+    from rich.padding import Padding
+
+    for s in specs:  # a list, not a table: topic names stay whole in any terminal, the prose wraps under them
         schema = json_schema(s.topic)
         props = schema.get("$defs", {}).get(s.payload.__name__, schema).get("properties", {})
-        t.add_row(s.topic, s.handled_by, ", ".join(props), s.description[:60])
-    out.print(t)
+        out.print(f"[bold]{s.topic}[/]  [cyan]{s.handled_by or 'no worker'}[/]", highlight=False)
+        out.print(Padding(f"{s.description.split('. ', 1)[0].rstrip('.')}.\n[dim]fields: {', '.join(props)}[/]",
+                          (0, 0, 0, 4)), highlight=False)
 
 
 @app.command()
