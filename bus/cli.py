@@ -275,8 +275,9 @@ def topics(json_out: JsonOpt = False) -> None:
         schema = json_schema(s.topic)
         props = schema.get("$defs", {}).get(s.payload.__name__, schema).get("properties", {})
         out.print(f"[bold]{s.topic}[/]  [cyan]{s.handled_by or 'no worker'}[/]", highlight=False)
-        out.print(Padding(f"{s.description.split('. ', 1)[0].rstrip('.')}.\n[dim]fields: {', '.join(props)}[/]",
-                          (0, 0, 0, 4)), highlight=False)
+        first = s.description.split(". ", 1)[0].rstrip(".")
+        lines = [f"{first}." if first else "", f"[dim]fields: {', '.join(props)}[/]"]
+        out.print(Padding("\n".join(filter(None, lines)), (0, 0, 0, 4)), highlight=False)
 
 
 @app.command()
