@@ -258,8 +258,9 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
 
 
 @app.command()
-def topics(json_out: JsonOpt = False) -> None:
+def topics(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
     """Every topic with its payload contract (JSON Schema) and the worker that handles it."""
+    del home  # taken like every command's; the catalog is the same for every home
     from contracts.catalog import load_all
     from contracts.registry import all_specs, json_schema
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from bus.cli import _fit
-from tests.workers_util import REPO, child_env
+from tests.workers_util import cli
 
 
 def test_status_tables_keep_every_number_whole_in_80_columns() -> None:
@@ -26,16 +25,10 @@ def test_status_tables_keep_every_number_whole_in_80_columns() -> None:
     assert "position" in lines[1].split() and "letters" in lines[1].split()  # headers whole too (two lines)
 
 
-def membus(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "bus", *args], env=child_env(), cwd=REPO, capture_output=True,
-                          text=True, timeout=60, check=True)  # not a terminal: 80 columns
-    return done.stdout
-
-
-def test_the_topic_catalog_shows_every_topic_whole_in_80_columns() -> None:
-    shown = membus("topics")
+def test_the_topic_catalog_shows_every_topic_whole_in_80_columns(tmp_path: Path) -> None:
+    shown = cli(tmp_path, "topics").stdout  # not a terminal: 80 columns
     heads = {line.split()[0]: line.split()[1:] for line in shown.splitlines() if line and line[0] != " "}
-    catalog = json.loads(membus("topics", "--json"))  # the same process's registry (tests here register more)
+    catalog = json.loads(cli(tmp_path, "topics", "--json").stdout)  # its registry (tests here register more)
     assert len(catalog) > 40
     assert {t["topic"]: [t["handled_by"]] if t["handled_by"] else ["no", "worker"] for t in catalog} == heads
     assert max(map(len, shown.splitlines())) <= 80
