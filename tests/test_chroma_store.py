@@ -273,6 +273,14 @@ def test_a_user_filter_finds_what_chromas_where_finds(hashed: ChromaBackend, mon
         got = [h.id for h in search(hashed, log, "tea cake", user_id=user, k=10, min_relevance=-1.0)]
         assert sorted(got) == sorted(chroma_where(user)), user
         assert len(got) == owners.count(user)
+    # what a search learnt of u2's and u3's documents does not outlive a write
+    apply_batch(hashed, [log.env("memory.fact.changed", fact(f"f{i}", f"more tea and cake {i}", user=u))
+                         for i, u in ((10, "u2"), (11, "u3"))])
+    for user, expected in (("u2", ["f10", "f8", "f9"]), ("u3", ["f11"])):
+        got = [h.id for h in search(hashed, log, "tea cake", user_id=user, k=10, min_relevance=-1.0)]
+        assert sorted(got) == sorted(chroma_where(user)) == expected, user
+    apply_batch(hashed, [log.env("semantic.remove.request", {"id": f"f{i}", "collection": "memory"},
+                                 reply_to="i") for i in (10, 11)])
     apply_batch(hashed, [log.env("semantic.remove.request", {"id": f"f{i}", "collection": "memory"},
                                  reply_to="i") for i in (8, 9)])  # now every document is u1's
     assert hashed.bm25 is not None and hashed.bm25.count_of_user("memory", "u1") == hashed.size("memory") == 8

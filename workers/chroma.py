@@ -111,6 +111,8 @@ class ChromaBackend(Backend):
         self._collections: dict[str, Any] = {}
         self._sizes: dict[str, int] = {}
         """Each collection's count, known since its last write: Chroma counts 100k records in ~8 ms."""
+        self._scopes: dict[tuple[str, str], tuple[dict[str, Any] | None, list[str] | None]] = {}
+        """(collection, user) -> how a search selects the user's documents (``_scope``), since the last write."""
         self.embedder: Embedder | None = settings.get("embedder")
         self.bm25: Bm25Index | None = None
         self.keyring: KeyRing | None = settings.get("encryption")
@@ -151,7 +153,7 @@ class ChromaBackend(Backend):
             self._client.close()
             self._client = None
         self._collections.clear()
-        self._sizes.clear()
+        self._forget(*COLLECTIONS)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -164,6 +166,12 @@ class ChromaBackend(Backend):
 
     def collection(self, kind: str) -> Any:
         return self._collections[kind]
+
+    def _forget(self, *kinds: str) -> None:
+        """What the worker knows of these collections' contents, before it writes them."""
+        for kind in kinds:
+            self._sizes.pop(kind, None)
+        self._scopes = {key: scope for key, scope in self._scopes.items() if key[0] not in kinds}
 
     def size(self, kind: str) -> int:
         """How many records the collection holds (this worker is the only one writing it)."""
@@ -220,7 +228,7 @@ class ChromaBackend(Backend):
             rows = [i for i, w in enumerate(upserts) if w.collection == kind]
             if rows:
                 chosen = [upserts[i] for i in rows]
-                self._sizes.pop(kind, None)
+                self._forget(kind)
                 self.collection(kind).upsert(
                     ids=[w.id for w in chosen],
                     embeddings=vectors[rows] if len(rows) < len(upserts) else vectors,
@@ -229,7 +237,7 @@ class ChromaBackend(Backend):
                 )
             gone = [w.id for w in final.values() if w.op == "delete" and w.collection == kind]
             if gone:
-                self._sizes.pop(kind, None)
+                self._forget(kind)
                 self.collection(kind).delete(ids=gone)
 
     # -- position and outbox -----------------------------------------------------------------
@@ -417,12 +425,17 @@ class ChromaBackend(Backend):
         assert self.bm25 is not None
         if user_id is None or fields:
             return self._where(user_id, fields), None
-        owned = self.bm25.count_of_user(kind, user_id)
-        if owned == size:
-            return None, None
-        if owned <= IDS_FILTER_MAX:
-            return None, self.bm25.docs_of_user(kind, user_id)
-        return self._where(user_id, fields), None
+        scope = self._scopes.get((kind, user_id))
+        if scope is None:
+            owned = self.bm25.count_of_user(kind, user_id)
+            if owned == size:
+                scope = None, None
+            elif owned <= IDS_FILTER_MAX:
+                scope = None, self.bm25.docs_of_user(kind, user_id)
+            else:
+                scope = self._where(user_id, fields), None
+            self._scopes[(kind, user_id)] = scope
+        return scope
 
     def hybrid_search(self, req: sem.HybridSearch) -> list[sem.SearchHit]:
         assert self.bm25 is not None
