@@ -401,8 +401,10 @@ class ChromaBackend(Backend):
         for kind in self._kinds(req.collection):
             coll = self.collection(kind)
             size = self.size(kind)
+            if size == 0:
+                continue
             where, ids = self._scope(kind, size, req.user_id, req.where)
-            if size == 0 or ids == []:
+            if ids == []:
                 continue
             found = coll.query(query_embeddings=[vector], n_results=min(k, size if ids is None else len(ids)),
                                where=where, ids=ids, include=["documents", "metadatas", "distances"])
