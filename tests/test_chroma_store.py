@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import contracts.semantic
 import contracts.structured  # noqa: F401  (the real memory.fact.changed contract)
 from contracts.envelope import Envelope, make_envelope
 from contracts.registry import encode_payload
+from schemas import registry as schema_registry
 from workers.apply import apply_batch
+from workers.bm25 import SCHEMAS as bm25_schemas
 from workers.bm25 import Bm25Index, terms, tokenize
 from workers.chroma import ChromaBackend
 from workers.embedding import HashEmbedder, load_embedder
@@ -157,6 +160,43 @@ def test_bm25_search_equals_bm25_computed_from_the_texts(texts: list[str], query
     assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
     cutoff = got[-1][1] if got else math.inf
     assert all(expected[doc] <= cutoff * (1 + 1e-9) for doc in set(expected) - {doc for doc, _ in got})
+
+
+def test_an_index_made_before_postings_carried_lengths_is_migrated_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    Bm25Index(conn).create()
+    # What the code before version 2 made: no version tables, postings without their document's length,
+    # written with that code's statements.
+    schema_registry.rollback(conn, "bm25", 1, bm25_schemas)
+    conn.executescript("DROP TABLE schema_applied; DROP TABLE schema_history;")
+    docs = {f"d{i}": (text, f"u{i % 2 + 1}") for i, text in enumerate(
+        ["tea with lemon", "tea tea milk", "jazz in berlin", "hiking knees tea", "coffee coffee jazz"])}
+    for doc_id, (text, owner) in docs.items():
+        counts = Counter(tokenize(text))
+        doc = conn.execute("INSERT INTO bm25_docs (collection, doc_id, user_id, length) VALUES ('m', ?, ?, ?)",
+                           (doc_id, owner, sum(counts.values()))).lastrowid
+        conn.executemany("INSERT INTO bm25_postings (collection, term, doc, tf) VALUES ('m', ?, ?, ?)",
+                         [(term, doc, tf) for term, tf in counts.items()])
+        conn.executemany("INSERT INTO bm25_terms (collection, term, df) VALUES ('m', ?, 1) "
+                         "ON CONFLICT (collection, term) DO UPDATE SET df = df + 1", [(t,) for t in counts])
+        conn.execute("INSERT INTO bm25_stats (collection, docs, total_length) VALUES ('m', 1, ?) ON CONFLICT "
+                     "(collection) DO UPDATE SET docs = docs + 1, total_length = total_length + excluded.total_length",
+                     (sum(counts.values()),))
+    conn.close()
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    index = Bm25Index(conn)
+    index.create()
+    assert [(s.component, s.current) for s in schema_registry.status(conn, bm25_schemas)] == [("bm25", 2)]
+    for query, user in [("tea", None), ("tea jazz", "u1"), ("coffee knees berlin", None)]:
+        expected = bm25_by_hand(docs, query, user)
+        got = index.search("m", query, k=10, user_id=user)
+        assert {doc for doc, _ in got} == set(expected)
+        assert all(score == pytest.approx(expected[doc], rel=1e-9) for doc, score in got)
+    index.add("m", "d9", "tea lemonade")  # written by this code after the migration
+    assert index.search("m", "lemonade")[0][0] == "d9"
+    conn.close()
 
 
 def test_bm25_filters_by_user(bm25: Bm25Index) -> None:

@@ -6,6 +6,9 @@ transaction (the index writes through the connection it is given).
 
 Tokenization and the key a token is stored under live here and nowhere else:
 ``token_key`` is the one place to change when tokens are to be stored as keyed hashes.
+
+The tables have their own version line (``SCHEMAS``, with the registry of ``schemas/``): opening an
+index made by earlier code brings it to the latest version.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from bus.sealing import Blinder
+from schemas.registry import SchemaRegistry, SchemaVersion, apply_all
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _STOPWORD_TEXT = """
@@ -29,36 +33,46 @@ were what when where which while who whom why will with would you your yours you
 """
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS bm25_docs (
-    doc INTEGER PRIMARY KEY,
-    collection TEXT NOT NULL,
-    doc_id TEXT NOT NULL,
-    user_id TEXT,
-    length INTEGER NOT NULL,
-    UNIQUE (collection, doc_id)
-);
-CREATE TABLE IF NOT EXISTS bm25_postings (
-    collection TEXT NOT NULL,
-    term TEXT NOT NULL,
-    doc INTEGER NOT NULL,
-    tf INTEGER NOT NULL,
-    PRIMARY KEY (collection, term, doc)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS bm25_postings_by_doc ON bm25_postings (doc);
-CREATE INDEX IF NOT EXISTS bm25_docs_by_user ON bm25_docs (collection, user_id);
-CREATE TABLE IF NOT EXISTS bm25_terms (
-    collection TEXT NOT NULL,
-    term TEXT NOT NULL,
-    df INTEGER NOT NULL,
-    PRIMARY KEY (collection, term)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS bm25_stats (
-    collection TEXT PRIMARY KEY,
-    docs INTEGER NOT NULL,
-    total_length INTEGER NOT NULL
-);
-"""
+V1_INDEX = SchemaVersion(1, "index", (
+    """CREATE TABLE IF NOT EXISTS bm25_docs (
+        doc INTEGER PRIMARY KEY,
+        collection TEXT NOT NULL,
+        doc_id TEXT NOT NULL,
+        user_id TEXT,
+        length INTEGER NOT NULL,
+        UNIQUE (collection, doc_id))""",
+    """CREATE TABLE IF NOT EXISTS bm25_postings (
+        collection TEXT NOT NULL,
+        term TEXT NOT NULL,
+        doc INTEGER NOT NULL,
+        tf INTEGER NOT NULL,
+        PRIMARY KEY (collection, term, doc)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS bm25_postings_by_doc ON bm25_postings (doc)",
+    "CREATE INDEX IF NOT EXISTS bm25_docs_by_user ON bm25_docs (collection, user_id)",
+    """CREATE TABLE IF NOT EXISTS bm25_terms (
+        collection TEXT NOT NULL,
+        term TEXT NOT NULL,
+        df INTEGER NOT NULL,
+        PRIMARY KEY (collection, term)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS bm25_stats (
+        collection TEXT PRIMARY KEY,
+        docs INTEGER NOT NULL,
+        total_length INTEGER NOT NULL)""",
+), description="Documents, postings, document frequencies and collection sizes. IF NOT EXISTS: the index "
+               "existed before it had versions, and an index made then is taken as version 1.")
+
+V2_POSTING_LENGTH = SchemaVersion(2, "posting_length", (
+    "ALTER TABLE bm25_postings ADD COLUMN length INTEGER NOT NULL DEFAULT 0",
+    "UPDATE bm25_postings SET length = (SELECT d.length FROM bm25_docs d WHERE d.doc = bm25_postings.doc)",
+), rollback=(
+    "ALTER TABLE bm25_postings DROP COLUMN length",
+), description="Each posting carries its document's length, so scoring reads no document row per posting "
+               "(a common term has tens of thousands of postings at 100k documents).")
+
+SCHEMAS = SchemaRegistry()
+"""The index's own version line, kept apart from the libSQL store's (schemas.registry.REGISTRY): the index
+lives in the chroma worker's sidecar database."""
+SCHEMAS.register("bm25", [V1_INDEX, V2_POSTING_LENGTH])
 
 
 def tokenize(text: str) -> list[str]:
@@ -90,7 +104,9 @@ class Bm25Index:
         return user_id if user_id is None or self.blinder is None else self.blinder.blind_text(user_id)
 
     def create(self) -> None:
-        self.conn.executescript(SCHEMA)
+        """Creates the index, or brings one made by earlier code to the latest version (no transaction may be
+        open)."""
+        apply_all(self.conn, SCHEMAS)
 
     def add(self, collection: str, doc_id: str, text: str, user_id: str | None = None) -> None:
         """Indexes ``text`` as ``doc_id``, replacing what was indexed under that id before."""
@@ -103,8 +119,8 @@ class Bm25Index:
         )
         doc = cur.lastrowid
         self.conn.executemany(
-            "INSERT INTO bm25_postings (collection, term, doc, tf) VALUES (?, ?, ?, ?)",
-            [(collection, term, doc, tf) for term, tf in counts.items()],
+            "INSERT INTO bm25_postings (collection, term, doc, tf, length) VALUES (?, ?, ?, ?, ?)",
+            [(collection, term, doc, tf, length) for term, tf in counts.items()],
         )
         self.conn.executemany(
             "INSERT INTO bm25_terms (collection, term, df) VALUES (?, ?, 1) "
@@ -156,9 +172,10 @@ class Bm25Index:
                user_id: str | None = None) -> list[tuple[str, float]]:
         """The ``k`` best (doc_id, score) pairs, best first; documents sharing no term are left out.
 
-        SQLite sums each document's score over the query's postings and keeps the best ``k``: the postings of
-        common terms run to tens of thousands of rows at 100k documents, and a Python loop over them was most
-        of a hybrid query's time."""
+        SQLite sums each document's score over the query's postings, which carry their document's length, and
+        keeps the best ``k``; only those ``k`` read their document row (for its id). The postings of common terms
+        run to tens of thousands of rows at 100k documents. Equal scores rank the document indexed first first.
+        """
         stats = self.conn.execute(
             "SELECT docs, total_length FROM bm25_stats WHERE collection = ?", (collection,)
         ).fetchone()
@@ -176,12 +193,13 @@ class Bm25Index:
         if not found:
             return []
         weights = [(term, math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))) for term, df in found]
-        user = "" if user_id is None else " AND d.user_id = ?"
-        sql = (f"WITH q (term, idf) AS (VALUES {', '.join(['(?, ?)'] * len(weights))}) "
-               "SELECT d.doc_id, SUM(q.idf * p.tf * ? / (p.tf + ? * (1.0 - ? + ? * d.length / ?))) AS score "
-               "FROM q JOIN bm25_postings p ON p.collection = ? AND p.term = q.term "
-               f"JOIN bm25_docs d ON d.doc = p.doc{user} "
-               "GROUP BY d.doc ORDER BY score DESC, d.doc_id LIMIT ?")
+        user = "" if user_id is None else " JOIN bm25_docs u ON u.doc = p.doc AND u.user_id = ?"
+        sql = (f"WITH q (term, idf) AS (VALUES {', '.join(['(?, ?)'] * len(weights))}), "
+               "best AS (SELECT p.doc, SUM(q.idf * p.tf * ? / (p.tf + ? * (1.0 - ? + ? * p.length / ?))) AS score "
+               f"FROM q JOIN bm25_postings p ON p.collection = ? AND p.term = q.term{user} "
+               "GROUP BY p.doc ORDER BY score DESC, p.doc LIMIT ?) "
+               "SELECT d.doc_id, best.score FROM best JOIN bm25_docs d ON d.doc = best.doc "
+               "ORDER BY best.score DESC, best.doc")
         params: list[object] = [v for pair in weights for v in pair]
         params += [self.k1 + 1.0, self.k1, self.b, self.b, avg_len, collection]
         if user_id is not None:
