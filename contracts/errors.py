@@ -99,6 +99,14 @@ class StoreUnavailable(StoreError):
     code = "store_unavailable"
 
 
+class StoreRejected(StoreError):
+    """The store refused what one message asked it to write (a value or a key it cannot hold), and said so only
+    when the batch was written. A worker applies the batch in halves until the message is alone, then answers
+    it ``.failed`` with this error and dead-letters it; the other messages of the batch are applied."""
+
+    code = "store_rejected"
+
+
 class HandlerError(BusError):
     """A handler raised something that is not a BusError; the original type and text are kept."""
 

@@ -56,19 +56,20 @@ def all_specs() -> list[TopicSpec]:
     return [_TOPICS[t] for t in sorted(_TOPICS)]
 
 
-_FIELD_RE = re.compile(r"at `\$((?:\.[^`\[]+|\[\d+\])*)`")
+_FIELD_RE = re.compile(r"at (`key` in )?`\$((?:\.[^`\[]+|\[(?:\d+|\.\.\.)\])*)`")
+"""msgspec's path of the bad value: ``$.a.b[0]``, ``$.a[...]`` (a map's value), or ``key` in `$.a`` (a map's key)."""
 _NAMED_RE = re.compile(r"(?:missing required field|unknown field) `([^`]+)`")
 
 
 def _validation_error(topic: str, exc: Exception) -> ValidationError:
     text = str(exc)
     m = _FIELD_RE.search(text)
-    field = m.group(1).lstrip(".") if m else ""
+    field = m.group(2).lstrip(".") if m else ""
     named = _NAMED_RE.search(text)
     if named:  # "Object missing required field `x` - at `$.a`" names x inside a
         field = f"{field}.{named.group(1)}" if field else named.group(1)
     expected = text.split(" - at ")[0]
-    where = f" field {field!r}" if field else ""
+    where = f" field {field!r}" + (" (a key)" if m and m.group(1) else "") if field else ""
     return ValidationError(f"invalid payload for topic {topic!r}{where}: {expected}", topic=topic, field=field,
                            expected=expected)
 

@@ -16,6 +16,9 @@ from contracts.registry import register
 Collection = Literal["memory", "conversation", "all"]
 """``memory``: facts and memories; ``conversation``: conversation messages and segments."""
 MetaValue = str | int | float | bool
+MetaKey = Annotated[str, msgspec.Meta(pattern=r"^[^#$]", max_length=256,
+                                      description="not empty, and not starting with # or $ (Chroma's own keys)")]
+"""A metadata field's name as Chroma can store and filter it."""
 K = Annotated[int, msgspec.Meta(ge=1, le=200)]
 Relevance = Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)]
 
@@ -29,7 +32,7 @@ class SemanticSearch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     k: K = 5
     min_relevance: Relevance = 0.0
     """Cosine similarity below which a hit is left out."""
-    where: dict[str, MetaValue] = {}
+    where: dict[MetaKey, MetaValue] = {}
     """Metadata fields that must be equal, e.g. ``{"conversation_id": "c1"}``."""
 
 
@@ -62,7 +65,7 @@ class IndexText(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     text: str
     collection: Literal["memory", "conversation"] = "memory"
     user_id: str | None = None
-    metadata: dict[str, MetaValue] = {}
+    metadata: dict[MetaKey, MetaValue] = {}
 
 
 class RemoveText(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

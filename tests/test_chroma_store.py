@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import contracts.semantic
 import contracts.structured  # noqa: F401  (the real memory.fact.changed contract)
 from contracts.envelope import Envelope, make_envelope
+from contracts.errors import StoreRejected
 from contracts.registry import encode_payload
 from schemas import registry as schema_registry
 from workers.apply import apply_batch
@@ -346,6 +347,17 @@ def test_position_and_index_survive_reopen(tmp_path: Path) -> None:
         assert {h.id for h in hits} == {"f1", "note-1"}
     finally:
         again.close()
+
+
+def test_a_record_chroma_refuses_fails_its_transaction_as_rejected_and_writes_nothing(
+        hashed: ChromaBackend) -> None:
+    """The contracts keep such keys out (a ``#`` starts Chroma's own keys); a record that gets past them anyway
+    is refused at commit as a StoreRejected, which the runtime isolates, not as a StoreError it would retry for
+    ever."""
+    with pytest.raises(StoreRejected, match="for a memory record"), hashed.transaction() as txn:
+        hashed.index(txn, "memory", "good", "a fine text", {"user_id": "u1"})
+        hashed.index(txn, "memory", "bad", "another text", {"user_id": "u1", "#document": "x"})
+    assert hashed.size("memory") == 0 and hashed.bm25 is not None and hashed.bm25.count("memory") == 0
 
 
 def test_superseded_fact_is_no_longer_returned(hashed: ChromaBackend) -> None:

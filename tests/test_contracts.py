@@ -106,6 +106,24 @@ def test_validation_error_names_topic_field_and_expectation() -> None:
     assert nested.value.field == "tags[0]"
 
 
+def test_a_bad_key_or_value_in_a_map_is_named_by_its_field() -> None:
+    import contracts.semantic  # noqa: F401  (registers the semantic topics)
+
+    for key in ("#document", "$and", ""):  # Chroma's own keys and operators, and no name at all
+        with pytest.raises(ValidationError) as info:
+            decode_payload("semantic.index.request", msgspec.msgpack.encode(
+                {"id": "a", "text": "t", "metadata": {key: 1}}))
+        assert info.value.field == "metadata" and "field 'metadata' (a key)" in info.value.message
+    with pytest.raises(ValidationError) as where:
+        encode_payload("memory.search.semantic.request", {"query": "q", "where": {"$or": 1}})
+    assert where.value.field == "where"
+    with pytest.raises(ValidationError) as value:
+        encode_payload("semantic.index.request", {"id": "a", "text": "t", "metadata": {"tags": [1]}})
+    assert value.value.field == "metadata[...]"
+    assert decode_payload("semantic.index.request", msgspec.msgpack.encode(
+        {"id": "a", "text": "t", "metadata": {"source#1": 1}})).metadata == {"source#1": 1}
+
+
 def test_unknown_topic_is_typed_when_strict() -> None:
     with pytest.raises(UnknownTopic):
         decode_payload("nobody.knows.this", b"\x01", strict=True)

@@ -381,6 +381,36 @@ def test_a_message_that_kills_its_worker_is_isolated_then_dead_lettered_and_the_
         assert worker.fresh_status()["suspects"] == ""  # past the suspects: batches as usual again
 
 
+def _fact_changed(i: int, version: int = 1) -> dict[str, Any]:
+    """A fact as the libSQL worker announces it; the analytics worker follows these."""
+    when = "2026-01-01T00:00:00Z"
+    return {"op": "created", "fact_id": effect_id(i), "user_id": "u1", "text": f"fact {i}", "fact_type": "personal",
+            "category": "general", "confidence": 0.9, "metadata": {}, "created_at": when, "last_updated": when,
+            "last_accessed": when, "access_count": 0, "version": version, "superseded_by": None,
+            "supersedes": None, "updated_at": when}
+
+
+def test_a_message_its_store_refuses_at_commit_is_dead_lettered_alone_and_the_rest_of_its_batch_applied(
+        system: System) -> None:
+    """DuckDB refuses a fact version beyond BIGINT only when the batch's rows are written, at commit: nothing
+    tells which message of the batch it was. The worker applies the batch in halves until that message is alone,
+    answers it with the store's refusal and dead-letters it, and applies the others once each."""
+    bus = system.bus
+    seqs = publish_all(bus, "memory.fact.changed", [_fact_changed(i, 2**63 if i == 7 else 1) for i in range(12)])
+    worker = system.worker(DUCKDB.name)  # after the publishes: the twelve facts come in one batch
+    wait_caught_up(bus, DUCKDB.name)
+    facts = _inventory("analytics.inventory.request", "facts")
+    assert Counter(facts(bus)) == Counter(effect_id(i) for i in range(12) if i != 7)
+    dead = [m.payload for m in bus.replay(topic=DEAD_LETTER_TOPIC)]
+    assert [(d["group"], d["seq"], d["topic"]) for d in dead] == [(DUCKDB.name, seqs[7], "memory.fact.changed")]
+    assert "duckdb store refused" in dead[0]["reason"] and "INT64" in dead[0]["reason"]
+    status = worker.fresh_status()
+    assert (status["failed"], status["dead_lettered"], status["stalled"]) == (1, 1, "")
+    publish_all(bus, "memory.fact.changed", [_fact_changed(12)])  # and it goes on
+    wait_caught_up(bus, DUCKDB.name)
+    assert effect_id(12) in facts(bus)
+
+
 def test_a_range_marked_by_a_process_that_ended_after_its_commit_is_not_suspected(tmp_path: Path) -> None:
     """The process can end between a transaction's commit and the marker's clearing: the next run finds the
     range already applied, so it suspects nothing and applies in batches."""

@@ -18,7 +18,7 @@ import structlog
 from bus.logs import handling
 from bus.protocol import DEAD_LETTER_TOPIC
 from contracts.envelope import Envelope, encode_new
-from contracts.errors import BusError, HandlerError, StoreUnavailable, UnknownTopic
+from contracts.errors import BusError, HandlerError, StoreRejected, StoreUnavailable, UnknownTopic
 from contracts.registry import decode_payload, encode_payload, to_builtins
 from contracts.topics import reply_topics
 from workers.base import Backend, Context
@@ -53,7 +53,7 @@ def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
     for i, (topic, payload) in enumerate(outcome.events):
         out.append(encode_new(topic, encode_payload(topic, payload), correlation_id=env.correlation_id,
                               causation_id=env.id, message_id=derived_id(worker, env.seq, i))[1])
-    if outcome.status == "failed" and isinstance(outcome.error, HandlerError):
+    if outcome.status == "failed" and isinstance(outcome.error, HandlerError | StoreRejected):
         dead = {"group": worker, "seq": env.seq, "topic": env.topic, "message_id": env.id,
                 "attempts": outcome.error.fields.get("attempts", 0), "reason": outcome.error.message}
         out.append(encode_new(DEAD_LETTER_TOPIC, encode_payload(DEAD_LETTER_TOPIC, dead),
@@ -73,7 +73,7 @@ def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
 
 def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None = None,
                 final_attempt: set[int] | frozenset[int] = frozenset(),
-                attempt: int = 1, condemned: Mapping[int, HandlerError] | None = None) -> tuple[list[Outcome], int]:
+                attempt: int = 1, condemned: Mapping[int, BusError] | None = None) -> tuple[list[Outcome], int]:
     """Applies ``batch`` (in log order) in one transaction; returns the outcomes and the new position.
 
     A message whose handler raises an unexpected error is rolled back alone and reported as
@@ -82,8 +82,9 @@ def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None
     position past them. A seq at or below the position, including one already applied earlier in
     this batch (a redelivery after an ack timeout can sit in the same batch), is ``skipped``.
     A StoreUnavailable (full disk, I/O error) from a handler or the commit aborts the whole batch: nothing is
-    applied, and the caller tries it again. A message in ``condemned`` is not handled: it fails with its error
-    there, and is dead-lettered (workers/suspects.py).
+    applied, and the caller tries it again. So does a StoreRejected (the store refused a write, often only at
+    commit); the caller then applies the batch in halves. A message in ``condemned`` is not handled: it fails
+    with its error there, and is dead-lettered (workers/suspects.py, or a message the store rejected alone).
     """
     if position is None:
         position = backend.load_position()
@@ -136,8 +137,8 @@ def _apply_one(backend: Backend, txn: Any, env: Envelope, final: int) -> Outcome
             with backend.savepoint(txn):
                 reply = handler(backend, txn, payload, ctx)
             return Outcome(env.seq, env.topic, "applied", reply=reply, events=ctx.events)
-        except StoreUnavailable:
-            raise  # the store's trouble, not the message's: the whole batch is rolled back and tried again later
+        except (StoreUnavailable, StoreRejected):
+            raise  # the whole batch is rolled back: tried again later, or (rejected) in halves by the runtime
         except BusError as exc:
             log.info("message.failed", code=exc.code, error=exc.message)
             return Outcome(env.seq, env.topic, "failed", error=exc)

@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 import contracts.semantic as sem
 from bus.keys import KeyRing
 from bus.sealing import Blinder, open_sealed, seal
-from contracts.errors import BusError, IntegrityError, StoreError
+from contracts.errors import BusError, IntegrityError, StoreError, StoreRejected
 from contracts.inventory import InventoryItem, InventoryPage
 from workers.base import Backend, Context, handles
 from workers.bm25 import Bm25Index
@@ -229,12 +229,13 @@ class ChromaBackend(Backend):
             if rows:
                 chosen = [upserts[i] for i in rows]
                 self._forget(kind)
-                self.collection(kind).upsert(
-                    ids=[w.id for w in chosen],
-                    embeddings=vectors[rows] if len(rows) < len(upserts) else vectors,
-                    documents=[self._stored_document(w) for w in chosen],
-                    metadatas=[self._stored_metadata(w) for w in chosen],
-                )
+                ids, documents = [w.id for w in chosen], [self._stored_document(w) for w in chosen]
+                metadatas = [self._stored_metadata(w) for w in chosen]
+                try:
+                    self.collection(kind).upsert(ids=ids, embeddings=vectors[rows] if len(rows) < len(upserts)
+                                                 else vectors, documents=documents, metadatas=metadatas)
+                except (_invalid_argument(), TypeError, ValueError, OverflowError) as exc:
+                    raise StoreRejected(f"{type(exc).__name__} for a {kind} record: {exc}", store="chroma") from exc
             gone = [w.id for w in final.values() if w.op == "delete" and w.collection == kind]
             if gone:
                 self._forget(kind)
@@ -518,6 +519,13 @@ def _blind_where(where: Any, blinder: Blinder) -> Any:
     if isinstance(where, list):
         return [_blind_where(v, blinder) for v in where]
     return blinder.blind_text(where) if isinstance(where, str) else where
+
+
+def _invalid_argument() -> type[Exception]:
+    """What Chroma raises for a record it cannot hold (a reserved or empty metadata key, ...)."""
+    from chromadb.errors import InvalidArgumentError
+
+    return InvalidArgumentError
 
 
 def _chroma_error() -> type[Exception]:

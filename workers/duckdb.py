@@ -30,7 +30,7 @@ import structlog
 
 import contracts.analytics as an
 from contracts.envelope import Envelope
-from contracts.errors import BusError, StoreError, StoreUnavailable, ValidationError
+from contracts.errors import BusError, StoreError, StoreRejected, StoreUnavailable, ValidationError
 from contracts.ids import id_time_ms
 from contracts.inventory import InventoryItem, InventoryPage
 from workers.base import Backend, Context, handles
@@ -93,15 +93,22 @@ class DuckTxn:
         for table, key, row in self.ops[self.flushed:]:
             final.setdefault(table, {})[key] = row
         self.flushed = len(self.ops)
-        for table, rows in final.items():
-            gone = [key for key, row in rows.items() if row is None]
-            if gone:
-                self.con.execute(f"DELETE FROM {table} WHERE {KEYS[table]} IN (SELECT unnest(?))", [gone])
-            kept = [row for row in rows.values() if row is not None]
-            if kept:
-                appender = self.con.appender(table, action="insert" if table in self.append_only else "upsert")
-                appender.append_rows(kept)
-                appender.flush()
+        try:
+            for table, rows in final.items():
+                gone = [key for key, row in rows.items() if row is None]
+                if gone:
+                    self.con.execute(f"DELETE FROM {table} WHERE {KEYS[table]} IN (SELECT unnest(?))", [gone])
+                kept = [row for row in rows.values() if row is not None]
+                if kept:
+                    appender = self.con.appender(table, action="insert" if table in self.append_only else "upsert")
+                    appender.append_rows(kept)
+                    appender.flush()
+        except duckdb.DataError as exc:  # a value a column cannot hold, e.g. an integer beyond BIGINT
+            raise StoreRejected(f"{type(exc).__name__}: {exc}", store="duckdb") from exc
+        except duckdb.ConstraintException as exc:
+            if self.append_only:
+                raise  # perhaps a row already there (DuckdbBackend.transaction): tried again upserting
+            raise StoreRejected(f"{type(exc).__name__}: {exc}", store="duckdb") from exc
 
 
 def _window(column: str, req: an.Window, scale: float = 1.0) -> tuple[str, list[Any]]:
@@ -226,7 +233,7 @@ class DuckdbBackend(Backend):
             raise
         except duckdb.ConstraintException as exc:
             if not self.append_only:
-                raise StoreError(f"duckdb store: {type(exc).__name__}: {exc}", store="duckdb") from exc
+                raise StoreRejected(f"{type(exc).__name__}: {exc}", store="duckdb") from exc
             log.warning("duckdb.append_conflict", error=str(exc), tables=sorted(self.append_only))
             self.append_only = frozenset()  # the batch is tried again, upserting
             raise StoreError(f"duckdb store: a key already there, the batch is tried again upserting: {exc}",

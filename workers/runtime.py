@@ -8,7 +8,9 @@ publish the outbox, ack. A transient handler error is retried here, in order,
 with back-off; after ``max_attempts`` the message is answered ``.failed`` and
 dead-lettered, and the worker goes on. A batch the store cannot take (a full disk, an I/O error: StoreError) is
 tried again until it can, for as long as it takes (and below ``min_free_mb`` of free disk no batch goes to the
-store at all, so it never gets full). While one batch takes long, for whatever reason, a thread tells the
+store at all, so it never gets full). A batch the store refuses to write for what one message holds (StoreRejected,
+often known only at commit) is applied in halves until that message is alone; it is answered ``.failed`` and
+dead-lettered unhandled, and the rest is applied. While one batch takes long, for whatever reason, a thread tells the
 broker the worker is still working on its messages (TOUCH), so they are neither redelivered nor
 dead-lettered. A store call that does not return in ``wedged_after_s`` ends the process through faulthandler's
 native timer, which needs no GIL and prints every thread's stack first: a new process recovers, and ``membus up``
@@ -42,7 +44,7 @@ from bus.message import Delivery
 from bus.sealing import store_keyring
 from contracts.catalog import load_all
 from contracts.envelope import Envelope
-from contracts.errors import BusError, HandlerError, StoreError, StoreUnavailable
+from contracts.errors import BusError, HandlerError, StoreError, StoreRejected, StoreUnavailable
 from workers.apply import Outcome, apply_batch
 from workers.base import Backend
 from workers.registry import load
@@ -207,6 +209,8 @@ class WorkerRuntime:
         attempt = 1
         stalls = 0
         flight: _Flight | None = None
+        rejected: dict[int, BusError] = {}
+        """The message the store refused when it was applied alone: failed unhandled on the next try."""
         while pending:
             final = {e.seq for e in pending} if attempt >= self.max_attempts else set()
             self._added.clear()
@@ -216,11 +220,26 @@ class WorkerRuntime:
                 self._check_room()
                 self._marker.mark(pending[0].seq, pending[-1].seq, deaths, len(pending))
                 try:
+                    condemned = self._condemned(pending[0], deaths) or rejected
                     outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
-                                                     attempt=attempt, condemned=self._condemned(pending[0], deaths))
+                                                     attempt=attempt, condemned=condemned)
                 finally:
                     self._marker.clear()
-            except StoreError as exc:  # the store could not take the batch (disk full, I/O): nothing was applied
+            except StoreError as exc:  # the store did not take the batch (disk full, I/O, a refusal): nothing applied
+                if isinstance(exc, StoreRejected) and len(pending) > 1:
+                    log.warning("batch.rejected", error=exc.message, first_seq=pending[0].seq, messages=len(pending))
+                    seqs = {e.seq for e in pending}
+                    rest = [d for d in batch if d.seq in seqs]
+                    half = len(rest) // 2
+                    position = self._apply_until_done(bus, consumer, rest[:half], position, flights)
+                    return self._apply_until_done(bus, consumer, rest[half:], position, flights)
+                if isinstance(exc, StoreRejected) and pending[0].seq not in rejected:
+                    env = pending[0]
+                    log.error("message.rejected", seq=env.seq, topic=env.topic, error=exc.message)
+                    rejected[env.seq] = StoreRejected(
+                        f"the {self.name} store refused what this message asked it to write: {exc.message}",
+                        topic=env.topic, attempts=attempt)
+                    continue
                 self.stats["errors"] += 1
                 stalls += 1
                 log.error("batch.commit_failed", error=exc.message, code=exc.code, first_seq=pending[0].seq,
@@ -324,7 +343,7 @@ class WorkerRuntime:
         for o in outcomes:
             if o.status in ("applied", "observed", "failed", "skipped"):
                 self.stats[o.status] += 1
-            if o.status == "failed" and o.error is not None and o.error.code == "handler":
+            if o.status == "failed" and isinstance(o.error, HandlerError | StoreRejected):
                 self.stats["dead_lettered"] += 1
 
     def _flush_outbox(self, bus: Bus) -> None:
