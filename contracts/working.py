@@ -15,8 +15,10 @@ from contracts.registry import register
 WORKER = "lmdb"
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
-UnixTime = Annotated[float, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3_155_760_000)]
+"""Up to a century (no infinity: expiry times are whole milliseconds)."""
+UnixTime = Annotated[float, msgspec.Meta(ge=0, le=32_503_680_000)]
+"""Up to the year 3000."""
 
 
 class WorkingMessage(msgspec.Struct, frozen=True):

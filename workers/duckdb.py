@@ -385,6 +385,10 @@ class DuckdbBackend(Backend):
     def on_export(self, txn: DuckTxn, req: an.ExportQuery, ctx: Context) -> an.ExportResult:
         self._ask(txn, ctx)
         base = self.export_dir.resolve()
+        if "\x00" in req.path or any(len(part.encode()) > 255 for part in Path(req.path).parts):
+            raise ValidationError(f"export path {req.path[:80]!r} is not a file name this system can make",
+                                  topic=ctx.envelope.topic, field="path",
+                                  expected="no NUL, and at most 255 bytes of UTF-8 between slashes")
         target = (base / req.path).resolve()
         if not target.is_relative_to(base) or target == base:
             raise ValidationError(f"export path {req.path!r} leaves the export folder",

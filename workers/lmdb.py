@@ -68,6 +68,7 @@ from contracts.working import (
     ConversationClearReply,
     RecentReply,
     RecentRequest,
+    UnixTime,
     WorkingInventory,
     WorkingMessage,
 )
@@ -123,7 +124,8 @@ class MessageChanged(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     role: str
     text: str
-    created_at: float
+    created_at: UnixTime
+    """Bounded: NaN or infinity would fail in the handler, every time, as a retried error."""
 
 
 _forks = 0
@@ -933,7 +935,12 @@ class LmdbBackend(Backend):
         items: list[InventoryItem] = []
         last = b""
         cursor = txn.current.cursor(db=self._db["messages"])
-        start = bytes.fromhex(payload.cursor)
+        try:
+            start = bytes.fromhex(payload.cursor)
+        except ValueError:
+            raise ValidationError(f"cursor {payload.cursor[:40]!r} is not one this worker returned",
+                                  topic=ctx.envelope.topic, field="cursor",
+                                  expected="the cursor of the previous page, or empty") from None
         positioned = cursor.set_range(start) if start else cursor.first()
         if positioned and start and bytes(cursor.key()) == start:
             positioned = cursor.next()
