@@ -32,10 +32,10 @@ def extreme(t: mi.Type, variant: int) -> Any:
         high = t.le if t.le is not None else t.lt - 1 if t.lt is not None else 2**64 - 1
         return (high, low, min(high, 2**63), max(low, min(high, 0)))[variant]
     if isinstance(t, mi.FloatType):
-        if t.ge is None and t.gt is None and t.le is None and t.lt is None:
-            return (float("inf"), float("-inf"), float("nan"), 1e308)[variant]
-        bound = t.le if t.le is not None else t.ge
-        return bound if bound is not None else None
+        high = t.le if t.le is not None else float("inf") if t.lt is None else None
+        low = t.ge if t.ge is not None else float("-inf") if t.gt is None else None
+        nan = float("nan") if high == float("inf") and low == float("-inf") else high
+        return (high, low, nan, 1e308 if high == float("inf") else high)[variant]
     if isinstance(t, mi.StrType):
         if t.pattern:
             return None
