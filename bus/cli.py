@@ -323,6 +323,7 @@ def rebuild(store: Annotated[str, typer.Argument(help="The store worker: lmdb, l
 
     from bus.consistency import Progress as Step
     from bus.consistency import rebuild as run_rebuild
+    from bus.consistency import wait_for_takeover
     from workers.registry import backends
 
     logs.configure(level="warning")
@@ -331,6 +332,7 @@ def rebuild(store: Annotated[str, typer.Argument(help="The store worker: lmdb, l
         raise typer.Exit(2)
     if not yes and not typer.confirm(f"Delete the {store} store and rebuild it from the log?"):
         raise typer.Exit(1)
+    successor: int | None = None
     try:
         with _bus(home) as bus, Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                          MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
@@ -344,16 +346,20 @@ def rebuild(store: Annotated[str, typer.Argument(help="The store worker: lmdb, l
                            completed=step.target if step.phase == "done" else step.position)
 
             result = run_rebuild(bus, _home(home), store, on_progress=show, timeout=timeout)
+            if result.supervisor:
+                bar.update(task, description=f"{store}: waiting for its worker to take over")
+                successor = wait_for_takeover(_home(home), result, timeout=timeout or 120.0)
     except BusError as exc:
         _fail(exc)
         return
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/]: {store} is partly rebuilt; its worker resumes from where it stopped")
         raise typer.Exit(130) from None
+    after = (f"its worker under `membus up` (pid {successor}) has taken over" if result.supervisor else
+             f"start its worker with `membus worker {store}` (or `membus up`)")
     stopped = f"stopped pid {result.stopped_pid}; " if result.stopped_pid else ""
     out.print(f"[bold green]rebuilt[/] {store}: applied the log up to {result.position} (head {result.head}) "
-              f"in {result.seconds:.1f} s; {stopped}under `membus up` its worker takes over now, otherwise start "
-              f"it with `membus worker {store}`", highlight=False)
+              f"in {result.seconds:.1f} s; {stopped}{after}", highlight=False)
 
 
 @app.command()

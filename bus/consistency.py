@@ -19,7 +19,8 @@ in between) is confirmed against a second libSQL listing before it is reported.
 Rebuild writes the flag, stops the worker (SIGTERM to the lock holder) and takes the lock, wipes the
 store (``Backend.wipe``), runs the worker in this process from position 0 until its group has applied
 the whole log, then releases both: under ``membus up`` the restarted worker, which was waiting, takes
-over from the rebuilt position.
+over from the rebuilt position, and ``membus rebuild`` returns once it has (``wait_for_takeover``; a
+worker's status names the ``membus up`` that runs it).
 """
 
 from __future__ import annotations
@@ -446,6 +447,8 @@ class RebuildResult:
     head: int
     seconds: float
     stopped_pid: int | None
+    supervisor: int | None = None
+    """The ``membus up`` that ran the stopped worker, if still alive: it starts a new one, which takes over."""
 
 
 def stop_worker(home: Home, name: str, lock: StoreLock, timeout: float) -> int | None:
@@ -497,17 +500,43 @@ def rebuild(bus: Any, home: Home, name: str, *, on_progress: Callable[[Progress]
     lock = StoreLock(home, name)
     try:
         on_progress(Progress(name, "stopping"))
+        running = _worker_status(home, name)
         stopped = stop_worker(home, name, lock, stop_timeout)
+        supervisor = running.get("supervisor") if stopped and running.get("pid") == stopped else None
         on_progress(Progress(name, "wiping"))
         runtime = make_runtime(name, home)
         runtime.backend.wipe()
         log.info("rebuild.wiped", worker=name, path=str(runtime.backend.data_dir))
         position = _replay(bus, runtime, name, on_progress, started, timeout)
-        return RebuildResult(name, position, int(bus.status()["head"]), time.monotonic() - started, stopped)
+        return RebuildResult(name, position, int(bus.status()["head"]), time.monotonic() - started, stopped,
+                             supervisor if isinstance(supervisor, int) and pid_alive(supervisor) else None)
     finally:
         lock.release()
         with contextlib.suppress(FileNotFoundError):
             flag.unlink()
+
+
+def wait_for_takeover(home: Home, result: RebuildResult, timeout: float = 120.0) -> int:
+    """After a rebuild under ``membus up``: waits until a new worker process has the store and has written its
+    status from the rebuilt position on; returns its pid. (Until then ``membus check`` finds no worker.)"""
+    since = time.time()
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _worker_status(home, result.store)
+        pid = status.get("pid")
+        if (isinstance(pid, int) and pid not in (result.stopped_pid, os.getpid()) and pid_alive(pid)
+                and status.get("updated", 0) >= since and int(status.get("position", 0)) >= result.position):
+            return pid
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {result.store} worker took over the rebuilt store within {timeout:.0f} s "
+                               f"(see `membus status` and the log of `membus up`)", store=result.store)
+        time.sleep(0.1)
+
+
+def _worker_status(home: Home, name: str) -> dict[str, Any]:
+    from workers.runtime import read_worker_status
+
+    return read_worker_status(home).get(name, {})
 
 
 def _replay(bus: Any, runtime: Any, name: str, on_progress: Callable[[Progress], None], started: float,

@@ -22,6 +22,9 @@ from bus.home import Home
 
 log = structlog.get_logger("membus.supervisor")
 
+SUPERVISOR_ENV = "MEMBUS_SUPERVISOR_PID"
+"""Set for every child: a worker shows it in its status, so ``membus rebuild`` knows a new worker will come."""
+
 
 @dataclass
 class Child:
@@ -37,12 +40,13 @@ class Child:
     """Only this child's derived keys, handed over an inherited pipe at every start."""
 
     def start(self) -> None:
+        env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
         if not self.keyrings:
-            self.proc = subprocess.Popen(self.argv)
+            self.proc = subprocess.Popen(self.argv, env=env)
         else:
             fd = keys.keyring_pipe(self.keyrings)
             try:
-                self.proc = subprocess.Popen(self.argv, pass_fds=(fd,), env={**os.environ, keys.ENV_KEY_FD: str(fd)})
+                self.proc = subprocess.Popen(self.argv, pass_fds=(fd,), env={**env, keys.ENV_KEY_FD: str(fd)})
             finally:
                 os.close(fd)
         self.started = time.monotonic()

@@ -167,6 +167,24 @@ def test_the_cli_publishes_requests_replays_and_reports_status(up: UpProcess, co
     assert not [m for m in companion.replay(from_seq=head + 1, topic="companion.mood.changed")]  # nothing sent
 
 
+def test_a_store_rebuilt_under_up_is_back_in_service_when_rebuild_returns(up: UpProcess, companion: Bus) -> None:
+    """`membus rebuild` stops the store's worker; `membus up` starts another, which waits for the rebuild and
+    then loads its store. Rebuild returns once that worker has taken over, so a `membus check` right after it
+    finds every store running and consistent (it found the store not running before)."""
+    for i, text in enumerate(TURNS[:2]):
+        say(companion, "c-rebuild", i, text)
+    home = up.home.path
+    before = up.worker_pid("libsql")
+    rebuilt = cli(home, "rebuild", "libsql", "--yes", timeout=180.0)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    successor = up.worker_pid("libsql")
+    assert successor not in (None, before)
+    assert f"(pid {successor}) has taken over" in " ".join(rebuilt.stdout.split())
+    checked = cli(home, "check", timeout=180.0)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "consistent" in checked.stdout
+
+
 def test_sigterm_stops_membus_up_and_every_child_cleanly(tmp_path: Path) -> None:
     system = UpProcess(tmp_path / "home", WORKERS)
     try:

@@ -42,6 +42,7 @@ from bus.connection import Pending
 from bus.home import Home
 from bus.message import Delivery
 from bus.sealing import store_keyring
+from bus.supervisor import SUPERVISOR_ENV
 from contracts.catalog import load_all
 from contracts.envelope import Envelope
 from contracts.errors import BusError, HandlerError, StoreError, StoreRejected, StoreUnavailable
@@ -108,9 +109,11 @@ class WorkerRuntime:
         self.stats: dict[str, Any] = {"worker": name, "pid": os.getpid(), "applied": 0, "observed": 0, "failed": 0,
                                       "skipped": 0, "retried": 0, "dead_lettered": 0, "batches": 0,
                                       "last_batch": 0, "max_batch": 0, "position": 0, "errors": 0,
-                                      "stalled": "", "suspects": ""}
+                                      "stalled": "", "suspects": "",
+                                      "supervisor": int(os.environ.get(SUPERVISOR_ENV) or 0) or None}
         """``stalled``: why the store cannot take the current batch, while the worker keeps trying ("" otherwise).
-        ``suspects``: the seqs a process ended while applying, now applied in chunks, then alone ("" otherwise)."""
+        ``suspects``: the seqs a process ended while applying, now applied in chunks, then alone ("" otherwise).
+        ``supervisor``: the pid of the ``membus up`` that restarts this worker when it ends (None: nothing does)."""
         self._last_status = 0.0
         self._sending: set[int] = set()
         """Outbox entries (by seq) published and not yet acknowledged by the broker."""
