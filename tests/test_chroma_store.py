@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sqlite3
 from collections import Counter
@@ -161,6 +162,33 @@ def test_bm25_search_equals_bm25_computed_from_the_texts(texts: list[str], query
     assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
     cutoff = got[-1][1] if got else math.inf
     assert all(expected[doc] <= cutoff * (1 + 1e-9) for doc in set(expected) - {doc for doc, _ in got})
+
+
+def index_rows(index: Bm25Index) -> list[list[tuple[Any, ...]]]:
+    return [index.conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3").fetchall()
+            for table in ("bm25_docs", "bm25_postings", "bm25_terms", "bm25_stats")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(changes=st.lists(st.tuples(st.sampled_from(["m", "c"]), st.sampled_from(["a", "b", "c", "d"]),
+                                  st.one_of(st.none(), st.lists(st.sampled_from(WORDS), max_size=6).map(" ".join)),
+                                  st.sampled_from([None, "u1", "u2"])), max_size=25),
+       cuts=st.lists(st.integers(0, 25), max_size=4))
+def test_writing_changes_in_batches_gives_the_index_adding_them_one_at_a_time_gives(
+        changes: list[tuple[str, str, str | None, str | None]], cuts: list[int]) -> None:
+    """Document numbers included (equal scores rank by them), however the changes are cut into batches."""
+    one, batched = (Bm25Index(sqlite3.connect(":memory:", isolation_level=None)) for _ in range(2))
+    one.create()
+    batched.create()
+    for collection, doc_id, text, user in changes:
+        if text is None:
+            one.remove(collection, doc_id)
+        else:
+            one.add(collection, doc_id, text, user)
+    bounds = [0, *sorted(cuts), len(changes)]
+    for start, end in itertools.pairwise(bounds):
+        batched.write(changes[start:end])
+    assert index_rows(batched) == index_rows(one)
 
 
 def test_an_index_made_before_postings_carried_lengths_is_migrated_on_open(tmp_path: Path) -> None:
@@ -347,6 +375,25 @@ def test_position_and_index_survive_reopen(tmp_path: Path) -> None:
         assert {h.id for h in hits} == {"f1", "note-1"}
     finally:
         again.close()
+
+
+def test_a_search_that_fails_after_indexing_the_batch_so_far_leaves_that_indexing_in_place(
+        hashed: ChromaBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search first writes what earlier messages of its batch queued (BM25 is written in the sidecar's
+    transaction); when the search then fails, its savepoint's rollback takes that BM25 indexing with it, and
+    the commit must write it again."""
+    log = Log()
+
+    def fail(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("the search failed")
+
+    monkeypatch.setattr(hashed, "semantic_search", fail)
+    batch = [log.env("memory.fact.changed", fact("f1", "my parrot speaks three languages")),
+             log.env("memory.search.semantic.request", {"query": "parrot"}, reply_to="inbox-1")]
+    outcomes, _ = apply_batch(hashed, batch)
+    assert [o.status for o in outcomes] == ["applied", "retry"]
+    assert hashed.bm25 is not None and [d for d, _ in hashed.bm25.search("memory", "parrot")] == ["f1"]
+    assert hashed.size("memory") == 1
 
 
 def test_a_record_chroma_refuses_fails_its_transaction_as_rejected_and_writes_nothing(

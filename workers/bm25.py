@@ -99,6 +99,7 @@ class Bm25Index:
         self.b = b
         self.blinder = blinder
         """Tokens and user ids are stored as keyed hashes (keyed BLAKE2b, bus.sealing.Blinder) when given."""
+        self._keys: dict[str, str] = {}
 
     def _user(self, user_id: str | None) -> str | None:
         return user_id if user_id is None or self.blinder is None else self.blinder.blind_text(user_id)
@@ -110,24 +111,61 @@ class Bm25Index:
 
     def add(self, collection: str, doc_id: str, text: str, user_id: str | None = None) -> None:
         """Indexes ``text`` as ``doc_id``, replacing what was indexed under that id before."""
-        self.remove(collection, doc_id)
-        counts = Counter(terms(text, self.blinder))
-        length = sum(counts.values())
-        cur = self.conn.execute(
-            "INSERT INTO bm25_docs (collection, doc_id, user_id, length) VALUES (?, ?, ?, ?)",
-            (collection, doc_id, self._user(user_id), length),
-        )
-        doc = cur.lastrowid
-        self.conn.executemany(
-            "INSERT INTO bm25_postings (collection, term, doc, tf, length) VALUES (?, ?, ?, ?, ?)",
-            [(collection, term, doc, tf, length) for term, tf in counts.items()],
-        )
-        self.conn.executemany(
-            "INSERT INTO bm25_terms (collection, term, df) VALUES (?, ?, 1) "
-            "ON CONFLICT (collection, term) DO UPDATE SET df = df + 1",
-            [(collection, term) for term in counts],
-        )
-        self._adjust_stats(collection, 1, length)
+        self.write([(collection, doc_id, text, user_id)])
+
+    def write(self, changes: Iterable[tuple[str, str, str | None, str | None]]) -> None:
+        """Applies (collection, doc_id, text, user_id) changes in order, a text of None removing the document:
+        the same index as ``add`` and ``remove`` one at a time, documents numbered alike, but the postings,
+        document frequencies and sizes of all the added documents are written at the end, a few statements
+        for a whole batch (per document they were most of indexing's SQLite time)."""
+        changes = list(changes)
+        indexed = self._indexed({(c, d) for c, d, _, _ in changes})
+        added = _Added()
+        for collection, doc_id, text, user_id in changes:
+            if (collection, doc_id) in added.ids:
+                added.write(self.conn)  # so that removing it finds its postings
+                added = _Added()
+            if (collection, doc_id) in indexed:
+                self.remove(collection, doc_id)
+            indexed.add((collection, doc_id))
+            if text is None:
+                continue
+            counts = Counter(self._terms(text))
+            length = sum(counts.values())
+            doc = self.conn.execute(
+                "INSERT INTO bm25_docs (collection, doc_id, user_id, length) VALUES (?, ?, ?, ?)",
+                (collection, doc_id, self._user(user_id), length),
+            ).lastrowid
+            assert doc is not None
+            added.add(collection, doc_id, doc, counts, length)
+        added.write(self.conn)
+
+    def _indexed(self, docs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of ``docs`` the index holds."""
+        found: set[tuple[str, str]] = set()
+        for collection in {c for c, _ in docs}:
+            ids = [d for c, d in docs if c == collection]
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                found.update((collection, d) for (d,) in self.conn.execute(
+                    f"SELECT doc_id FROM bm25_docs WHERE collection = ? AND doc_id IN ({', '.join('?' * len(chunk))})",
+                    (collection, *chunk)))
+        return found
+
+    def _terms(self, text: str) -> list[str]:
+        """``terms(text, self.blinder)``, each word's keyed hash computed once (the vocabulary repeats)."""
+        if self.blinder is None:
+            return tokenize(text)
+        keys = self._keys
+        if len(keys) > KEY_CACHE:
+            keys.clear()
+        out = []
+        for token in tokenize(text):
+            key = keys.get(token)
+            if key is None:
+                key = keys[token] = token_key(token, self.blinder)
+            out.append(key)
+        return out
 
     def remove(self, collection: str, doc_id: str) -> bool:
         row = self.conn.execute(
@@ -141,19 +179,15 @@ class Bm25Index:
             "UPDATE bm25_terms SET df = df - 1 WHERE collection = ? AND term = ?",
             [(collection, t) for t in doc_terms],
         )
-        self.conn.execute("DELETE FROM bm25_terms WHERE collection = ? AND df <= 0", (collection,))
+        self.conn.executemany("DELETE FROM bm25_terms WHERE collection = ? AND term = ? AND df <= 0",
+                              [(collection, t) for t in doc_terms])
         self.conn.execute("DELETE FROM bm25_postings WHERE doc = ?", (doc,))
         self.conn.execute("DELETE FROM bm25_docs WHERE doc = ?", (doc,))
         self._adjust_stats(collection, -1, -length)
         return True
 
     def _adjust_stats(self, collection: str, docs: int, length: int) -> None:
-        self.conn.execute(
-            "INSERT INTO bm25_stats (collection, docs, total_length) VALUES (?, ?, ?) "
-            "ON CONFLICT (collection) DO UPDATE SET docs = docs + excluded.docs, "
-            "total_length = total_length + excluded.total_length",
-            (collection, docs, length),
-        )
+        self.conn.execute(_ADJUST_STATS, (collection, docs, length))
 
     def count_of_user(self, collection: str, user_id: str) -> int:
         row = self.conn.execute("SELECT count(*) FROM bm25_docs WHERE collection = ? AND user_id = ?",
@@ -183,7 +217,7 @@ class Bm25Index:
             return []
         n_docs, total = int(stats[0]), int(stats[1])
         avg_len = total / n_docs if total else 1.0
-        keys = _unique(terms(query, self.blinder))
+        keys = _unique(self._terms(query))
         if not keys:
             return []
         found = self.conn.execute(
@@ -206,6 +240,40 @@ class Bm25Index:
             params.append(self._user(user_id))
         params.append(k)
         return [(doc_id, float(score)) for doc_id, score in self.conn.execute(sql, params)]
+
+
+KEY_CACHE = 200_000
+"""Words whose keyed hash an index keeps; past that it starts over."""
+
+_ADJUST_STATS = ("INSERT INTO bm25_stats (collection, docs, total_length) VALUES (?, ?, ?) "
+                 "ON CONFLICT (collection) DO UPDATE SET docs = docs + excluded.docs, "
+                 "total_length = total_length + excluded.total_length")
+
+
+class _Added:
+    """What documents added by one ``Bm25Index.write`` call still have to write."""
+
+    def __init__(self) -> None:
+        self.ids: set[tuple[str, str]] = set()
+        self.postings: list[tuple[str, str, int, int, int]] = []
+        self.sizes: dict[str, tuple[int, int]] = {}
+
+    def add(self, collection: str, doc_id: str, doc: int, counts: Counter[str], length: int) -> None:
+        self.ids.add((collection, doc_id))
+        self.postings += [(collection, term, doc, tf, length) for term, tf in counts.items()]
+        docs, total = self.sizes.get(collection, (0, 0))
+        self.sizes[collection] = (docs + 1, total + length)
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        if not self.ids:
+            return
+        conn.executemany("INSERT INTO bm25_postings (collection, term, doc, tf, length) VALUES (?, ?, ?, ?, ?)",
+                         self.postings)
+        df = Counter((c, t) for c, t, _, _, _ in self.postings)
+        conn.executemany("INSERT INTO bm25_terms (collection, term, df) VALUES (?, ?, ?) "
+                         "ON CONFLICT (collection, term) DO UPDATE SET df = df + excluded.df",
+                         [(c, t, n) for (c, t), n in df.items()])
+        conn.executemany(_ADJUST_STATS, [(c, docs, total) for c, (docs, total) in self.sizes.items()])
 
 
 def _unique(items: Iterable[str]) -> list[str]:

@@ -80,11 +80,14 @@ class Write:
 
 @dataclass
 class ChromaTxn:
-    """The sidecar transaction plus the Chroma writes queued by the batch's handlers."""
+    """The sidecar transaction plus the writes queued by the batch's handlers, for Chroma and for BM25."""
 
     conn: sqlite3.Connection
     writes: list[Write] = field(default_factory=list)
     flushed: int = 0
+    """How many of ``writes`` are in Chroma."""
+    indexed: int = 0
+    """How many of ``writes`` are in the BM25 index (fewer than ``flushed`` after a savepoint rolled some back)."""
     savepoints: int = 0
 
 
@@ -204,7 +207,7 @@ class ChromaBackend(Backend):
     def savepoint(self, txn: ChromaTxn) -> Iterator[None]:
         txn.savepoints += 1
         name = f"sp{txn.savepoints}"
-        mark = len(txn.writes)
+        mark, indexed = len(txn.writes), txn.indexed
         txn.conn.execute(f"SAVEPOINT {name}")
         try:
             yield
@@ -212,11 +215,18 @@ class ChromaBackend(Backend):
             txn.conn.execute(f"ROLLBACK TO {name}")
             txn.conn.execute(f"RELEASE {name}")
             del txn.writes[max(mark, txn.flushed):]
+            # a flush inside the savepoint (a search) indexed earlier messages' writes in BM25: undone with it
+            txn.indexed = min(txn.indexed, indexed)
             raise
         txn.conn.execute(f"RELEASE {name}")
 
     def flush(self, txn: ChromaTxn) -> None:
-        """Embeds every text queued since the last flush in one call, then writes them to Chroma."""
+        """Indexes the queued writes in BM25 (in order, as a batch), embeds every text queued since the last
+        flush in one call, then writes them to Chroma."""
+        assert self.bm25 is not None
+        self.bm25.write((w.collection, w.id, w.text if w.op == "upsert" else None, _owner(w.metadata))
+                        for w in txn.writes[txn.indexed:])
+        txn.indexed = len(txn.writes)
         final: dict[tuple[str, str], Write] = {}
         for write in txn.writes[txn.flushed:]:
             final[(write.collection, write.id)] = write  # the last write of an id wins
@@ -315,14 +325,10 @@ class ChromaBackend(Backend):
 
     def index(self, txn: ChromaTxn, kind: str, doc_id: str, text: str,
               metadata: dict[str, str | int | float | bool]) -> None:
-        assert self.bm25 is not None
-        user = metadata.get("user_id")
-        self.bm25.add(kind, doc_id, text, str(user) if user is not None else None)
+        """Queues ``text`` for Chroma and BM25, both written at the next flush (a search, or the commit)."""
         txn.writes.append(Write("upsert", kind, doc_id, text, metadata))
 
     def unindex(self, txn: ChromaTxn, kind: str, doc_id: str) -> None:
-        assert self.bm25 is not None
-        self.bm25.remove(kind, doc_id)
         txn.writes.append(Write("delete", kind, doc_id))
 
     @handles("memory.fact.changed")
@@ -501,6 +507,11 @@ class ChromaBackend(Backend):
         page = ids[: req.limit]
         return InventoryPage(kind=req.kind, items=[InventoryItem(id=i) for i in page],
                              cursor=page[-1] if len(ids) > req.limit else "")
+
+
+def _owner(metadata: dict[str, Any]) -> str | None:
+    user = metadata.get("user_id")
+    return None if user is None else str(user)
 
 
 def chroma_where(user_id: str | None, fields: dict[str, Any]) -> dict[str, Any] | None:
