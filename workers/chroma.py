@@ -1,9 +1,9 @@
 """The semantic-memory worker: ChromaDB vectors plus a BM25 keyword index, fed by change events.
 
 Chroma has no transactions, so the worker's transaction is that of a small SQLite
-sidecar next to it (log position, outbox, BM25 index). Handlers queue Chroma writes
-on the transaction; at commit the texts of the whole batch are embedded in one call
-and upserted under deterministic ids, then the sidecar commits. A crash in between
+sidecar next to it (log position, outbox, BM25 index). Handlers queue their writes
+on the transaction; at commit the batch's documents are written to BM25 together, its
+texts embedded in one call and upserted under deterministic ids, then the sidecar commits. A crash in between
 replays the batch, and the replay upserts the same ids again: at-least-once made
 safe by idempotence.
 """
