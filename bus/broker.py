@@ -283,7 +283,7 @@ class Broker:
             elif cmd == P.UNSUB:
                 client.subs.pop(P.unpack_id(frames[2].bytes), None)
             elif cmd == P.JOIN:
-                self._join(client, frames[2].bytes.decode(), P.unpack(frames[3].buffer))
+                self._join(client, P.check_group_name(frames[2].bytes.decode()), P.join_body.decode(frames[3].buffer))
             elif cmd == P.LEAVE:
                 self._leave(client, frames[2].bytes.decode())
             elif cmd == P.REPLAY:
@@ -577,17 +577,17 @@ class Broker:
 
     # -- consumer groups -------------------------------------------------------------------------
 
-    def _join(self, client: Client, name: str, body: dict[str, Any]) -> None:
-        patterns = tuple(check_pattern(str(p)) for p in body.get("patterns", ()))
+    def _join(self, client: Client, name: str, body: P.JoinBody) -> None:
+        patterns = tuple(check_pattern(p) for p in body.patterns)
         group = self.groups.get(name)
         self._require_subscribe(client, patterns or (group.patterns if group else ()))
+        start = body.from_seq
         if group is None:
             if not patterns:
                 raise BusError(f"group {name!r} does not exist; give patterns to create it", group=name)
-            start = body.get("from_seq")
-            next_seq = int(start) if start else 1
-            group = Group(name, patterns, next_seq, float(body.get("ack_timeout") or self.settings.ack_timeout_s),
-                          int(body.get("max_attempts") or self.settings.max_attempts))
+            next_seq = start if start else 1
+            group = Group(name, patterns, next_seq, body.ack_timeout or self.settings.ack_timeout_s,
+                          body.max_attempts or self.settings.max_attempts)
             self.groups[name] = group
             self._groups_dirty = True
             log.info("group.created", group=name, patterns=list(patterns), from_seq=next_seq)
@@ -596,16 +596,15 @@ class Broker:
                 group.patterns = patterns
                 group.match_cache.clear()
                 self._groups_dirty = True
-            start = body.get("from_seq")
             if start:
                 self._evict_stale_members(group, client)
             if start and not group.members:
-                self._reposition(group, int(start))
-        if body.get("ack_timeout"):
-            group.ack_timeout = float(body["ack_timeout"])
-        if body.get("max_attempts"):
-            group.max_attempts = int(body["max_attempts"])
-        group.members[client.rid] = max(1, int(body.get("credit", 100)))
+                self._reposition(group, start)
+        if body.ack_timeout:
+            group.ack_timeout = body.ack_timeout
+        if body.max_attempts:
+            group.max_attempts = body.max_attempts
+        group.members[client.rid] = body.credit
         client.groups.add(name)
         log.info("group.joined", group=name, client=client.name, members=len(group.members))
 

@@ -39,7 +39,7 @@ from bus.connection import (
 from bus.home import Home
 from bus.message import Delivery, Message
 from contracts.envelope import Envelope, encode_envelope, encode_many, encode_new, make_envelope
-from contracts.errors import BusError, ConnectionError, TimeoutError, error_from_wire
+from contracts.errors import BusError, ConnectionError, TimeoutError, ValidationError, error_from_wire
 from contracts.registry import encode_payload
 from contracts.topics import FAILED, check_pattern, check_topic
 
@@ -368,8 +368,10 @@ class Consumer:
 
     def __init__(self, conn: Connection, group: str, patterns: list[str], credit: int,
                  ack_timeout: float | None, max_attempts: int | None, from_seq: int | None) -> None:
-        if not group:
-            raise BusError("a consumer group needs a name")
+        try:
+            P.check_group_name(group)
+        except ValueError as exc:
+            raise ValidationError(str(exc), field="group", expected="1 to 128 bytes of printable text") from None
         self._conn = conn
         self.group = group
         self._queue: collections.deque[tuple[int, Envelope]] = collections.deque()

@@ -39,7 +39,7 @@ Broker -> client
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -84,6 +84,31 @@ _decoder = msgspec.msgpack.Decoder()
 
 ack_body = msgspec.msgpack.Decoder(list[int])
 nack_body = msgspec.msgpack.Decoder(list[tuple[int, str, float]])
+
+MAX_CREDIT = 100_000
+"""Deliveries one group member may hold unacknowledged: what it asks for is a bound on its queue."""
+GROUP_NAME_MAX = 128
+"""Bytes of UTF-8 in a group's name (it keys the group's saved state in the log's LMDB, whose keys stop at 511)."""
+
+
+class JoinBody(msgspec.Struct, kw_only=True):
+    """What JOIN asks; anything outside these bounds is refused before it reaches the group's saved state."""
+
+    patterns: list[str] = []
+    credit: Annotated[int, msgspec.Meta(ge=1, le=MAX_CREDIT)] = 100
+    ack_timeout: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1_000)] | None = None
+    from_seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+
+
+join_body = msgspec.msgpack.Decoder(JoinBody)
+
+
+def check_group_name(name: str) -> str:
+    if not name or len(name.encode()) > GROUP_NAME_MAX or not name.isprintable():
+        raise ValueError(f"a group name is 1 to {GROUP_NAME_MAX} bytes of printable text, not {name[:40]!r}"
+                         + ("..." if len(name) > 40 else ""))
+    return name
 
 
 def pack_id(n: int) -> bytes:

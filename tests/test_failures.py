@@ -18,8 +18,9 @@ import zmq
 from bus import protocol as P
 from bus.client import Bus
 from contracts.envelope import make_envelope
-from contracts.errors import BusError, NotAuthorized, StoreFull
+from contracts.errors import BusError, NotAuthorized, StoreFull, ValidationError
 from tests.conftest import BrokerProcess, wait_until
+from tests.workers_util import publish_all
 
 
 def test_kill_9_broker_while_clients_publish_loses_no_acknowledged_message(broker: BrokerProcess) -> None:
@@ -270,6 +271,35 @@ def test_malformed_frames_get_typed_errors_and_the_broker_stays_up(broker: Broke
             assert bus.publish("test.after.changed", {"ok": True}) > 0
             counters = bus.status()["counters"]
         assert counters["malformed"] + counters.get("unknown_commands", 0) >= 8
+        assert broker.alive
+    finally:
+        s.close(0)
+
+
+def test_a_join_outside_a_groups_bounds_is_refused_and_the_log_keeps_reaching_lmdb(broker: BrokerProcess) -> None:
+    """A group's name keys its saved state in the log's LMDB: a 10,000-byte name made every later copy of the
+    journal into LMDB fail, retried for ever. Names, credit, ack timeout, attempts and start are bounded."""
+    s = _raw_socket(broker)
+    try:
+        s.send_multipart([P.HELLO, P.pack({"client": "raw", "inbox": ""})])
+        assert s.recv_multipart()[0] == P.WELCOME
+        patterns = {"patterns": ["test.>"]}
+        for name, body in [(b"g" * 10_000, patterns), (b"g\x00x", patterns), (b"", patterns),
+                           (b"g1", {**patterns, "credit": 2**63}), (b"g2", {**patterns, "credit": 0}),
+                           (b"g3", {**patterns, "ack_timeout": float("nan")}),
+                           (b"g4", {**patterns, "ack_timeout": -1.0}), (b"g5", {**patterns, "max_attempts": 0}),
+                           (b"g6", {**patterns, "from_seq": -1})]:
+            s.send_multipart([P.JOIN, name, P.pack(body)])
+            err = _error(s)
+            assert err["code"] == "protocol" and "bad JOIN" in err["message"], (name[:20], body, err)
+        with Bus.connect(broker.home.path, module="test") as bus:
+            with pytest.raises(ValidationError, match="group name"):  # the client library says so first
+                bus.consume("g" * 200, ["test.>"])
+            publish_all(bus, "test.after.changed", [{"i": i} for i in range(10)])
+            wait_until(lambda: (st := bus.status())["log"]["in_lmdb"] == st["head"], timeout=30,
+                       what="the log copied into LMDB")
+            status = bus.status()
+        assert status["groups"] == {} and status["counters"].get("log_apply_errors", 0) == 0
         assert broker.alive
     finally:
         s.close(0)
