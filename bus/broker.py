@@ -666,7 +666,9 @@ class Broker:
             del group.inflight[seq]
             if client.rid in group.members:
                 group.members[client.rid] += 1
-            self._retry_or_dead_letter(group, seq, reason, now + delay)
+            # NaN would break the redelivery heap's order, and an endless delay hold the group's floor for good
+            wait = min(max(delay, 0.0), P.MAX_NACK_DELAY_S) if delay == delay else 0.0
+            self._retry_or_dead_letter(group, seq, reason[:P.REASON_MAX], now + wait)
 
     def _touch(self, client: Client, name: str) -> None:
         """The member is still working on what it holds: its messages in flight get a new ack deadline, so a live

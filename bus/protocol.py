@@ -87,6 +87,10 @@ nack_body = msgspec.msgpack.Decoder(list[tuple[int, str, float]])
 
 MAX_CREDIT = 100_000
 """Deliveries one group member may hold unacknowledged: what it asks for is a bound on its queue."""
+MAX_NACK_DELAY_S = 86_400.0
+"""The longest a NACK may put off a redelivery (a longer or negative delay is brought within 0..this)."""
+REASON_MAX = 2_000
+"""Characters of a NACK's reason kept for the dead letter."""
 GROUP_NAME_MAX = 128
 """Bytes of UTF-8 in a group's name (it keys the group's saved state in the log's LMDB, whose keys stop at 511)."""
 

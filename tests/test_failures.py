@@ -126,6 +126,25 @@ def test_a_message_that_keeps_failing_goes_to_dead_letters(bus: Bus) -> None:
     assert bus.status()["groups"]["picky"]["dead_letters"] == 1
 
 
+def test_a_nack_with_a_delay_of_nan_or_below_zero_is_redelivered_at_once_and_in_order(bus: Bus) -> None:
+    """A NaN delay made the redelivery heap compare false both ways: that message was never due again and
+    held the group's floor for good."""
+    seqs = [bus.publish("test.nan.request", {"i": i}) for i in range(3)]
+    with bus.consume("nan", ["test.nan.*"], credit=1, max_attempts=5) as c:
+        for delay in (float("nan"), -1e300):
+            (d,) = c.fetch(1, timeout=10)
+            assert d.seq == seqs[0]
+            c.nack([d], "x" * 100_000, delay=delay)
+        got = []
+        while len(got) < 3:
+            batch = c.fetch(1, timeout=10)
+            assert batch, f"not redelivered; got {got}"
+            got += [d.seq for d in batch]
+            c.ack(batch)
+        assert got == seqs
+    wait_until(lambda: bus.status()["groups"]["nan"]["lag"] == 0, timeout=10, what="the group's floor at the head")
+
+
 def test_ack_timeout_redelivers(bus: Bus) -> None:
     seq = bus.publish("test.slowack.request", {})
     with bus.consume("forgetful", ["test.slowack.*"], credit=5, ack_timeout=0.3) as c:
