@@ -38,7 +38,15 @@ from bus.connection import (
 )
 from bus.home import Home
 from bus.message import Delivery, Message
-from contracts.envelope import Envelope, encode_envelope, encode_many, encode_new, make_envelope
+from contracts.envelope import (
+    ID_MAX,
+    Envelope,
+    check_header_fields,
+    encode_envelope,
+    encode_many,
+    encode_new,
+    make_envelope,
+)
 from contracts.errors import BusError, ConnectionError, TimeoutError, ValidationError, error_from_wire
 from contracts.registry import encode_payload
 from contracts.topics import FAILED, check_pattern, check_topic
@@ -83,6 +91,8 @@ def _connection(home: Path | str | None, module: str, endpoint: str | None, serv
 def build_request(topic: str, payload: Any, inbox: str, correlation_id: str, headers: dict[str, str] | None,
                   message_id: str | None) -> Envelope:
     check_topic(topic)
+    if correlation_id or headers or message_id:
+        check_header_fields(message_id, correlation_id, "", headers)
     return make_envelope(topic, encode_payload(topic, payload), correlation_id=correlation_id, reply_to=inbox,
                          headers=headers, message_id=message_id)
 
@@ -166,6 +176,8 @@ class Bus:
                        timeout: float = 30.0) -> Pending:
         """Queues a publish; ``.result()`` of what it returns is the seq once the message is durable."""
         check_topic(topic)
+        if correlation_id or causation_id or headers or message_id:
+            check_header_fields(message_id, correlation_id, causation_id, headers)
         _, data = encode_new(topic, encode_payload(topic, payload), correlation_id=correlation_id,
                              causation_id=causation_id, headers=headers, message_id=message_id)
         return self._conn.submit_publish(data, timeout)
@@ -199,6 +211,10 @@ class Bus:
                 raise
         if message_ids is not None and len(message_ids) != len(encoded):
             raise ValueError(f"{len(message_ids)} message_ids for {len(encoded)} payloads")
+        if message_ids is not None and not all(0 < len(m) <= ID_MAX for m in message_ids):
+            index = next(i for i, m in enumerate(message_ids) if not 0 < len(m) <= ID_MAX)
+            raise ValidationError(f"message_ids[{index}] is not 1 to {ID_MAX} characters", field="message_ids",
+                                  index=index, expected=f"1 to {ID_MAX} characters")
         chunks = [(encode_many(topic, encoded[start:end], None if message_ids is None else message_ids[start:end]),
                    end - start) for start, end in _chunk_bounds([len(p) + _ENVELOPE_BYTES for p in encoded])]
         return self._conn.submit_publish_many(chunks, timeout)
@@ -229,6 +245,8 @@ class Bus:
         callbacks run then too).
         """
         check_topic(topic)
+        if correlation_id or headers:
+            check_header_fields(None, correlation_id, "", headers)
         mid, data = encode_new(topic, encode_payload(topic, payload), correlation_id=correlation_id,
                                reply_to=self._conn.inbox, headers=headers)
         waiter = self._conn.await_reply(mid, timeout)

@@ -10,21 +10,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
+from contracts.errors import ValidationError
 from contracts.ids import new_id, new_ids
 
 CONTRACT_VERSION = 1
+ID_MAX = 100
+"""Characters of an id, a correlation or causation id and an inbox name. The log indexes ids and correlation ids
+as LMDB keys, which stop at 511 bytes: 100 characters are at most 400 bytes of UTF-8."""
+HEADERS_MAX = 32
+HEADER_MAX = 4096
+"""Entries in ``headers``, and characters of a header's name or value (W3C ``tracestate`` is at most 512)."""
+
+Id = Annotated[str, msgspec.Meta(max_length=ID_MAX)]
+Header = Annotated[str, msgspec.Meta(max_length=HEADER_MAX)]
 
 
 class Envelope(msgspec.Struct, array_like=True, omit_defaults=False, gc=False):
     """``gc=False``: an envelope holds only strings, ints, bytes and a str -> str map, so it can never be
     part of a reference cycle; untracked, the thousands decoded per broker turn do not trigger collections."""
 
-    id: str
-    topic: str
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX)]
+    topic: Annotated[str, msgspec.Meta(max_length=255)]
     payload: msgspec.Raw
     seq: int = 0
     """Assigned by the broker when the message is durably in the log; 0 before."""
@@ -32,14 +42,14 @@ class Envelope(msgspec.Struct, array_like=True, omit_defaults=False, gc=False):
     """Creation time, unix nanoseconds, set by the publisher."""
     source: str = ""
     """The module identity, set by the broker from the authenticated CurveZMQ key."""
-    correlation_id: str = ""
-    causation_id: str = ""
-    reply_to: str = ""
+    correlation_id: Id = ""
+    causation_id: Id = ""
+    reply_to: Id = ""
     """On a request: the inbox the requester listens on."""
-    recipient: str = ""
+    recipient: Id = ""
     """On a reply: the inbox it is addressed to (the request's ``reply_to``)."""
     version: int = CONTRACT_VERSION
-    headers: dict[str, str] = {}
+    headers: Annotated[dict[Header, Header], msgspec.Meta(max_length=HEADERS_MAX)] = {}
     """Small string map; carries W3C trace context (``traceparent``, ``tracestate``)."""
 
 
@@ -49,6 +59,20 @@ DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeErro
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Envelope)
 _batch_decoder = msgspec.msgpack.Decoder(list[Envelope])
+
+
+def check_header_fields(message_id: str | None, correlation_id: str, causation_id: str,
+                        headers: dict[str, str] | None) -> None:
+    """What the broker would refuse the whole PUB frame for, refused before sending (the frame may carry other
+    publishes too)."""
+    for name, value in (("message_id", message_id), ("correlation_id", correlation_id),
+                        ("causation_id", causation_id)):
+        if value is not None and len(value) > ID_MAX:
+            raise ValidationError(f"{name} is {len(value)} characters, more than {ID_MAX}", field=name,
+                                  expected=f"at most {ID_MAX} characters")
+    if headers and (len(headers) > HEADERS_MAX or max(len(s) for kv in headers.items() for s in kv) > HEADER_MAX):
+        raise ValidationError(f"headers: at most {HEADERS_MAX} entries of at most {HEADER_MAX} characters each",
+                              field="headers", expected=f"at most {HEADERS_MAX} short entries")
 
 
 def make_envelope(

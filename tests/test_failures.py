@@ -126,6 +126,38 @@ def test_a_message_that_keeps_failing_goes_to_dead_letters(bus: Bus) -> None:
     assert bus.status()["groups"]["picky"]["dead_letters"] == 1
 
 
+def test_ids_too_long_for_the_logs_index_are_refused_and_the_log_keeps_reaching_lmdb(broker: BrokerProcess) -> None:
+    """The log indexes message and correlation ids as LMDB keys (511 bytes at most): one publish with a
+    600-character correlation id made every later copy of the journal into LMDB fail, retried for ever."""
+    s = _raw_socket(broker)
+    try:
+        s.send_multipart([P.HELLO, P.pack({"client": "raw", "inbox": ""})])
+        assert s.recv_multipart()[0] == P.WELCOME
+        body = msgspec.msgpack.encode(1)
+        for env in (make_envelope("test.long.changed", body, correlation_id="c" * 600),
+                    make_envelope("test.long.changed", body, message_id="m" * 600),
+                    make_envelope("test.long.changed", body, headers={f"h{i}": "v" for i in range(100)})):
+            s.send_multipart([P.PUB, P.pack_id(1), msgspec.msgpack.encode([env])])
+            err = _error(s)
+            assert err["code"] == "protocol" and "PUB body" in err["message"], err
+        with Bus.connect(broker.home.path, module="test") as bus:
+            for field, kw in (("correlation_id", {"correlation_id": "c" * 101}),
+                              ("message_id", {"message_id": "m" * 101}),
+                              ("headers", {"headers": {"tracestate": "x" * 5000}})):
+                with pytest.raises(ValidationError) as info:  # the client library refuses them before sending
+                    bus.publish("test.long.changed", {}, **kw)
+                assert info.value.field == field
+            with pytest.raises(ValidationError, match="message_ids"):
+                bus.publish_many("test.long.changed", [{}, {}], message_ids=["ok", ""])
+            publish_all(bus, "test.after.changed", [{"i": i} for i in range(10)])
+            wait_until(lambda: (st := bus.status())["log"]["in_lmdb"] == st["head"], timeout=30,
+                       what="the log copied into LMDB")
+            assert bus.status()["counters"].get("log_apply_errors", 0) == 0
+            assert bus.publish("test.after.changed", {}, correlation_id="c" * 100) > 0
+    finally:
+        s.close(0)
+
+
 def test_a_nack_with_a_delay_of_nan_or_below_zero_is_redelivered_at_once_and_in_order(bus: Bus) -> None:
     """A NaN delay made the redelivery heap compare false both ways: that message was never due again and
     held the group's floor for good."""
