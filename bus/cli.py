@@ -198,8 +198,8 @@ def tail(pattern: Annotated[str, typer.Argument(help="Topic pattern, e.g. 'memor
 @app.command()
 def replay(home: HomeOpt = None,
            topic: Annotated[str | None, typer.Option(help="Topic pattern.")] = None,
-           from_seq: Annotated[int, typer.Option("--from-seq")] = 1,
-           to_seq: Annotated[int | None, typer.Option("--to-seq")] = None,
+           from_seq: Annotated[int, typer.Option("--from-seq", min=0, max=2**63 - 1)] = 1,
+           to_seq: Annotated[int | None, typer.Option("--to-seq", min=0, max=2**63 - 1)] = None,
            since: Annotated[str | None, typer.Option(help="How far back, e.g. 10m, 2h, 1d.")] = None,
            correlation: Annotated[str | None, typer.Option(help="Only this correlation id (one trace).")] = None,
            json_out: JsonOpt = False) -> None:

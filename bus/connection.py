@@ -28,7 +28,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from bus import protocol as P
 from contracts.envelope import DECODE_ERRORS, Envelope, array_header
-from contracts.errors import BusError, ConnectionError, NotAuthorized, TimeoutError, error_from_wire
+from contracts.errors import BusError, ConnectionError, NotAuthorized, TimeoutError, ValidationError, error_from_wire
 from contracts.ids import new_id
 
 log = structlog.get_logger("membus.client")
@@ -47,6 +47,15 @@ _deliver_decoder = msgspec.msgpack.Decoder(list[tuple[int, Envelope]])
 _envs_decoder = msgspec.msgpack.Decoder(list[Envelope])
 _replayed_decoder = msgspec.msgpack.Decoder(tuple[int, bool, list[Envelope]])
 
+
+
+def seconds(timeout: float) -> float:
+    """``timeout`` if it is a number of seconds >= 0: a NaN deadline never passes, and breaks the order of the
+    heaps of deadlines it joins."""
+    if not timeout >= 0:
+        raise ValidationError(f"a timeout is a number of seconds >= 0, not {timeout!r}", field="timeout",
+                              expected="seconds >= 0")
+    return timeout
 
 class Pending:
     """A result that another thread waits for: a publish ack, a replay page, a reply.
@@ -80,6 +89,8 @@ class Pending:
         cb(self)
 
     def result(self, timeout: float | None = None) -> Any:
+        if timeout is not None:
+            seconds(timeout)
         if not self.done:
             deadline = None if timeout is None else time.monotonic() + timeout
             with self._cond:
@@ -257,6 +268,7 @@ class Connection(threading.Thread):
 
     def submit_publish(self, data: bytes, timeout: float) -> Pending:
         self._check_usable()
+        seconds(timeout)
         if self._submitted - self._answered >= self.max_outstanding:
             self._wait_for_room(1, timeout)
         self._submitted += 1
@@ -268,6 +280,7 @@ class Connection(threading.Thread):
     def submit_publish_many(self, chunks: list[tuple[bytes, int]], timeout: float) -> Gathered:
         """Queues chunks of envelopes, each (concatenated envelopes, how many), as one publish."""
         self._check_usable()
+        seconds(timeout)
         total = sum(count for _, count in chunks)
         if self._submitted - self._answered + total > self.max_outstanding:
             self._wait_for_room(total, timeout)
@@ -309,6 +322,8 @@ class Connection(threading.Thread):
     def await_reply(self, request_id: str, timeout: float | None = None) -> Pending:
         """A waiter for the reply to ``request_id``; with ``timeout``, it fails with TimeoutError by itself once
         that has passed without a reply (and is forgotten), so its callbacks run and nothing is kept for ever."""
+        if timeout is not None:
+            seconds(timeout)
         pending = Pending(self.cond)
         with self.cond:
             self._waiters[request_id] = pending

@@ -106,6 +106,19 @@ def test_request_without_a_handler_times_out_with_a_typed_error(bus: Bus) -> Non
     assert isinstance(info.value, TimeoutError)
 
 
+def test_a_timeout_that_is_not_seconds_is_refused_at_once(bus: Bus) -> None:
+    """A NaN timeout never passed (a busy loop in ``result``, a deadline heap out of order): refused instead."""
+    for timeout in (float("nan"), -1.0):
+        with pytest.raises(ValidationError) as info:
+            bus.request("test.nothing.request", {}, timeout=timeout)
+        assert info.value.field == "timeout"
+        with pytest.raises(ValidationError):
+            bus.publish("test.fine.changed", {}, timeout=timeout)
+        with pytest.raises(ValidationError):
+            bus.publish_nowait("test.fine.changed", {}).result(timeout)
+    assert bus.publish("test.fine.changed", {}, timeout=5.0) > 0
+
+
 def test_replay_filters_by_seq_time_topic_and_correlation(bus: Bus) -> None:
     a = bus.publish("test.a.changed", {"i": 1}, correlation_id="trace-1")
     time.sleep(0.05)
