@@ -17,11 +17,15 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import zmq
 
-from contracts.errors import BusError
+from contracts.errors import BusError, ValidationError
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
 
 _MODULE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
@@ -43,19 +47,19 @@ def default_home() -> Path:
 class Settings:
     endpoint: str = "tcp://127.0.0.1:0"
     """Where the broker binds; port 0 picks a free port, published in run/broker.json. Loopback by default."""
-    max_message_bytes: int = 1 << 20
-    heartbeat_s: float = 1.0
-    client_timeout_s: float = 5.0
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = 1 << 20
+    heartbeat_s: Positive = 1.0
+    client_timeout_s: Positive = 5.0
     """A client silent this long is dropped; its unacked group deliveries are redelivered."""
-    ack_timeout_s: float = 30.0
-    max_attempts: int = 5
-    live_hwm: int = 1000
+    ack_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] = 30.0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1_000)] = 5
+    live_hwm: Count = 1000
     """Frames queued per live subscriber before the broker drops (the client fills the gap from the log)."""
-    log_map_size: int = 1 << 30
+    log_map_size: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 30
     """The event log's LMDB map to start with; it doubles as the log grows."""
-    log_max_size: int = 1 << 40
+    log_max_size: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 40
     """The most the log may grow to; past it publishes are refused with ``store_full``."""
-    tail_cache_bytes: int = 8 << 20
+    tail_cache_bytes: Annotated[int, msgspec.Meta(ge=0)] = 8 << 20
     """Newest records kept in memory for groups and subscribers that keep up (bounded in bytes)."""
     workers: list[str] = field(default_factory=lambda: ["lmdb", "libsql", "chroma", "duckdb"])
     encryption: bool = True
@@ -63,29 +67,35 @@ class Settings:
 
     @classmethod
     def load(cls, home: Path) -> Settings:
+        """``<home>/membus.toml``, then ``MEMBUS_<NAME>`` variables, checked: a wrong type or a value out of
+        bounds is a ValidationError naming the setting, not a broker that starts with it."""
         values: dict[str, Any] = {}
         path = home / "membus.toml"
         if path.exists():
-            values.update(tomllib.loads(path.read_text()))
+            try:
+                values.update(tomllib.loads(path.read_text()))
+            except tomllib.TOMLDecodeError as exc:
+                raise ValidationError(f"{path} is not valid TOML: {exc}", field=str(path)) from None
         for f in fields(cls):
             env = os.environ.get(f"MEMBUS_{f.name.upper()}")
             if env is None:
                 continue
-            if f.type in ("int", int):
-                values[f.name] = int(env)
-            elif f.type in ("float", float):
-                values[f.name] = float(env)
-            elif f.type in ("bool", bool):
-                values[f.name] = env.strip().lower() in ("1", "true", "yes", "on")
-            elif f.name == "workers":
+            if f.name == "workers":
                 values[f.name] = [w for w in env.split(",") if w]
+            elif f.name == "encryption":
+                values[f.name] = env.strip().lower() in ("1", "true", "yes", "on")
             else:
                 values[f.name] = env
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise BusError(f"unknown settings in {path}: {sorted(unknown)}", path=str(path))
-        return cls(**values)
+        try:
+            return msgspec.convert(values, cls, strict=False)  # strict=False: "2.5" from a variable is a float
+        except msgspec.ValidationError as exc:
+            name = str(exc).rpartition("$.")[2].rstrip("`")
+            raise ValidationError(f"setting {name!r} (in {path} or MEMBUS_{name.upper()}): {exc}", field=name,
+                                  expected=str(exc).split(" - at ")[0]) from None
 
 
 class Home:

@@ -1,14 +1,16 @@
-"""How the `membus` command lays out its tables for a person."""
+"""The `membus` command as a person meets it: how it lays out its tables, and what it says of bad settings."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from rich.table import Table
 
 from bus.cli import _fit
+from bus.home import Settings
 from tests.workers_util import cli
 
 
@@ -32,3 +34,18 @@ def test_the_topic_catalog_shows_every_topic_whole_in_80_columns(tmp_path: Path)
     assert len(catalog) > 40
     assert {t["topic"]: [t["handled_by"]] if t["handled_by"] else ["no", "worker"] for t in catalog} == heads
     assert max(map(len, shown.splitlines())) <= 80
+
+
+def test_a_wrong_setting_is_named_and_nothing_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting of the wrong type or out of bounds used to reach the broker as is (a heartbeat of -1 s)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for text, name in (("heartbeat_s = -1.0\n", "heartbeat_s"), ('max_attempts = "many"\n', "max_attempts"),
+                       ("ack_timeout_s = [\n", "membus.toml")):
+        (home / "membus.toml").write_text(text)
+        done = cli(home, "broker", timeout=60.0)
+        assert done.returncode == 1 and name in done.stderr and "Traceback" not in done.stderr, done.stderr
+    (home / "membus.toml").write_text("heartbeat_s = 2.5\n")
+    monkeypatch.setenv("MEMBUS_MAX_ATTEMPTS", "7")  # a variable is text: "7" is taken as the int it spells
+    settings = Settings.load(home)
+    assert (settings.heartbeat_s, settings.max_attempts) == (2.5, 7)
