@@ -11,7 +11,9 @@ from rich.table import Table
 
 from bus.cli import _fit
 from bus.home import Settings
+from contracts.errors import ValidationError
 from tests.workers_util import cli
+from workers.runtime import runtime_settings
 
 
 def test_status_tables_keep_every_number_whole_in_80_columns() -> None:
@@ -49,3 +51,14 @@ def test_a_wrong_setting_is_named_and_nothing_starts(tmp_path: Path, monkeypatch
     monkeypatch.setenv("MEMBUS_MAX_ATTEMPTS", "7")  # a variable is text: "7" is taken as the int it spells
     settings = Settings.load(home)
     assert (settings.heartbeat_s, settings.max_attempts) == (2.5, 7)
+
+
+def test_a_worker_setting_out_of_bounds_is_named() -> None:
+    """A batch size of 0 made a worker fetch nothing, for ever; text where a number belongs was a traceback."""
+    for var, value in (("MEMBUS_WORKER_BATCH_SIZE", "0"), ("MEMBUS_WORKER_BATCH_SIZE", "lots"),
+                       ("MEMBUS_WORKER_ACK_TIMEOUT_S", "nan"), ("MEMBUS_WORKER_MAX_ATTEMPTS", "-1")):
+        with pytest.raises(ValidationError) as info:
+            runtime_settings({var: value})
+        assert info.value.field == var
+    assert runtime_settings({"MEMBUS_WORKER_BATCH_SIZE": "50", "MEMBUS_WORKER_ACK_TIMEOUT_S": "0.001"}) == {
+        "batch_size": 50, "ack_timeout_s": 0.001}

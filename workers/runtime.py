@@ -45,7 +45,7 @@ from bus.sealing import store_keyring
 from bus.supervisor import SUPERVISOR_ENV
 from contracts.catalog import load_all
 from contracts.envelope import Envelope
-from contracts.errors import BusError, HandlerError, StoreError, StoreRejected, StoreUnavailable
+from contracts.errors import BusError, HandlerError, StoreError, StoreRejected, StoreUnavailable, ValidationError
 from workers.apply import Outcome, apply_batch
 from workers.base import Backend
 from workers.registry import load
@@ -432,11 +432,27 @@ RUNTIME_ENV = {"batch_size": "MEMBUS_WORKER_BATCH_SIZE", "max_attempts": "MEMBUS
 """Runtime settings a deployment (or a test) can set from the environment."""
 
 
+RUNTIME_BOUNDS = {"batch_size": (1, 100_000), "max_attempts": (1, 1_000), "retry_backoff_s": (0, 3_600),
+                  "ack_timeout_s": (0.001, 7 * 86_400), "wedged_after_s": (1, 7 * 86_400), "min_free_mb": (0, 1 << 20)}
+
+
 def runtime_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The settings ``RUNTIME_ENV`` names, checked against ``RUNTIME_BOUNDS`` (a batch size of 0 would fetch
+    nothing for ever)."""
     out: dict[str, Any] = {}
     for key, var in RUNTIME_ENV.items():
-        if environ.get(var):
-            out[key] = float(environ[var]) if key.endswith("_s") else int(environ[var])
+        if not environ.get(var):
+            continue
+        low, high = RUNTIME_BOUNDS[key]
+        try:
+            value = float(environ[var]) if key.endswith("_s") else int(environ[var])
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            kind = "a number" if key.endswith("_s") else "an integer"
+            raise ValidationError(f"{var}={environ[var]!r}: expected {kind} from {low} to {high}", field=var,
+                                  expected=f"{low}..{high}")
+        out[key] = value
     return out
 
 
