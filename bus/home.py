@@ -52,12 +52,12 @@ class Settings:
     client_timeout_s: Positive = 5.0
     """A client silent this long is dropped; its unacked group deliveries are redelivered."""
     ack_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] = 30.0
-    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1_000)] = 5
+    max_attempts: Count = 5
     live_hwm: Count = 1000
     """Frames queued per live subscriber before the broker drops (the client fills the gap from the log)."""
-    log_map_size: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 30
+    log_map_size: Annotated[int, msgspec.Meta(ge=64 << 10)] = 1 << 30
     """The event log's LMDB map to start with; it doubles as the log grows."""
-    log_max_size: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 40
+    log_max_size: Annotated[int, msgspec.Meta(ge=64 << 10)] = 1 << 40
     """The most the log may grow to; past it publishes are refused with ``store_full``."""
     tail_cache_bytes: Annotated[int, msgspec.Meta(ge=0)] = 8 << 20
     """Newest records kept in memory for groups and subscribers that keep up (bounded in bytes)."""

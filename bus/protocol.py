@@ -101,7 +101,7 @@ class JoinBody(msgspec.Struct, kw_only=True):
     patterns: list[str] = []
     credit: Annotated[int, msgspec.Meta(ge=1, le=MAX_CREDIT)] = 100
     ack_timeout: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] | None = None
-    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1_000)] | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None
     from_seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
 
 
