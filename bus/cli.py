@@ -318,7 +318,8 @@ def rebuild(store: Annotated[str, typer.Argument(help="The store worker: lmdb, l
             yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
             timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None
             ) -> None:
-    """Wipes one store and applies the whole log to it again (the running worker is paused meanwhile)."""
+    """Wipes one store and applies the whole log to it again (its worker is stopped meanwhile; under `membus up`
+    this returns once a new one has taken the store over)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bus.consistency import Progress as Step
