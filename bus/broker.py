@@ -151,6 +151,7 @@ class Broker:
 
     def start(self) -> None:
         self.home.ensure()
+        self.permissions.check()
         self.log.open()
         self.writer = LogWriter(self.log)
         for name, state in self.log.load_groups().items():
@@ -886,7 +887,8 @@ class Broker:
         counters = dict(self.counters)
         counters["auth_rejected"] = self.auth.rejected
         return {"broker": self.broker_id, "endpoint": self.endpoint, "pid": os.getpid(), "head": head,
-                "log": self.log.stats(), "groups": groups, "clients": clients, "counters": counters}
+                "log": self.log.stats(), "groups": groups, "clients": clients, "counters": counters,
+                "permissions_error": self.permissions.error}
 
 
 _payload_of = operator.attrgetter("payload")

@@ -255,6 +255,9 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
                           f"{ws['suspects']}")
     out.print("clients: " + ", ".join(f"{c['name']} ({c['source']})" for c in st["clients"]))
     out.print("counters: " + json.dumps(st["counters"]))
+    if st.get("permissions_error"):
+        out.print(f"[bold red]permissions[/]: {st['permissions_error']} (the rules read before are in force)",
+                  highlight=False)
 
 
 @app.command()

@@ -13,6 +13,10 @@
 A module may publish a topic that one of its ``publish`` patterns matches, and subscribe to (or join a
 group with, or replay) a pattern that one of its ``subscribe`` patterns covers. Workers (``worker-*``)
 are trusted by default: they must publish replies and change events. The file is re-read when it changes.
+
+A file that cannot be read as such rules (broken TOML, a pattern that is not one) keeps the broker from
+starting (``check``). Edited into such a state while the broker runs, the rules read last stay in force and
+``status`` shows the error (``error``).
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from contracts.errors import BusError
 from contracts.topics import check_pattern, matches
+
+log = structlog.get_logger("membus.permissions")
 
 ALL = (">",)
 
@@ -54,19 +62,39 @@ class Permissions:
         self.default = Grant()
         self.modules: dict[str, Grant] = {}
         self.configured = False
+        self.error = ""
+        """Why the file as it is now could not be read ("" when it could); the rules read before stay."""
+
+    def check(self) -> None:
+        """Reads the file now; raises BusError if it cannot be read as rules (the broker does not start)."""
+        self._reload()
+        if self.error:
+            raise BusError(self.error, path=str(self.path))
 
     def _reload(self) -> None:
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
-            self.default, self.modules, self.configured, self._mtime = Grant(), {}, False, None
+            self.default, self.modules, self.configured, self._mtime, self.error = Grant(), {}, False, None, ""
             return
         if mtime == self._mtime:
             return
-        data = tomllib.loads(self.path.read_text())
-        self.default = _grant(data.get("default", {}), str(self.path))
-        self.modules = {name: _grant(g, str(self.path)) for name, g in data.get("modules", {}).items()}
-        self.configured, self._mtime = True, mtime
+        self._mtime = mtime
+        try:
+            data = tomllib.loads(self.path.read_text())
+            modules = data.get("modules", {})
+            if not isinstance(modules, dict):
+                raise BusError("[modules] is not a table of modules")
+            default = _grant(data.get("default", {}), "[default]")
+            grants = {name: _grant(g, f"[modules.{name}]") for name, g in modules.items()}
+        except (OSError, tomllib.TOMLDecodeError, BusError) as exc:
+            self.error = f"{self.path} cannot be read as permissions: {getattr(exc, 'message', exc)}"
+            log.error("permissions.unreadable", path=str(self.path), error=self.error,
+                      in_force="the rules read before" if self.configured else "none: nothing is allowed")
+            if not self.configured:  # never read: closed, not open
+                self.default, self.modules, self.configured = Grant((), ()), {}, True
+            return
+        self.default, self.modules, self.configured, self.error = default, grants, True, ""
 
     def grant(self, module: str) -> Grant:
         self._reload()
@@ -83,10 +111,14 @@ class Permissions:
         return any(covers(p, pattern) for p in self.grant(module).subscribe)
 
 
-def _grant(data: dict[str, Any], where: str) -> Grant:
+def _grant(data: Any, where: str) -> Grant:
+    if not isinstance(data, dict):
+        raise BusError(f"{where} is not a table")
+    lists = {key: data.get(key, list(ALL)) for key in ("publish", "subscribe")}
+    for key, value in lists.items():
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise BusError(f"{where} {key} is not a list of topic patterns")
     try:
-        pub = tuple(check_pattern(str(p)) for p in data.get("publish", ALL))
-        sub = tuple(check_pattern(str(p)) for p in data.get("subscribe", ALL))
+        return Grant(*(tuple(check_pattern(p) for p in lists[key]) for key in ("publish", "subscribe")))
     except BusError as exc:
         raise BusError(f"{where}: {exc.message}") from None
-    return Grant(pub, sub)

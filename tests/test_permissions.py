@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 
 from bus.client import Bus
 from bus.permissions import covers
 from contracts.errors import BusError, NotAuthorized
 from tests.conftest import BrokerProcess
+from tests.workers_util import cli
 
 RULES = """
 [default]
@@ -51,3 +56,32 @@ def test_a_module_may_only_use_its_topics_and_refusals_are_audited(broker: Broke
         assert {(a["module"], a["action"]) for a in audit} >= {("guest", "publish"), ("guest", "subscribe")}
         assert all(m.source == "broker" for m in companion.replay(topic="security.>"))
         assert companion.status()["counters"]["unauthorized"] >= 4
+
+
+def test_a_permissions_file_broken_while_running_keeps_the_rules_read_before(broker: BrokerProcess) -> None:
+    """Broken TOML (or a table where a list belongs) used to refuse every publish, as 'the event log could not
+    be written'. The rules read before stay in force, and status says what is wrong with the file."""
+    path = broker.home.path / "permissions.toml"
+    path.write_text(RULES)
+    with Bus.connect(broker.home.path, module="guest") as guest:
+        assert guest.publish("app.note.changed", {"ok": 1}) > 0
+        broken = ['[default]\npublish = ["app.>"\n', "modules = 5\n", '[default]\npublish = "app.>"\n']
+        for i, text in enumerate(broken, start=1):
+            path.write_text(text)
+            os.utime(path, (time.time(), time.time() + i))  # a new modification time: the file is read again
+            assert guest.publish("app.note.changed", {"ok": 2}) > 0
+            with pytest.raises(NotAuthorized):
+                guest.publish("notes.note.changed", {"sneaky": True})
+            assert "cannot be read as permissions" in guest.status()["permissions_error"]
+        path.write_text(RULES.replace('"app.>"', '"app.>", "notes.>"', 1))
+        os.utime(path, (time.time(), time.time() + 10))
+        assert guest.publish("notes.note.changed", {"allowed": True}) > 0
+        assert guest.status()["permissions_error"] == ""
+
+
+def test_a_broker_whose_permissions_file_is_broken_does_not_start(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "permissions.toml").write_text("[default]\npublish = [\n")
+    done = cli(home, "broker", timeout=60.0)
+    assert done.returncode == 1 and "cannot be read as permissions" in done.stderr, done.stderr
