@@ -261,6 +261,8 @@ def _unwrap(unlock: bytes, home_id: str, entry: dict[str, Any]) -> bytes:
     """The wrapped key is the verifier: a wrong unlock key fails the GCM tag, never yields a wrong key."""
     blob = _unb64(entry["wrapped"])
     aad = _wrap_aad(home_id, int(entry["generation"]), entry["key_id"])
+    if len(unlock) != KEY_LEN:
+        raise NotAuthorized("damaged: not an unlock key", home_id=home_id)
     try:
         master = AESGCM(unlock).decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], aad)
     except InvalidTag:
@@ -350,7 +352,7 @@ def _candidates(meta: dict[str, Any], home: Path) -> Iterator[tuple[KeySource, b
     else:
         stored = _keyring_get(backend, home_id)
         if stored is not None:
-            yield KeySource.KEYRING, _unb64(stored)
+            yield KeySource.KEYRING, _stored_key(stored)
     if params is not None:
         passphrase = os.environ.get(ENV_PASSPHRASE)
         if passphrase:
@@ -364,7 +366,15 @@ def _candidates(meta: dict[str, Any], home: Path) -> Iterator[tuple[KeySource, b
     path = _checked_key_file(home, home_id)
     if path.exists():
         log.warning("keys.fallback", source=str(KeySource.KEY_FILE), path=str(path))
-        yield KeySource.KEY_FILE, _unb64(_read_private(path, ENV_KEY_FILE).strip())
+        yield KeySource.KEY_FILE, _stored_key(_read_private(path, ENV_KEY_FILE).strip())
+
+
+def _stored_key(text: str) -> bytes:
+    """A stored unlock key; b"" for text that is not one (damaged), which ``_unwrap`` then refuses."""
+    try:
+        return _unb64(text)
+    except ValueError:
+        return b""
 
 
 def _keyring_get(backend: keyring.backend.KeyringBackend, home_id: str) -> str | None:
@@ -385,9 +395,10 @@ def _unlock(home: Path, meta: dict[str, Any]) -> tuple[bytes, MasterKey]:
     for source, unlock in _candidates(meta, home):
         try:
             return unlock, _open_all(meta, unlock, source)
-        except NotAuthorized:
-            log.warning("keys.source_rejected", source=str(source), home_id=meta["home_id"])
-            tried.append(f"{source} (wrong key)")
+        except NotAuthorized as exc:
+            reason = exc.message if exc.message.startswith("damaged") else "wrong key"
+            log.warning("keys.source_rejected", source=str(source), home_id=meta["home_id"], reason=reason)
+            tried.append(f"{source} ({reason})")
     if tried:
         raise NotAuthorized(f"no key source unlocked {home}: tried {', '.join(tried)}", tried=tried)
     hint = f"set {ENV_PASSPHRASE} or {ENV_PASSPHRASE_FILE}" if _params_of(meta) else "restore the key file"

@@ -237,6 +237,19 @@ def test_create_uses_the_environment_passphrase(home: Path, monkeypatch: pytest.
     assert load_master_key(home, passphrase="env secret").key == created.key
 
 
+def test_a_damaged_key_file_is_named_as_such(home: Path, tmp_path: Path) -> None:
+    """A truncated or overwritten key file was a traceback (a base64 or AES-GCM key-length error)."""
+    created = load_master_key(home, create=True)
+    path = tmp_path / "user" / ".config" / "membus" / f"{home_id(home)}.key"
+    good = path.read_text()
+    for damaged in (good[:20], "garbage", ""):
+        path.write_text(damaged)
+        with pytest.raises(NotAuthorized, match=r"key-file \(damaged: not an unlock key\)"):
+            load_master_key(home)
+    path.write_text(good)
+    assert load_master_key(home).key == created.key
+
+
 def test_no_source_at_all_is_not_found(home: Path) -> None:
     init(home, "nobody remembers", params=CHEAP)
     with pytest.raises(NotFound, match="MEMBUS_PASSPHRASE"):
