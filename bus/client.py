@@ -107,6 +107,10 @@ def reply_message(env: Envelope) -> Message:
 
 def replay_body(*, topic: str | None, from_seq: int, to_seq: int | None, since: float | None,
                 until: float | None, correlation_id: str | None) -> dict[str, Any]:
+    for name, t in (("since", since), ("until", until)):
+        if t is not None and not -1e11 < t < 1e11:  # NaN too
+            raise ValidationError(f"{name} is not a unix time in seconds: {t!r}", field=name,
+                                  expected="unix seconds")
     return {
         "from_seq": from_seq, "to_seq": to_seq,
         "patterns": [check_pattern(topic)] if topic else [],
@@ -318,6 +322,9 @@ class Subscription:
     """An iterator over live messages; a context manager that unsubscribes on exit."""
 
     def __init__(self, conn: Connection, patterns: list[str], from_seq: int | None, max_queued: int) -> None:
+        if max_queued < 1:
+            raise ValidationError(f"max_queued is {max_queued}: a subscription must hold at least one message",
+                                  field="max_queued", expected=">= 1")
         self._conn = conn
         self._queue: collections.deque[Envelope] = collections.deque()
         self._cond = threading.Condition()
@@ -390,6 +397,9 @@ class Consumer:
             P.check_group_name(group)
         except ValueError as exc:
             raise ValidationError(str(exc), field="group", expected="1 to 128 bytes of printable text") from None
+        if not 1 <= credit <= P.MAX_CREDIT:
+            raise ValidationError(f"credit is {credit}: a member holds 1 to {P.MAX_CREDIT} messages", field="credit",
+                                  expected=f"1..{P.MAX_CREDIT}")
         self._conn = conn
         self.group = group
         self._queue: collections.deque[tuple[int, Envelope]] = collections.deque()

@@ -119,6 +119,21 @@ def test_a_timeout_that_is_not_seconds_is_refused_at_once(bus: Bus) -> None:
     assert bus.publish("test.fine.changed", {}, timeout=5.0) > 0
 
 
+def test_a_consumer_or_subscription_that_could_never_receive_is_refused_at_once(bus: Bus) -> None:
+    """A subscription holding at most 0 messages waited for ever; credit outside 1..MAX_CREDIT was refused only
+    at the first fetch; a NaN time in replay was a bare ValueError."""
+    with pytest.raises(ValidationError) as queued:
+        bus.subscribe("test.>", max_queued=0)
+    assert queued.value.field == "max_queued"
+    for credit in (0, 10**6):
+        with pytest.raises(ValidationError) as info:
+            bus.consume("never", ["test.>"], credit=credit)
+        assert info.value.field == "credit"
+    with pytest.raises(ValidationError) as since:
+        list(bus.replay(since=float("nan")))
+    assert since.value.field == "since"
+
+
 def test_replay_filters_by_seq_time_topic_and_correlation(bus: Bus) -> None:
     a = bus.publish("test.a.changed", {"i": 1}, correlation_id="trace-1")
     time.sleep(0.05)

@@ -432,7 +432,7 @@ RUNTIME_ENV = {"batch_size": "MEMBUS_WORKER_BATCH_SIZE", "max_attempts": "MEMBUS
 """Runtime settings a deployment (or a test) can set from the environment."""
 
 
-RUNTIME_BOUNDS = {"batch_size": (1, 100_000), "max_attempts": (1, 2**31 - 1), "retry_backoff_s": (0, 3_600),
+RUNTIME_BOUNDS = {"batch_size": (1, 10_000), "max_attempts": (1, 2**31 - 1), "retry_backoff_s": (0, 3_600),
                   "ack_timeout_s": (0.001, 7 * 86_400), "wedged_after_s": (1, 7 * 86_400), "min_free_mb": (0, 2**62)}
 
 
