@@ -24,6 +24,8 @@ Text = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)]
 Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Offset = Annotated[int, msgspec.Meta(ge=0)]
+UnixSeconds = Annotated[float, msgspec.Meta(ge=0, le=32_503_680_000)]
+"""Up to the year 3000 (no NaN, no infinity: readers turn it into whole milliseconds)."""
 Role = Literal["user", "assistant", "system", "tool"]
 Metadata = dict[str, Any]
 
@@ -119,7 +121,7 @@ class MessageChanged(Reply):
     role: str
     text: str
     timestamp: str
-    created_at: float
+    created_at: UnixSeconds
     """``timestamp`` as unix seconds, for readers that keep numeric times."""
     sentiment: float | None = None
     metadata: Metadata = {}

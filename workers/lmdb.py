@@ -68,7 +68,6 @@ from contracts.working import (
     ConversationClearReply,
     RecentReply,
     RecentRequest,
-    UnixTime,
     WorkingInventory,
     WorkingMessage,
 )
@@ -124,8 +123,7 @@ class MessageChanged(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     role: str
     text: str
-    created_at: UnixTime
-    """Bounded: NaN or infinity would fail in the handler, every time, as a retried error."""
+    created_at: float
 
 
 _forks = 0
