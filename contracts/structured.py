@@ -266,6 +266,8 @@ class FeedbackRecord(Request):
 
 
 class FeedbackEvent(Reply):
+    """A feedback event as stored: a rating, reward or correction a user gave a message or skill."""
+
     event_id: str
     user_id: str
     event_type: str

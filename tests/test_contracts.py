@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contracts.catalog import load_all
 from contracts.envelope import (
     DECODE_ERRORS,
     decode_batch,
@@ -19,7 +20,7 @@ from contracts.envelope import (
 )
 from contracts.errors import UnknownTopic, ValidationError, error_from_wire
 from contracts.ids import id_time_ms, new_id, new_ids
-from contracts.registry import decode_payload, encode_payload, register
+from contracts.registry import all_specs, decode_payload, encode_payload, register
 from contracts.topics import check_pattern, check_topic, matches, reply_topics
 
 
@@ -200,3 +201,11 @@ def test_encode_many_makes_the_envelopes_of_a_pub_frame() -> None:
     ids = ["01JFIXED000000000000000001", "01JFIXED000000000000000002"]
     envs = decode_batch(array_header(2) + encode_many("test.bulk.changed", [b"\x01", b"\x02"], ids))
     assert [e.id for e in envs] == ids
+
+
+def test_every_topic_in_the_catalog_says_what_it_is() -> None:
+    """`membus topics` is what a module author reads first: no topic may show an empty or cut description."""
+    load_all()
+    for spec in all_specs():
+        text = spec.description.strip()
+        assert len(text) > 10 and not text.endswith((":", ": .")), f"{spec.topic}: {text!r}"
