@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from bus.client import Bus, Consumer, Subscription, build_request, replay_body, 
 from bus.connection import MAX_OUTSTANDING, Pending, decode_replayed
 from bus.message import Delivery, Message
 from contracts.envelope import encode_envelope
-from contracts.errors import TimeoutError
+from contracts.errors import ConnectionError, TimeoutError
 
 
 def _future(loop: asyncio.AbstractEventLoop, pending: Pending) -> asyncio.Future[Any]:
@@ -40,7 +41,9 @@ def _future(loop: asyncio.AbstractEventLoop, pending: Pending) -> asyncio.Future
             else:
                 fut.set_result(p.value)
 
-        loop.call_soon_threadsafe(apply)
+        # a closed loop took its awaiter with it (an abandoned call): nobody to tell
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(apply)
 
     pending.add_done_callback(settle)
     return fut
@@ -166,7 +169,12 @@ class AsyncSubscription:
         return self
 
     async def __anext__(self) -> Message:
-        return await self.get()
+        try:
+            return await self.get()
+        except ConnectionError:
+            if self._sub.ended:
+                raise StopAsyncIteration from None
+            raise
 
     async def __aenter__(self) -> AsyncSubscription:
         return self
@@ -180,7 +188,13 @@ class AsyncConsumer:
         self._c = consumer
 
     async def fetch(self, max_messages: int = 500, *, timeout: float | None = 1.0) -> list[Delivery]:
-        return await asyncio.to_thread(self._c.fetch, max_messages, timeout=timeout)
+        """Polls the consumer's queue in the loop, not in a thread: a cancelled fetch takes nothing."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            got = self._c.fetch(max_messages, timeout=0)
+            if got or self._c.ended or (deadline is not None and time.monotonic() >= deadline):
+                return got
+            await asyncio.sleep(0.005)
 
     async def ack(self, deliveries: list[Delivery] | list[int]) -> None:
         self._c.ack(deliveries)

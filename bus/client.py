@@ -355,8 +355,7 @@ class Subscription:
                     raise ConnectionError("subscription closed")
                 if self._state.error is not None:
                     raise self._state.error
-                if self._conn.fatal is not None:
-                    raise self._conn.fatal
+                self._conn.check_usable()
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"no message within {timeout} s", timeout=timeout)
@@ -369,8 +368,19 @@ class Subscription:
         return Message(env)
 
     def __iter__(self) -> Iterator[Message]:
-        while not self._closed:
-            yield self.get()
+        """Every message, until the subscription or its bus is closed (a failure raises)."""
+        while True:
+            try:
+                yield self.get()
+            except ConnectionError:
+                if self.ended:
+                    return
+                raise
+
+    @property
+    def ended(self) -> bool:
+        """Closed by its owner, or its bus closed: the end of the stream, not a failure."""
+        return self._closed or self._conn.closed
 
     @property
     def last_seq(self) -> int:
@@ -425,8 +435,7 @@ class Consumer:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._queue:
-                if self._conn.fatal is not None:
-                    raise self._conn.fatal
+                self._conn.check_usable()
                 if self._state.error is not None:
                     raise self._state.error
                 left = None if deadline is None else deadline - time.monotonic()
@@ -440,8 +449,19 @@ class Consumer:
         return out
 
     def __iter__(self) -> Iterator[Delivery]:
-        while not self._closed:
-            yield from self.fetch(timeout=None if not self._closed else 0)
+        """Every delivery, until the consumer or its bus is closed (a failure raises)."""
+        while not self.ended:
+            try:
+                yield from self.fetch(timeout=None)
+            except ConnectionError:
+                if self.ended:
+                    return
+                raise
+
+    @property
+    def ended(self) -> bool:
+        """Closed by its owner, or its bus closed."""
+        return self._closed or self._conn.closed
 
     def ack(self, deliveries: list[Delivery] | list[int]) -> None:
         seqs = [d if isinstance(d, int) else d.seq for d in deliveries]

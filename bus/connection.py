@@ -73,11 +73,15 @@ class Pending:
         self._callbacks: list[Callable[[Pending], None]] | None = None
 
     def _settle(self) -> None:
-        # called on the I/O thread with the condition held
+        # called on the I/O thread with the condition held: a callback that raises must not end that thread
         self.done = True
         if self._callbacks:
             for cb in self._callbacks:
-                cb(self)
+                try:
+                    cb(self)
+                except Exception as exc:
+                    log.exception("client.callback_failed", callback=getattr(cb, "__qualname__", repr(cb)),
+                                  error=repr(exc))
 
     def add_done_callback(self, cb: Callable[[Pending], None]) -> None:
         with self._cond:
@@ -234,7 +238,9 @@ class Connection(threading.Thread):
         self._closing = False
         self._batches: dict[int, _Batch] = {}
         self._next_id = 1
-        self._requests: dict[int, Pending] = {}
+        self._requests: dict[int, tuple[Pending, list[bytes]]] = {}
+        """REPLAY and STATUS requests waiting for their answer, with their frames: both only read, so they are sent
+        again to a broker that restarted before answering (a subscription's catch-up page included)."""
         self._waiters: dict[str, Pending] = {}
         self._reply_deadlines: list[tuple[float, str, float]] = []
         """Heap of (deadline, request id, timeout) of the waiters that fail by themselves when no reply came."""
@@ -267,7 +273,7 @@ class Connection(threading.Thread):
                 self._wake_w.send(b"x")
 
     def submit_publish(self, data: bytes, timeout: float) -> Pending:
-        self._check_usable()
+        self.check_usable()
         seconds(timeout)
         if self._submitted - self._answered >= self.max_outstanding:
             self._wait_for_room(1, timeout)
@@ -279,7 +285,7 @@ class Connection(threading.Thread):
 
     def submit_publish_many(self, chunks: list[tuple[bytes, int]], timeout: float) -> Gathered:
         """Queues chunks of envelopes, each (concatenated envelopes, how many), as one publish."""
-        self._check_usable()
+        self.check_usable()
         seconds(timeout)
         total = sum(count for _, count in chunks)
         if self._submitted - self._answered + total > self.max_outstanding:
@@ -304,17 +310,18 @@ class Connection(threading.Thread):
                                        f"{self.max_outstanding}): the broker takes them slower than they come, or "
                                        f"cannot be reached", timeout=timeout, outstanding=self.max_outstanding)
                 self.cond.wait(left)
-                self._check_usable()
+                self.check_usable()
 
     def request(self, build: Callable[[int], list[bytes]]) -> Pending:
         """Sends the frames ``build(request_id)`` returns and waits for the answer with that id."""
-        self._check_usable()
+        self.check_usable()
         pending = Pending(self.cond)
 
         def op() -> None:
             rid = self._new_id()
-            self._requests[rid] = pending
-            self._send(build(rid))
+            frames = build(rid)
+            self._requests[rid] = (pending, frames)
+            self._send(frames)
 
         self.call(op)
         return pending
@@ -352,7 +359,13 @@ class Connection(threading.Thread):
         self.call(lambda: None)
         self.join(timeout)
 
-    def _check_usable(self) -> None:
+    @property
+    def closed(self) -> bool:
+        """Closed by its owner (not refused, not failed)."""
+        return self._closing and self.fatal is None
+
+    def check_usable(self) -> None:
+        """Raises why this connection can no longer be used: refused, closed, or its I/O thread failed."""
         if self.fatal is not None:
             raise self.fatal
         if self._closing:
@@ -387,9 +400,10 @@ class Connection(threading.Thread):
                     self._ops.popleft()()
                 self._flush_publishes()
                 self._timers()
-        except Exception as exc:  # pragma: no cover - the thread must report, not vanish
+        except Exception as exc:  # the thread must report, not vanish: every later call fails at once
             log.exception("client.io_failed", error=repr(exc))
-            self._fail_all(ConnectionError(f"client I/O thread failed: {exc!r}"))
+            self.fatal = ConnectionError(f"the client's I/O thread failed: {exc!r}")
+            self._fail_all(self.fatal)
         finally:
             if not self._closing:
                 self._fail_all(ConnectionError("the bus connection is closed"))
@@ -466,7 +480,7 @@ class Connection(threading.Thread):
             for b in self._batches.values():
                 items.extend(b.items)
             self._batches.clear()
-            items.extend(self._requests.values())
+            items.extend(p for p, _ in self._requests.values())
             self._requests.clear()
             items.extend(self._waiters.values())
             self._waiters.clear()
@@ -562,9 +576,10 @@ class Connection(threading.Thread):
             self._on_error(frames[1], P.unpack(frames[2]))
 
     def _settle_request(self, rid: int, value: Any, error: BusError | None) -> None:
-        pending = self._requests.pop(rid, None)
-        if pending is None:
+        entry = self._requests.pop(rid, None)
+        if entry is None:
             return
+        pending = entry[0]
         with self.cond:
             pending.value, pending.error = value, error
             pending._settle()
@@ -586,6 +601,9 @@ class Connection(threading.Thread):
         for bid, batch in list(self._batches.items()):
             batch.sent_at = now
             self._send([P.PUB, P.pack_id(bid), batch.frame])
+        if not first:
+            for _, frames in self._requests.values():
+                self._send(frames)
         self.connected.set()
 
     def _on_error(self, ref: bytes, body: dict[str, Any]) -> None:
@@ -674,7 +692,6 @@ class Connection(threading.Thread):
         sub.replay_in_flight = True
         rid = self._new_id()
         pending = Pending(self.cond)
-        self._requests[rid] = pending
         frm, to = sub.last + 1, sub.target
 
         def on_page(p: Pending) -> None:
@@ -689,8 +706,10 @@ class Connection(threading.Thread):
             self._catch_up(sub)
 
         pending._callbacks = [on_page]
-        self._send([P.REPLAY, P.pack_id(rid), P.pack({"from_seq": frm, "to_seq": to, "patterns": sub.patterns,
-                                                      "limit": 1000})])
+        frames = [P.REPLAY, P.pack_id(rid), P.pack({"from_seq": frm, "to_seq": to, "patterns": sub.patterns,
+                                                    "limit": 1000})]
+        self._requests[rid] = (pending, frames)
+        self._send(frames)
 
     # -- groups ----------------------------------------------------------------------------------
 

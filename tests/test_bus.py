@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
+import os
+import signal
 import threading
 import time
 
@@ -11,7 +14,7 @@ import pytest
 
 from bus.aio import AsyncBus
 from bus.client import Bus
-from contracts.errors import BusError, NotAuthorized, ValidationError
+from contracts.errors import BusError, ConnectionError, NotAuthorized, ValidationError
 from contracts.errors import TimeoutError as BusTimeout
 from tests.conftest import BrokerProcess, wait_until
 
@@ -242,6 +245,78 @@ def test_asyncio_twin_has_the_same_methods(broker: BrokerProcess) -> None:
                 await c.ack(batch)
 
     asyncio.run(main())
+
+
+def test_an_async_call_abandoned_with_its_event_loop_leaves_the_connection_working(broker: BrokerProcess) -> None:
+    """Its answer comes when the loop that awaited it is closed: that must not end the client's I/O thread."""
+    assert broker.proc is not None
+    abus = asyncio.run(AsyncBus.connect(broker.home.path, module="aio-late"))
+
+    async def abandon() -> None:
+        with pytest.raises(builtins.TimeoutError):
+            await asyncio.wait_for(abus.publish("aio.late.changed", {"i": 1}), 0.2)
+
+    async def publish_again() -> int:
+        seq: int = await abus.publish("aio.late.changed", {"i": 2}, timeout=20)
+        return seq
+
+    os.kill(broker.proc.pid, signal.SIGSTOP)  # the first answer comes after its loop has closed
+    try:
+        asyncio.run(abandon())
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    try:
+        assert asyncio.run(publish_again()) == 2
+    finally:
+        asyncio.run(abus.close())
+
+
+def test_iterating_a_subscription_ends_when_its_bus_is_closed(broker: BrokerProcess) -> None:
+    bus = Bus.connect(broker.home.path, module="sub-close")
+    sub = bus.subscribe("test.close.>")
+    got: list[int] = []
+    reader = threading.Thread(target=lambda: got.extend(m.payload["i"] for m in sub), daemon=True)
+    reader.start()
+    bus.publish("test.close.changed", {"i": 1})
+    wait_until(lambda: got == [1], what="the message")
+    bus.close()
+    reader.join(10)
+    assert not reader.is_alive()
+    with pytest.raises(ConnectionError):
+        sub.get(timeout=1)
+
+    async def main() -> list[int]:
+        abus = await AsyncBus.connect(broker.home.path, module="sub-close-aio")
+        seen: list[int] = []
+
+        async def read() -> None:
+            async for m in abus.subscribe("test.close.>"):
+                seen.append(m.payload["i"])
+
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.2)
+        await abus.publish("test.close.changed", {"i": 2})
+        while not seen:
+            await asyncio.sleep(0.01)
+        await abus.close()
+        await asyncio.wait_for(task, 10)
+        return seen
+
+    assert asyncio.run(main()) == [2]
+
+
+def test_a_cancelled_async_fetch_takes_nothing(broker: BrokerProcess) -> None:
+    async def main() -> list[int]:
+        async with (await AsyncBus.connect(broker.home.path, module="aio-cancel") as abus,
+                    abus.consume("aio-cancel", ["aio.cancel.*"], ack_timeout=60) as c):
+            with pytest.raises(builtins.TimeoutError):
+                await asyncio.wait_for(c.fetch(timeout=None), 0.3)
+            await abus.publish("aio.cancel.changed", {"i": 1})
+            got = await c.fetch(timeout=10)
+            await c.ack(got)
+            return [d.message.payload["i"] for d in got]
+
+    assert asyncio.run(main()) == [1]
 
 
 def test_publish_to_a_reserved_topic_is_refused(bus: Bus) -> None:

@@ -23,6 +23,28 @@ from tests.conftest import BrokerProcess, wait_until
 from tests.workers_util import publish_all
 
 
+def test_a_subscription_catching_up_when_the_broker_restarts_resumes_where_it_was(broker: BrokerProcess) -> None:
+    """The page it asked for is never answered by the broker that died: it is asked again of the new one."""
+    assert broker.proc is not None
+    n = 3000
+    with Bus.connect(broker.home.path, module="catch-up", timeout=30) as bus:
+        bus.publish_many("test.catchup.changed", [{"i": i} for i in range(n)])
+        got: list[int] = []
+        with bus.subscribe("test.catchup.>", from_seq=1, max_queued=100) as sub:
+            got += [sub.get(timeout=20).payload["i"] for _ in range(10)]
+            os.kill(broker.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(TimeoutError):  # the queue drains, and the next page is asked of a frozen broker
+                    while True:
+                        got.append(sub.get(timeout=1).payload["i"])
+            finally:
+                broker.kill()
+            broker.start()
+            while len(got) < n:
+                got.append(sub.get(timeout=30).payload["i"])
+    assert got == list(range(n))
+
+
 def test_kill_9_broker_while_clients_publish_loses_no_acknowledged_message(broker: BrokerProcess) -> None:
     acked: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
     stop = threading.Event()
