@@ -12,7 +12,7 @@ import pytest
 
 import contracts.analytics  # noqa: F401 - registers the analytics topics
 from contracts.envelope import Envelope, make_envelope
-from contracts.errors import StoreError
+from contracts.errors import StoreError, StoreRejected
 from contracts.ids import new_id
 from contracts.registry import encode_payload
 from workers.apply import apply_batch
@@ -233,3 +233,35 @@ def test_parquet_export_reads_back(backend: DuckdbBackend) -> None:
                                                 reply_to="inbox-1")])
     assert outcomes[0].status == "failed" and outcomes[0].error is not None
     assert outcomes[0].error.code == "validation"
+
+
+def test_an_export_onto_a_folder_fails_alone_in_a_batch_that_already_wrote(backend: DuckdbBackend) -> None:
+    """The batch's transaction is open when the export runs (it flushed the message before it): a COPY failing
+    there would abort the transaction, and the batch could never commit."""
+    log = Log()
+    (backend.export_dir / "taken").mkdir(parents=True)
+    (backend.export_dir / "file").write_text("x")
+    before = log.env("conversation.message.changed", message(1, T0, 0.2))
+    onto_folder = log.env("analytics.export.request", {"table": "messages", "path": "taken"}, reply_to="i")
+    under_file = log.env("analytics.export.request", {"table": "messages", "path": "file/x.parquet"}, reply_to="i")
+    fine = log.env("analytics.export.request", {"table": "messages", "path": "ok.parquet"}, reply_to="i")
+    outcomes, position = apply_batch(backend, [before, onto_folder, under_file, fine])
+    assert [o.status for o in outcomes] == ["applied", "failed", "failed", "applied"]
+    assert all(o.error is not None and o.error.fields.get("field") == "path" for o in outcomes[1:3])
+    assert position == 4 and backend.stats()["messages"] == 1
+    assert outcomes[3].reply.rows == 1
+    assert sorted(p.name for p in backend.export_dir.iterdir()) == ["file", "ok.parquet", "taken"]
+
+
+def test_a_statement_failing_inside_the_batch_transaction_refuses_the_batch(backend: DuckdbBackend) -> None:
+    """Whatever the failing statement, the batch is refused (the runtime then isolates the message), never left
+    to fail at commit for ever."""
+    log = Log()
+    with pytest.raises(StoreRejected), backend.transaction() as txn:
+        backend.record(txn, log.env("conversation.message.changed", message(1, T0, 0.2)), 1)
+        txn.flush()
+        with backend.savepoint(txn):
+            backend.rows("SELECT * FROM no_such_table")
+    assert backend.stats()["events"] == 0
+    outcomes, _ = apply_batch(backend, [log.env("conversation.message.changed", message(2, T0, 0.2))])
+    assert outcomes[0].status == "applied" and backend.stats()["messages"] == 1

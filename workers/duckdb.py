@@ -248,6 +248,12 @@ class DuckdbBackend(Backend):
         mark = len(txn.ops)
         try:
             yield
+        except duckdb.Error as exc:
+            if not txn.begun:
+                raise
+            # DuckDB aborts the whole transaction when a statement in it fails: the batch cannot commit. Refused,
+            # it is applied in halves until this message is alone, with no transaction open under its question.
+            raise StoreRejected(f"{type(exc).__name__}: {exc}", store="duckdb") from exc
         except BaseException:
             del txn.ops[max(mark, txn.flushed):]
             raise
@@ -394,9 +400,21 @@ class DuckdbBackend(Backend):
             raise ValidationError(f"export path {req.path!r} leaves the export folder",
                                   topic=ctx.envelope.topic, field="path",
                                   expected="a relative path inside the export folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        quoted = str(target).replace("'", "''")
-        self.con.execute(f"COPY (SELECT * FROM {req.table}) TO '{quoted}' (FORMAT parquet)").fetchall()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists() and not target.is_file():
+                raise NotADirectoryError  # COPY would fail inside the batch's transaction
+        except OSError:
+            raise ValidationError(f"export path {req.path!r} cannot be a file: a folder is in the way",
+                                  topic=ctx.envelope.topic, field="path",
+                                  expected="a file name whose folders are folders, not an existing folder") from None
+        partial = target.with_name(f".{target.name}.{ctx.seq}.partial")
+        quoted = str(partial).replace("'", "''")
+        try:
+            self.con.execute(f"COPY (SELECT * FROM {req.table}) TO '{quoted}' (FORMAT parquet)").fetchall()
+            partial.replace(target)  # a reader never sees half a file
+        finally:
+            partial.unlink(missing_ok=True)
         count = int(self.rows(f"SELECT count(*) FROM {req.table}")[0][0])
         return an.ExportResult(path=str(target.relative_to(base)), rows=count)
 
