@@ -23,7 +23,7 @@ from typing import Any
 
 from bus import protocol as P
 from bus.client import Bus, Consumer, Subscription, build_request, replay_body, reply_message
-from bus.connection import MAX_OUTSTANDING, Pending, decode_replayed
+from bus.connection import MAX_OUTSTANDING, Pending, decode_replayed, seconds
 from bus.message import Delivery, Message
 from contracts.envelope import encode_envelope
 from contracts.errors import ConnectionError, TimeoutError
@@ -88,8 +88,8 @@ class AsyncBus:
 
     def publish_nowait(self, topic: str, payload: Any, **kw: Any) -> asyncio.Future[Any]:
         """A future of the seq; lets one task keep many publishes in flight."""
-        pending = self._bus.publish_nowait(topic, payload, **kw)
-        return _future(asyncio.get_running_loop(), pending)
+        loop = asyncio.get_running_loop()  # before sending: outside a loop, nothing is published
+        return _future(loop, self._bus.publish_nowait(topic, payload, **kw))
 
     async def publish(self, topic: str, payload: Any, *, correlation_id: str = "", causation_id: str = "",
                       headers: dict[str, str] | None = None, message_id: str | None = None,
@@ -101,8 +101,8 @@ class AsyncBus:
     def publish_many_nowait(self, topic: str, payloads: Iterable[Any], *,
                             message_ids: Sequence[str] | None = None, timeout: float = 30.0) -> asyncio.Future[Any]:
         """A future of the seqs of one message per payload (see Bus.publish_many_nowait)."""
-        pending = self._bus.publish_many_nowait(topic, payloads, message_ids=message_ids, timeout=timeout)
-        return _future(asyncio.get_running_loop(), pending)
+        loop = asyncio.get_running_loop()
+        return _future(loop, self._bus.publish_many_nowait(topic, payloads, message_ids=message_ids, timeout=timeout))
 
     async def publish_many(self, topic: str, payloads: Iterable[Any], *, message_ids: Sequence[str] | None = None,
                            timeout: float = 30.0) -> list[int]:
@@ -117,11 +117,32 @@ class AsyncBus:
         try:
             await _wait(_future(loop, self._conn.submit_publish(encode_envelope(env), timeout)), timeout, topic)
             reply = await _wait(waiter, timeout, f"request {topic!r}")
+        except TimeoutError:
+            raise TimeoutError(f"no reply to {topic!r} within {timeout} s", topic=topic, timeout=timeout,
+                               correlation_id=env.correlation_id) from None
         finally:
             self._conn.forget_reply(env.id)
         return reply_message(reply)
 
+    def request_nowait(self, topic: str, payload: Any, **kw: Any) -> asyncio.Future[Any]:
+        """A future of the reply envelope (see Bus.request_nowait); lets one task keep many requests in flight."""
+        loop = asyncio.get_running_loop()
+        return _future(loop, self._bus.request_nowait(topic, payload, **kw))
+
+    def publish_raw(self, data: bytes, *, timeout: float = 10.0) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        return _future(loop, self._bus.publish_raw(data, timeout=timeout))
+
+    def publish_raw_many(self, envelopes: Sequence[bytes], *, timeout: float = 10.0) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        return _future(loop, self._bus.publish_raw_many(envelopes, timeout=timeout))
+
+    @property
+    def inbox(self) -> str:
+        return self._bus.inbox
+
     async def status(self, *, timeout: float = 5.0) -> dict[str, Any]:
+        seconds(timeout)
         loop = asyncio.get_running_loop()
         raw = await _wait(_future(loop, self._conn.request(lambda rid: [P.STATUS, P.pack_id(rid)])), timeout,
                           "status")
@@ -131,6 +152,7 @@ class AsyncBus:
     async def replay(self, *, topic: str | None = None, from_seq: int = 1, to_seq: int | None = None,
                      since: float | None = None, until: float | None = None, correlation_id: str | None = None,
                      timeout: float = 10.0) -> AsyncIterator[Message]:
+        seconds(timeout)
         loop = asyncio.get_running_loop()
         body = replay_body(topic=topic, from_seq=from_seq, to_seq=to_seq, since=since, until=until,
                            correlation_id=correlation_id)
@@ -182,6 +204,17 @@ class AsyncSubscription:
     async def __aexit__(self, *exc: object) -> None:
         self._sub.close()
 
+    def close(self) -> None:
+        self._sub.close()
+
+    @property
+    def last_seq(self) -> int:
+        return self._sub.last_seq
+
+    @property
+    def ended(self) -> bool:
+        return self._sub.ended
+
 
 class AsyncConsumer:
     def __init__(self, consumer: Consumer) -> None:
@@ -210,3 +243,10 @@ class AsyncConsumer:
 
     async def __aexit__(self, *exc: object) -> None:
         self._c.close()
+
+    def close(self) -> None:
+        self._c.close()
+
+    @property
+    def ended(self) -> bool:
+        return self._c.ended

@@ -135,7 +135,7 @@ class Broker:
         self.endpoint = ""
         self._stop = False
         self._groups_dirty = False
-        self.max_frame = max(4 << 20, 2 * self.settings.max_message_bytes)
+        self.max_frame = P.max_frame(self.settings.max_message_bytes)
         self.permissions = Permissions(home.path / "permissions.toml")
         self._denied_recently: dict[tuple[str, str, str], float] = {}
         self._audit: list[dict[str, Any]] = []

@@ -28,7 +28,15 @@ from zmq.utils.monitor import parse_monitor_message
 
 from bus import protocol as P
 from contracts.envelope import DECODE_ERRORS, Envelope, array_header
-from contracts.errors import BusError, ConnectionError, NotAuthorized, TimeoutError, ValidationError, error_from_wire
+from contracts.errors import (
+    BusError,
+    ConnectionError,
+    MessageTooLarge,
+    NotAuthorized,
+    TimeoutError,
+    ValidationError,
+    error_from_wire,
+)
 from contracts.ids import new_id
 
 log = structlog.get_logger("membus.client")
@@ -52,10 +60,11 @@ _replayed_decoder = msgspec.msgpack.Decoder(tuple[int, bool, list[Envelope]])
 def seconds(timeout: float) -> float:
     """``timeout`` if it is a number of seconds >= 0: a NaN deadline never passes, and breaks the order of the
     heaps of deadlines it joins."""
-    if not timeout >= 0:
-        raise ValidationError(f"a timeout is a number of seconds >= 0, not {timeout!r}", field="timeout",
-                              expected="seconds >= 0")
+    if not 0 <= timeout < 1e9:  # NaN and infinity too (a condition cannot wait that long)
+        raise ValidationError(f"a timeout is a finite number of seconds >= 0, not {timeout!r}", field="timeout",
+                              expected="seconds >= 0, finite")
     return timeout
+
 
 class Pending:
     """A result that another thread waits for: a publish ack, a replay page, a reply.
@@ -499,15 +508,35 @@ class Connection(threading.Thread):
             items: list[_PubItem] = []
             size = count = 0
             q = self._pubq
+            limit = P.max_frame(int(self.welcome.get("max_message", 0)))
             while q and count < MAX_BATCH and size < MAX_BATCH_BYTES:
+                if size + len(q[0].data) > limit:
+                    if items:
+                        break  # in a frame of its own, so a refusal of that frame is its own
+                    big = q.popleft()
+                    self._refuse([big], MessageTooLarge(
+                        f"a publish of {len(big.data)} bytes exceeds the broker's frame limit of {limit}", limit=limit))
+                    continue
                 item = q.popleft()
                 items.append(item)
                 size += len(item.data)
                 count += item.count or 1
+            if not items:
+                continue
             frame = array_header(count) + b"".join([i.data for i in items])
             bid = self._new_id()
             self._batches[bid] = _Batch(items, frame, time.monotonic(), count)
             self._send([P.PUB, P.pack_id(bid), frame])
+
+    def _refuse(self, items: list[_PubItem], err: BusError) -> None:
+        """Publishes refused whole: each answered with ``err``, and no longer counted as outstanding."""
+        with self.cond:
+            for item in items:
+                if not item.done:
+                    self._answered += item.count or 1
+                    item.error = err
+                    item._settle()
+            self.cond.notify_all()
 
     def _on_puback(self, bid: int, results: list[Any]) -> None:
         batch = self._batches.pop(bid, None)
@@ -618,11 +647,7 @@ class Connection(threading.Thread):
             rid = P.unpack_id(ref)
             batch = self._batches.pop(rid, None)
             if batch is not None:
-                with self.cond:
-                    for item in batch.items:
-                        item.error = err
-                        item._settle()
-                    self.cond.notify_all()
+                self._refuse(batch.items, err)
                 return
             if rid in self._requests:
                 self._settle_request(rid, None, err)

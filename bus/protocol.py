@@ -108,6 +108,11 @@ class JoinBody(msgspec.Struct, kw_only=True):
 join_body = msgspec.msgpack.Decoder(JoinBody)
 
 
+def max_frame(max_message: int) -> int:
+    """The largest PUB frame a broker whose payloads are limited to ``max_message`` bytes takes."""
+    return max(4 << 20, 2 * max_message)
+
+
 def check_group_name(name: str) -> str:
     if not name or len(name.encode()) > GROUP_NAME_MAX or not name.isprintable():
         raise ValueError(f"a group name is 1 to {GROUP_NAME_MAX} bytes of printable text, not {name[:40]!r}"

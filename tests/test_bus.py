@@ -12,9 +12,9 @@ import time
 import msgspec
 import pytest
 
-from bus.aio import AsyncBus
-from bus.client import Bus
-from contracts.errors import BusError, ConnectionError, NotAuthorized, ValidationError
+from bus.aio import AsyncBus, AsyncConsumer, AsyncSubscription
+from bus.client import Bus, Consumer, Subscription
+from contracts.errors import BusError, ConnectionError, MessageTooLarge, NotAuthorized, ValidationError
 from contracts.errors import TimeoutError as BusTimeout
 from tests.conftest import BrokerProcess, wait_until
 
@@ -317,6 +317,51 @@ def test_a_cancelled_async_fetch_takes_nothing(broker: BrokerProcess) -> None:
             return [d.message.payload["i"] for d in got]
 
     assert asyncio.run(main()) == [1]
+
+
+def test_the_asyncio_twin_has_every_public_name_of_the_sync_client() -> None:
+    def names(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    for sync, twin in ((Bus, AsyncBus), (Subscription, AsyncSubscription), (Consumer, AsyncConsumer)):
+        assert names(sync) <= names(twin), (twin.__name__, names(sync) - names(twin))
+
+
+def test_timeouts_that_are_not_finite_seconds_are_refused_before_anything_is_sent(bus: Bus,
+                                                                                    broker: BrokerProcess) -> None:
+    with pytest.raises(ValidationError):
+        bus.publish("test.inf.changed", {"i": 1}, timeout=float("inf"))
+
+    async def main() -> None:
+        async with await AsyncBus.connect(broker.home.path, module="aio-timeouts") as abus:
+            with pytest.raises(ValidationError):
+                await abus.status(timeout=float("nan"))
+            with pytest.raises(ValidationError):
+                [m async for m in abus.replay(timeout=-1)]
+
+    asyncio.run(main())
+    abus = asyncio.run(AsyncBus.connect(broker.home.path, module="aio-no-loop"))
+    try:
+        with pytest.raises(RuntimeError):
+            abus.publish_nowait("test.inf.changed", {"i": 2})  # no running loop to answer in
+    finally:
+        asyncio.run(abus.close())
+    assert [m.payload for m in bus.replay(topic="test.inf.changed", timeout=10)] == []
+
+
+def test_a_publish_the_broker_refuses_whole_frees_its_place_and_takes_no_other_down(broker: BrokerProcess) -> None:
+    with Bus.connect(broker.home.path, module="too-big", max_outstanding=3) as bus:
+        for _ in range(4):  # over the frame limit: refused before it is sent, its place freed
+            with pytest.raises(MessageTooLarge):
+                bus.publish("test.big.changed", {"blob": "x" * 5_000_000}, timeout=10)
+        small = [bus.publish_nowait("test.big.changed", {"i": i}, timeout=20) for i in range(2)]
+        over_payload_limit = bus.publish_nowait("test.big.changed", {"blob": "x" * 2_000_000}, timeout=20)
+        big = bus.publish_nowait("test.big.changed", {"blob": "x" * 5_000_000}, timeout=20)
+        assert all(isinstance(p.result(20), int) for p in small)
+        for p in (over_payload_limit, big):
+            with pytest.raises(MessageTooLarge):
+                p.result(20)
+        assert isinstance(bus.publish("test.big.changed", {"i": 9}, timeout=20), int)
 
 
 def test_publish_to_a_reserved_topic_is_refused(bus: Bus) -> None:
