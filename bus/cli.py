@@ -27,7 +27,14 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 """Errors stay on one line (a wrapped path cannot be copied or grepped)."""
 
-HomeOpt = Annotated[Path | None, typer.Option("--home", envvar="MEMBUS_HOME", help="The membus home folder.")]
+def _home_folder(path: Path | None) -> Path | None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} is a file: the home is a folder (it is made if missing)")
+    return path
+
+
+HomeOpt = Annotated[Path | None, typer.Option("--home", envvar="MEMBUS_HOME", help="The membus home folder.",
+                                              callback=_home_folder)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -51,6 +58,14 @@ def _fit(table: Table) -> Table:
 
 def _home(home: Path | None) -> Home:
     return Home(home)
+
+
+def _known_worker(name: str, what: str = "worker") -> None:
+    from workers.registry import backends
+
+    if name not in backends():
+        err.print(f"[bold red]error[/]: unknown {what} {name!r}; known: {', '.join(backends())}")
+        raise typer.Exit(2)
 
 
 def _bus(home: Path | None, module: str = "cli") -> Any:
@@ -95,6 +110,8 @@ def up(home: HomeOpt = None,
     h = _home(home)
     names = [w for w in workers.split(",") if w] if workers else [w for w in h.settings().workers
                                                                   if w in available()]
+    for name in names:
+        _known_worker(name)
     err.print(f"membus: home {h.path}, workers: {', '.join(names) or 'none'}")
     Supervisor(h, names).run()
 
@@ -103,8 +120,10 @@ def up(home: HomeOpt = None,
 def broker(home: HomeOpt = None) -> None:
     """Run the broker alone, in the foreground."""
     from bus.broker import run
+    from bus.supervisor import end_with_supervisor
 
     logs.configure(process="broker")
+    end_with_supervisor()
     try:
         run(home)
     except BusError as exc:  # it cannot start (its log is open elsewhere, no room for it): say why, no traceback
@@ -114,9 +133,12 @@ def broker(home: HomeOpt = None) -> None:
 @app.command()
 def worker(name: str, home: HomeOpt = None) -> None:
     """Run one store worker in the foreground (`membus up` runs them all)."""
+    from bus.supervisor import end_with_supervisor
     from workers.runtime import run
 
+    _known_worker(name)
     logs.configure(process=f"worker-{name}")
+    end_with_supervisor()
     run(name, home)
 
 
@@ -328,12 +350,9 @@ def rebuild(store: Annotated[str, typer.Argument(help="The store worker: lmdb, l
     from bus.consistency import Progress as Step
     from bus.consistency import rebuild as run_rebuild
     from bus.consistency import wait_for_takeover
-    from workers.registry import backends
 
     logs.configure(level="warning")
-    if store not in backends():
-        err.print(f"[bold red]error[/]: unknown store {store!r}; known: {', '.join(backends())}")
-        raise typer.Exit(2)
+    _known_worker(store, "store")
     if not yes and not typer.confirm(f"Delete the {store} store and rebuild it from the log?"):
         raise typer.Exit(1)
     successor: int | None = None

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,22 @@ log = structlog.get_logger("membus.supervisor")
 
 SUPERVISOR_ENV = "MEMBUS_SUPERVISOR_PID"
 """Set for every child: a worker shows it in its status, so ``membus rebuild`` knows a new worker will come."""
+
+
+def end_with_supervisor(poll_s: float = 0.5) -> None:
+    """In a child of ``membus up``: stops this process (SIGTERM, its clean stop) once its supervisor is gone, so
+    a supervisor killed with -9 leaves no broker or worker running unsupervised, holding the home."""
+    supervisor = int(os.environ.get(SUPERVISOR_ENV) or 0)
+    if not supervisor or os.getppid() != supervisor:
+        return  # not started by `membus up` (or that one is gone already, and this is someone else's child)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(poll_s)
+        log.warning("supervisor.gone", supervisor=supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="membus-supervisor-watch", daemon=True).start()
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,18 @@ def test_a_worker_setting_out_of_bounds_is_named() -> None:
         assert info.value.field == var
     assert runtime_settings({"MEMBUS_WORKER_BATCH_SIZE": "50", "MEMBUS_WORKER_ACK_TIMEOUT_S": "0.001"}) == {
         "batch_size": 50, "ack_timeout_s": 0.001}
+
+
+def test_an_unknown_worker_or_a_home_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    """Both were tracebacks; `membus up --workers lmdb,nosuch` restarted the unknown one for ever."""
+    home = tmp_path / "home"
+    for args in (("worker", "nosuch"), ("up", "--workers", "lmdb,nosuch"), ("rebuild", "nosuch", "--yes")):
+        done = cli(home, *args, timeout=60.0)
+        assert done.returncode == 2 and "unknown" in done.stderr and "'nosuch'" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    for args in (("status",), ("broker",), ("worker", "lmdb"), ("keys", "init", "--no-passphrase")):
+        done = cli(a_file, *args, timeout=60.0)
+        said = " ".join(re.sub("[│╭╮╰╯─]", " ", done.stderr).split())  # rich's box may wrap the message
+        assert done.returncode == 2 and "is a file" in said and "Traceback" not in done.stderr, done.stderr

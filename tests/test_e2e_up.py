@@ -200,3 +200,26 @@ def test_sigterm_stops_membus_up_and_every_child_cleanly(tmp_path: Path) -> None
         assert "worker.stopped" in log and "broker.stopped" in log and "membus.stopped" in log
     finally:
         system.stop()
+
+
+def test_membus_up_killed_with_minus_9_takes_its_children_with_it(tmp_path: Path) -> None:
+    """Orphans would keep the home's log open, unsupervised, and the next `membus up` could not start."""
+    system = UpProcess(tmp_path / "home", WORKERS)
+    again = UpProcess(tmp_path / "home", WORKERS)
+    try:
+        system.start()
+        with Bus.connect(system.home.path, module="companion", timeout=30.0) as bus:
+            children = [int(bus.status()["pid"]), *(system.worker_pid(w) or 0 for w in WORKERS)]
+        assert all(children)
+        assert system.proc is not None
+        system.proc.kill()
+        system.proc.wait(10)
+        wait_until(lambda: not [pid for pid in children if pid_alive(pid)], timeout=30.0,
+                   what="the broker and workers stopping with their supervisor")
+        again.start()
+        with Bus.connect(again.home.path, module="companion", timeout=30.0) as bus:
+            assert say(bus, "c-orphans", 0, "after the kill")["message_id"]
+        assert again.terminate(timeout=20.0) == 0, again.log_tail()
+    finally:
+        system.stop()
+        again.stop()
