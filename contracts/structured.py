@@ -24,8 +24,10 @@ Text = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)]
 Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Offset = Annotated[int, msgspec.Meta(ge=0)]
-UnixSeconds = Annotated[float, msgspec.Meta(ge=0, le=32_503_680_000)]
-"""Up to the year 3000 (no NaN, no infinity: readers turn it into whole milliseconds)."""
+UNIX_SECONDS_MAX = 32_503_680_000
+"""3000-01-01T00:00:00Z: the latest time a stored record may carry."""
+UnixSeconds = Annotated[float, msgspec.Meta(ge=0, le=UNIX_SECONDS_MAX)]
+"""1970 up to the year 3000 (no NaN, no infinity: readers turn it into whole milliseconds)."""
 Role = Literal["user", "assistant", "system", "tool"]
 Metadata = dict[str, Any]
 

@@ -137,6 +137,10 @@ def given_time(value: str, ctx: Context, field: str) -> str:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
+    if not 0 <= parsed.timestamp() <= c.UNIX_SECONDS_MAX:  # what the change events it ends up in can carry
+        raise ValidationError(
+            f"invalid payload for topic {ctx.envelope.topic!r} field {field!r}: {value!r} is not between 1970 "
+            "and the year 3000", topic=ctx.envelope.topic, field=field, expected="a time from 1970 to 3000")
     return parsed.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
