@@ -223,16 +223,18 @@ def compare(store: str, truth: Truth, held: dict[str, list[InventoryItem]], info
                                 if i in truth.facts and i in ids["facts"]},
                                "superseded in one store only"))
     elif store == "lmdb":
-        out.append(_difference(store, "messages", "missing", expected_in_working_memory(truth, held["messages"],
-                                                                                           info, now) - ids["messages"],
+        cleared = {i.id: i.ts for i in held.get("cleared", [])}
+        expected = expected_in_working_memory(truth, held["messages"], info, now, cleared)
+        out.append(_difference(store, "messages", "missing", expected - ids["messages"],
                                "recent in libsql, not in working memory"))
     return [d for d in out if d is not None]
 
 
 def expected_in_working_memory(truth: Truth, held: list[InventoryItem], info: dict[str, float],
-                               now: float) -> set[str]:
-    """The structured store's messages working memory should hold: unexpired, and within its window of
-    ``max_messages`` per conversation (a full window holds only what is newer than its oldest message)."""
+                               now: float, cleared: dict[str, float] | None = None) -> set[str]:
+    """The structured store's messages working memory should hold: unexpired, not older than a clear of their
+    conversation (``cleared``: conversation -> when), and within its window of ``max_messages`` per
+    conversation (a full window holds only what is newer than its oldest message)."""
     ttl = float(info.get("ttl_seconds", 24 * 3600.0))
     window = int(info.get("max_messages", 200))
     by_token: dict[str, list[InventoryItem]] = {}
@@ -243,7 +245,7 @@ def expected_in_working_memory(truth: Truth, held: list[InventoryItem], info: di
                        for item in held if item.id in truth.messages}
     expected = set()
     for item in truth.messages.values():
-        if item.ts + ttl <= now + EXPIRY_MARGIN_S:
+        if item.ts + ttl <= now + EXPIRY_MARGIN_S or (cleared and item.ts <= cleared.get(item.group, -1.0)):
             continue
         mine = by_conversation.get(item.group, [])
         if len(mine) >= window and item.ts < min(m.ts for m in mine):
@@ -266,7 +268,8 @@ def _status_files_since(home: Home, names: list[str], since: float, wait: float 
         time.sleep(0.1)
 
 
-KINDS = {"lmdb": ("messages",), "chroma": ("memory", "conversation"), "duckdb": ("messages", "facts", "feedback")}
+KINDS = {"lmdb": ("messages", "cleared"), "chroma": ("memory", "conversation"),
+         "duckdb": ("messages", "facts", "feedback")}
 
 
 def check(bus: Any, home: Home, *, timeout: float = 30.0) -> CheckReport:

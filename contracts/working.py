@@ -74,6 +74,13 @@ class ConversationClear(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     conversation_id: Id
 
 
+class ClearedConversation(msgspec.Struct, frozen=True):
+    """That a conversation's working memory was cleared, kept for the TTL (what it held is not expected back)."""
+
+    conversation_id: str
+    at: float
+
+
 class ConversationClearReply(msgspec.Struct, frozen=True):
     conversation_id: str
     removed: int
@@ -145,9 +152,10 @@ register(CONTEXT_CHANGED, ContextChanged,
 
 
 class WorkingInventory(InventoryQuery, kw_only=True, forbid_unknown_fields=True):
-    """One page of the messages working memory holds, unexpired (`membus check`); info gives its limits."""
+    """One page of the messages working memory holds, unexpired (`membus check`); info gives its limits.
+    ``cleared``: the conversations cleared within the TTL (id: the conversation, ts: when it was cleared)."""
 
-    kind: Literal["messages"] = "messages"
+    kind: Literal["messages", "cleared"] = "messages"
 
 
 INVENTORY = "working.inventory.request"

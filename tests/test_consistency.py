@@ -59,7 +59,7 @@ def test_check_is_clean_after_traffic_and_names_the_ids_a_stopped_store_lacks(tm
         assert counts["libsql"] == {"facts": 4, "messages": 6, "feedback": 1}
         assert counts["chroma"] == {"memory": 3, "conversation": 6}  # the superseded fact is not indexed
         assert counts["duckdb"] == {"messages": 6, "facts": 4, "feedback": 1}
-        assert counts["lmdb"] == {"messages": 6}
+        assert counts["lmdb"] == {"messages": 6, "cleared": 0}  # conversations cleared (none here)
 
         s.workers["chroma"].stop()
         new = traffic(s.bus, "b", messages=2, facts=2)
@@ -211,3 +211,6 @@ def test_working_memory_expectation_follows_ttl_and_window() -> None:
     # c2 holds nothing, so its message is expected; "old" has expired.
     assert expected_in_working_memory(truth, held, info, now) == {"b", "c", "other"}
     assert expected_in_working_memory(truth, held, {**info, "max_messages": 5.0}, now) == {"a", "b", "c", "other"}
+    # c2 was cleared after its message was written: working memory is not expected to hold it
+    assert expected_in_working_memory(truth, held, info, now, {"c2": now - 1}) == {"b", "c"}
+    assert expected_in_working_memory(truth, held, info, now, {"c2": now - 6}) == {"b", "c", "other"}

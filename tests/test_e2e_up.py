@@ -167,6 +167,17 @@ def test_the_cli_publishes_requests_replays_and_reports_status(up: UpProcess, co
     assert not [m for m in companion.replay(from_seq=head + 1, topic="companion.mood.changed")]  # nothing sent
 
 
+def test_check_is_clean_after_a_conversation_is_cleared_from_working_memory(up: UpProcess, companion: Bus) -> None:
+    """The clear is what the app asked: check said working memory lacked those messages until their TTL passed."""
+    for i, text in enumerate(TURNS[:2]):
+        say(companion, "c-clear", i, text)
+    wait_until(lambda: len(working_memory(companion, "c-clear")) == 2, timeout=TIMEOUT, what="working memory")
+    cleared = ask(companion, "working.conversation.clear.request", {"conversation_id": "c-clear"})
+    assert cleared["removed"] == 2 and working_memory(companion, "c-clear") == []
+    checked = cli(up.home.path, "check", timeout=180.0)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_a_store_rebuilt_under_up_is_back_in_service_when_rebuild_returns(up: UpProcess, companion: Bus) -> None:
     """`membus rebuild` stops the store's worker; `membus up` starts another, which waits for the rebuild and
     then loads its store. Rebuild returns once that worker has taken over, so a `membus check` right after it

@@ -26,6 +26,7 @@ from contracts.working import (
     CONTEXT_GET,
     CONTEXT_SET,
     CONVERSATION_CLEAR,
+    INVENTORY,
     RECENT,
 )
 from workers.apply import Outcome, apply_batch
@@ -112,7 +113,7 @@ def assert_consistent(store: LmdbBackend) -> None:
     encrypted store, every committed value is sealed (none is left a placeholder) and opens."""
     entries = store.stats()["entries"]
     assert entries["msgids"] == entries["messages"]
-    assert entries["expiry"] == entries["messages"] + entries["context"]
+    assert entries["expiry"] == entries["messages"] + entries["context"] + entries["cleared"]
     with store._read() as r:
         counts = [int.from_bytes(v, "big") for _, v in r.cursor(db=store._db["convs"])]
         if store.cfg.encryption is not None:
@@ -196,6 +197,16 @@ def test_clearing_a_conversation_drops_only_its_messages(store: LmdbBackend, log
     assert_consistent(store)
     # Its message ids are free again.
     assert one(store, log(APPEND, message("c1", 0))).reply.stored is True
+    # The clear is listed for `membus check` (what it dropped is not expected back) until the TTL has passed.
+    listed = one(store, log(INVENTORY, {"kind": "cleared"})).reply
+    assert [(i.id, i.ts > T0 - 60) for i in listed.items] == [("c1", True)]
+    one(store, log(CONVERSATION_CLEAR, {"conversation_id": "c1"}))  # again: one record, its expiry renewed
+    assert_consistent(store)
+    assert len(one(store, log(INVENTORY, {"kind": "cleared"})).reply.items) == 1
+    store.expire(now=time.time() + store.cfg.ttl_seconds + 60)
+    assert one(store, log(INVENTORY, {"kind": "cleared"})).reply.items == []
+    assert store.stats()["entries"]["cleared"] == 0
+    assert_consistent(store)
 
 
 def stored_event(message_id: str, conversation: str, text: str, **extra: Any) -> dict[str, Any]:

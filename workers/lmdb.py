@@ -57,6 +57,7 @@ from contracts.working import (
     RECENT,
     AppendMessage,
     AppendReply,
+    ClearedConversation,
     ContextChanged,
     ContextClear,
     ContextClearReply,
@@ -89,10 +90,10 @@ FORMAT = 2
 """Version of the store's layout, kept under ``tracking``; 1 (no entry): ``msgids`` keys without the ULID time."""
 _OUTBOX_BATCH = b"b"
 """Suffix of an outbox record's key (the record's last seq): it holds the entries of one transaction."""
-_KIND_MESSAGE, _KIND_CONTEXT = b"m", b"c"
+_KIND_MESSAGE, _KIND_CONTEXT, _KIND_CLEARED = b"m", b"c", b"x"
 _ID_MAX_BYTES = 240
 """Two ids and the framing stay under LMDB's 511-byte key limit."""
-_DATABASES = ("messages", "msgids", "convs", "context", "expiry", "tracking", "outbox")
+_DATABASES = ("messages", "msgids", "convs", "context", "cleared", "expiry", "tracking", "outbox")
 
 
 class LmdbSettings(msgspec.Struct, frozen=True):
@@ -698,7 +699,7 @@ class LmdbBackend(Backend):
         for key in due:
             expires = key[:8]
             kind, target = key[8:9], key[9:]
-            db = self._db["messages"] if kind == _KIND_MESSAGE else self._db["context"]
+            db = self._db[{_KIND_MESSAGE: "messages", _KIND_CONTEXT: "context", _KIND_CLEARED: "cleared"}[kind]]
             stored = txn.get(db, target)
             # An item rewritten with a later expiry keeps its new index entry; this one is just stale.
             if stored is not None and stored[:8] == expires:
@@ -834,6 +835,16 @@ class LmdbBackend(Backend):
         for key, stored in held:
             self._drop_message(txn, key, stored, count=False)
         txn.delete(self._db["convs"], conv)
+        # kept for the TTL, the time by which every message older than the clear has expired anyway, so that
+        # `membus check` does not expect them here
+        at = _now(ctx)
+        expires = _u64(int((at + self.cfg.ttl_seconds) * 1000))
+        old = txn.get(self._db["cleared"], conv)
+        if old is not None:
+            txn.delete(self._db["expiry"], old[:8] + _KIND_CLEARED + conv)
+        txn.put(self._db["cleared"], conv,
+                expires + self.codec.encode(ClearedConversation(payload.conversation_id, at), conv + expires))
+        txn.put(self._db["expiry"], expires + _KIND_CLEARED + conv, b"")
         return ConversationClearReply(payload.conversation_id, len(held))
 
     def _range(self, txn: _Batch, db: Any, prefix: bytes) -> list[tuple[bytes, bytes]]:
@@ -927,12 +938,13 @@ class LmdbBackend(Backend):
 
     @handles(INVENTORY)
     def inventory(self, txn: _Batch, payload: WorkingInventory, ctx: Context) -> InventoryPage:
-        """Unexpired messages in key order (conversation, then time); the cursor is the last key, in hex.
-        ``group`` is a token of the conversation, not its id (keys hold blinded ids when encryption is on)."""
+        """Unexpired messages in key order (conversation, then time), or cleared conversations; the cursor is the
+        last key, in hex. A message's ``group`` is a token of its conversation, not its id (keys hold blinded ids
+        when encryption is on)."""
         now_ms = int(_now(ctx) * 1000)
         items: list[InventoryItem] = []
         last = b""
-        cursor = txn.current.cursor(db=self._db["messages"])
+        cursor = txn.current.cursor(db=self._db[payload.kind])
         try:
             start = bytes.fromhex(payload.cursor)
         except ValueError:
@@ -945,7 +957,11 @@ class LmdbBackend(Backend):
         while positioned and len(items) < payload.limit:
             key, stored = bytes(cursor.key()), cursor.value()
             last = key
-            if _expires_ms(stored) > now_ms:
+            if _expires_ms(stored) > now_ms and payload.kind == "cleared":
+                cleared: ClearedConversation = self.codec.decode(stored[8:], ClearedConversation,
+                                                                 key + bytes(stored[:8]))
+                items.append(InventoryItem(id=cleared.conversation_id, ts=cleared.at))
+            elif _expires_ms(stored) > now_ms:
                 message: WorkingMessage = self.codec.decode(stored[8:], WorkingMessage, key + bytes(stored[:8]))
                 conversation = key[: 2 + _U16.unpack_from(key)[0]].hex()  # opaque: ids may be blinded
                 items.append(InventoryItem(id=message.message_id, group=conversation, ts=message.ts))
