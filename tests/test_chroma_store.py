@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import contracts.semantic
 import contracts.structured  # noqa: F401  (the real memory.fact.changed contract)
 from contracts.envelope import Envelope, make_envelope
-from contracts.errors import StoreRejected
+from contracts.errors import StoreError, StoreRejected
 from contracts.registry import encode_payload
 from schemas import registry as schema_registry
 from workers.apply import apply_batch
@@ -293,6 +293,18 @@ def hashed(tmp_path: Path) -> Iterator[ChromaBackend]:
     backend.close()
 
 
+def test_a_fact_is_filtered_by_its_type_and_its_category_as_libsql_holds_them(hashed: ChromaBackend) -> None:
+    """A fact with a category and no type was indexed with its category as its type."""
+    log = Log()
+    apply_batch(hashed, [log.env("memory.fact.changed", fact("f1", "plays the cello", fact_type="", category="hobby")),
+                         log.env("memory.fact.changed", fact("f2", "lives in Lyon", fact_type="location"))])
+    assert [h.id for h in search(hashed, log, "cello", where={"category": "hobby"})] == ["f1"]
+    assert search(hashed, log, "cello", where={"fact_type": "hobby"}) == []
+    (hit,) = search(hashed, log, "Lyon", where={"fact_type": "location"})
+    assert (hit.id, hit.metadata["category"]) == ("f2", "general") and "fact_type" not in \
+        search(hashed, log, "cello", where={"category": "hobby"})[0].metadata
+
+
 def test_same_batch_twice_is_skipped_and_counts_stay(hashed: ChromaBackend) -> None:
     log = Log()
     batch = [log.env("memory.fact.changed", fact(f"f{i}", f"fact number {i}")) for i in range(5)]
@@ -375,6 +387,30 @@ def test_position_and_index_survive_reopen(tmp_path: Path) -> None:
         assert {h.id for h in hits} == {"f1", "note-1"}
     finally:
         again.close()
+
+
+def test_a_store_embedded_by_another_model_is_refused_at_open_naming_both(tmp_path: Path) -> None:
+    """Chroma opened it, and every search then failed on the vectors' size (found by rebuilding the store with
+    one model while `membus up` ran another)."""
+    log = Log()
+    first = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(64))
+    first.open()
+    first.close()
+    empty = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(32))
+    empty.open()  # nothing in it yet: it becomes this model's
+    apply_batch(empty, [log.env("memory.fact.changed", fact("f1", "the user plays chess"))])
+    empty.close()
+    other = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(64))
+    with pytest.raises(StoreError) as refused:
+        other.open()
+    other.close()
+    assert "'hash-32' (32 dimensions)" in refused.value.message and "'hash-64' (64)" in refused.value.message
+    same = ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(32))
+    same.open()
+    try:
+        assert [h.id for h in search(same, log, "chess", hybrid=False)] == ["f1"]
+    finally:
+        same.close()
 
 
 def test_a_search_that_fails_after_indexing_the_batch_so_far_leaves_that_indexing_in_place(

@@ -146,10 +146,27 @@ class ChromaBackend(Backend):
             settings=Settings(anonymized_telemetry=False, allow_reset=False),
         )
         for kind, name in COLLECTIONS.items():
-            self._collections[kind] = self._client.get_or_create_collection(
+            collection = self._client.get_or_create_collection(
                 name, embedding_function=function, configuration={"hnsw": {"space": "cosine"}},
             )
+            self._check_embedder(collection, function)
+            self._collections[kind] = collection
         log.info("chroma.opened", path=str(self.data_dir), model=self.embedder.name)
+
+    def _check_embedder(self, collection: Any, function: MembusEmbeddingFunction) -> None:
+        """Vectors of one model only: a collection embedded by another is refused, with what to do (Chroma itself
+        would open it, and every later search and write would fail on the vectors' size, or rank nonsense)."""
+        made_by = ((collection.configuration_json or {}).get("embedding_function") or {}).get("config") or {}
+        now = function.get_config()
+        if not made_by or (made_by.get("model"), made_by.get("dimensions")) == (now["model"], now["dimensions"]):
+            return
+        if collection.count():
+            raise StoreError(
+                f"the chroma store's {collection.name} collection holds vectors of the embedding model "
+                f"{made_by.get('model')!r} ({made_by.get('dimensions')} dimensions), and this worker runs "
+                f"{now['model']!r} ({now['dimensions']}): set MEMBUS_EMBEDDING_MODEL (or embedding_model) to the "
+                "first, or rebuild the store with this one (membus rebuild chroma)", store="chroma")
+        collection.modify(configuration={"embedding_function": function})  # empty: it is this model's now
 
     def close(self) -> None:
         if self._client is not None:
@@ -342,7 +359,8 @@ class ChromaBackend(Backend):
             **extra,
             "kind": "fact",
             "user_id": fact.user_id,
-            "fact_type": fact.fact_type or fact.category,
+            "fact_type": fact.fact_type or None,  # each as libSQL has it: a search filters on either
+            "category": fact.category or None,
             "confidence": fact.confidence,
             "version": fact.version,
             "created_at": fact.created_at,
