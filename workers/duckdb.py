@@ -408,7 +408,7 @@ class DuckdbBackend(Backend):
             raise ValidationError(f"export path {req.path!r} cannot be a file: a folder is in the way",
                                   topic=ctx.envelope.topic, field="path",
                                   expected="a file name whose folders are folders, not an existing folder") from None
-        partial = target.with_name(f".{target.name}.{ctx.seq}.partial")
+        partial = target.with_name(f".export-{ctx.seq}.partial")  # any name may be the longest there can be
         quoted = str(partial).replace("'", "''")
         try:
             self.con.execute(f"COPY (SELECT * FROM {req.table}) TO '{quoted}' (FORMAT parquet)").fetchall()
