@@ -35,8 +35,9 @@ class ModuleAuthenticator(ThreadAuthenticator):
 
     def callback(self, domain: str, key: bytes) -> bool:
         with self._lock:
-            if key not in self._keys:  # a module may have been added since: the folder is the allow-list
-                self._keys = self.home.allowed_modules()
+            # the folder is the allow-list, read at every handshake (one per connection): a module added since
+            # is let in, one whose key was deleted is not
+            self._keys = self.home.allowed_modules()
             allowed = key in self._keys
             if not allowed:
                 self.rejected += 1

@@ -33,6 +33,7 @@ from bus.home import Home, Settings
 from bus.log import EventLog, Prepared, Record, Rejected
 from bus.permissions import Permissions
 from bus.sealing import log_cipher
+from bus.supervisor import supervised
 from bus.tail import TailCache
 from bus.writer import LogWriter
 from contracts.envelope import DECODE_ERRORS, Envelope, decode_batch, decode_envelope, make_envelope
@@ -99,6 +100,9 @@ class Group:
     dead_letters: int = 0
     delivered: int = 0
     saved_floor: int = -1
+    owner: str = ""
+    """The module that made the group: only its runs may join it ("" for a group saved before owners: the
+    next module to join takes it)."""
 
     def matches(self, topic: str) -> bool:
         hit = self.match_cache.get(topic)
@@ -117,7 +121,7 @@ class Group:
         return low - 1
 
     def state(self) -> dict[str, Any]:
-        return {"floor": self.floor, "patterns": list(self.patterns)}
+        return {"floor": self.floor, "patterns": list(self.patterns), "owner": self.owner}
 
 
 class Broker:
@@ -157,7 +161,8 @@ class Broker:
         for name, state in self.log.load_groups().items():
             floor = int(state.get("floor", 0))
             self.groups[name] = Group(name, tuple(state.get("patterns", ())), floor + 1,
-                                      self.settings.ack_timeout_s, self.settings.max_attempts, saved_floor=floor)
+                                      self.settings.ack_timeout_s, self.settings.max_attempts, saved_floor=floor,
+                                      owner=str(state.get("owner", "")))
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.auth = ModuleAuthenticator(self.ctx, self.home)
         self.auth.start()
@@ -309,6 +314,12 @@ class Broker:
             self._malformed(rid, b"", f"bad HELLO body: {exc}")
             return
         source = str(frames[1].get("User-Id") or "unknown")
+        if inbox and not inbox.startswith(f"inbox.{source}."):  # else one module could take another's replies
+            self.counters["inbox_refused"] += 1
+            log.warning("client.inbox_refused", source=source, inbox=inbox[:120])
+            self._error(rid, b"", "not_authorized", f"module {source!r} may only use an inbox named "
+                                                     f"inbox.{source}.*, not {inbox[:120]!r}", module=source)
+            return
         old = self.clients.get(rid)
         if old is not None:
             self._drop_client(old, "re-hello")
@@ -581,6 +592,9 @@ class Broker:
     def _join(self, client: Client, name: str, body: P.JoinBody) -> None:
         patterns = tuple(check_pattern(p) for p in body.patterns)
         group = self.groups.get(name)
+        if group is not None and group.owner not in ("", client.source):  # else it could take or redirect them
+            raise NotAuthorized(f"group {name!r} belongs to module {group.owner!r}: module {client.source!r} may "
+                                "not join it", group=name, module=client.source)
         self._require_subscribe(client, patterns or (group.patterns if group else ()))
         start = body.from_seq
         if group is None:
@@ -588,11 +602,15 @@ class Broker:
                 raise BusError(f"group {name!r} does not exist; give patterns to create it", group=name)
             next_seq = start if start else 1
             group = Group(name, patterns, next_seq, body.ack_timeout or self.settings.ack_timeout_s,
-                          body.max_attempts or self.settings.max_attempts)
+                          body.max_attempts or self.settings.max_attempts, owner=client.source)
             self.groups[name] = group
             self._groups_dirty = True
             log.info("group.created", group=name, patterns=list(patterns), from_seq=next_seq)
         else:
+            if not group.owner:
+                group.owner = client.source
+                group.saved_floor = -1  # saved with its owner at the next save
+                self._groups_dirty = True
             if patterns and patterns != group.patterns:
                 group.patterns = patterns
                 group.match_cache.clear()
@@ -877,7 +895,7 @@ class Broker:
         groups = {}
         for g in self.groups.values():
             floor = g.floor
-            groups[g.name] = {"patterns": list(g.patterns), "acked": floor, "next": g.next_seq,
+            groups[g.name] = {"patterns": list(g.patterns), "owner": g.owner, "acked": floor, "next": g.next_seq,
                               "lag": head - floor, "inflight": len(g.inflight),
                               "redelivery_pending": len(g.redeliver), "members": len(g.members),
                               "delivered": g.delivered, "dead_letters": g.dead_letters,
@@ -925,7 +943,8 @@ def run(home: Path | str | None = None, *, settings: Settings | None = None) -> 
         broker.stop()
 
     signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    if not supervised():  # under `membus up`, Ctrl-C is the supervisor's (bus/supervisor.py)
+        signal.signal(signal.SIGINT, _stop)
     try:
         broker.serve_forever()
     finally:

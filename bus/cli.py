@@ -82,10 +82,14 @@ def _fail(exc: BusError) -> None:
 
 def _parse_json(text: str, what: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
+        return json.loads(text, parse_constant=_not_json)
+    except (json.JSONDecodeError, ValueError) as exc:
         err.print(f"[bold red]error[/]: {what} is not valid JSON: {exc}")
         raise typer.Exit(2) from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -120,10 +124,10 @@ def up(home: HomeOpt = None,
 def broker(home: HomeOpt = None) -> None:
     """Run the broker alone, in the foreground."""
     from bus.broker import run
-    from bus.supervisor import end_with_supervisor
+    from bus.supervisor import follow_supervisor
 
     logs.configure(process="broker")
-    end_with_supervisor()
+    follow_supervisor()
     try:
         run(home)
     except BusError as exc:  # it cannot start (its log is open elsewhere, no room for it): say why, no traceback
@@ -133,12 +137,12 @@ def broker(home: HomeOpt = None) -> None:
 @app.command()
 def worker(name: str, home: HomeOpt = None) -> None:
     """Run one store worker in the foreground (`membus up` runs them all)."""
-    from bus.supervisor import end_with_supervisor
+    from bus.supervisor import follow_supervisor
     from workers.runtime import run
 
     _known_worker(name)
     logs.configure(process=f"worker-{name}")
-    end_with_supervisor()
+    follow_supervisor()
     run(name, home)
 
 
@@ -240,6 +244,7 @@ def replay(home: HomeOpt = None,
 @app.command()
 def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
     """Log head, consumer groups (acked, lag, in flight, dead letters), workers, clients."""
+    from bus.consistency import pid_alive
     from workers.runtime import read_worker_status
 
     logs.configure(level="warning")
@@ -265,9 +270,12 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
         w = Table("worker", "pid", "position", "lag", "applied", "failed", "dead letters", "last batch",
                   "max batch")
         for name, ws in sorted(st["workers"].items()):
-            w.add_row(name, str(ws.get("pid")), str(ws.get("position")), str(ws.get("lag")), str(ws.get("applied")),
-                      str(ws.get("failed")), str(ws.get("dead_lettered")), str(ws.get("last_batch")),
-                      str(ws.get("max_batch")))
+            running = bool(ws.get("pid")) and pid_alive(int(ws["pid"]))
+            # the group's lag: the worker's own position stays at the last message of its topics
+            lag = st["groups"].get(name, {}).get("lag", ws.get("lag"))
+            w.add_row(name, str(ws.get("pid")) if running else "[red]stopped[/]", str(ws.get("position")),
+                      str(lag) if running else "-", str(ws.get("applied")), str(ws.get("failed")),
+                      str(ws.get("dead_lettered")), str(ws.get("last_batch")), str(ws.get("max_batch")))
         out.print(_fit(w))
         for name, ws in sorted(st["workers"].items()):
             if ws.get("stalled"):
@@ -341,7 +349,7 @@ def check(home: HomeOpt = None, json_out: JsonOpt = False,
 def rebuild(store: Annotated[str, typer.Argument(help="The store worker: lmdb, libsql, chroma or duckdb.")],
             home: HomeOpt = None,
             yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-            timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None
+            timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.", min=1.0)] = None
             ) -> None:
     """Wipes one store and applies the whole log to it again (its worker is stopped meanwhile; under `membus up`
     this returns once a new one has taken the store over)."""

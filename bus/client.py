@@ -38,6 +38,7 @@ from bus.connection import (
 )
 from bus.home import Home
 from bus.message import Delivery, Message
+from contracts.catalog import load_all
 from contracts.envelope import (
     ID_MAX,
     Envelope,
@@ -153,6 +154,7 @@ class Bus:
 
         ``max_outstanding``: publishes not yet answered (queued or in flight) before a publish call waits for
         room, and raises TimeoutError after its timeout if none comes: memory stays bounded."""
+        load_all()  # every built-in topic's contract: payloads are checked before they are sent
         return cls(_connection(home, module, endpoint, server_key, timeout, max_outstanding), Home(home))
 
     @property
@@ -253,7 +255,7 @@ class Bus:
             check_header_fields(None, correlation_id, "", headers)
         mid, data = encode_new(topic, encode_payload(topic, payload), correlation_id=correlation_id,
                                reply_to=self._conn.inbox, headers=headers)
-        waiter = self._conn.await_reply(mid, timeout)
+        waiter = self._conn.await_reply(mid, topic, timeout)
         self._conn.submit_publish(data, timeout).add_done_callback(functools.partial(self._conn.reply_refused, mid))
         return waiter
 
@@ -261,7 +263,7 @@ class Bus:
                 headers: dict[str, str] | None = None) -> Message:
         """Publishes a request and waits for its ``.complete`` reply; a ``.failed`` reply raises its error."""
         env = build_request(topic, payload, self._conn.inbox, correlation_id, headers, None)
-        waiter = self._conn.await_reply(env.id)
+        waiter = self._conn.await_reply(env.id, topic)
         try:
             self._conn.submit_publish(encode_envelope(env), timeout).result(timeout)
             reply = waiter.result(timeout)

@@ -38,6 +38,7 @@ from contracts.errors import (
     error_from_wire,
 )
 from contracts.ids import new_id
+from contracts.topics import reply_topics
 
 log = structlog.get_logger("membus.client")
 
@@ -115,6 +116,16 @@ class Pending:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+class _ReplyWaiter(Pending):
+    """The waiter of a request's reply, with the topics that may answer it."""
+
+    __slots__ = ("topics",)
+
+    def __init__(self, cond: threading.Condition, topics: tuple[str, str]) -> None:
+        super().__init__(cond)
+        self.topics = topics
 
 
 class _PubItem(Pending):
@@ -217,6 +228,8 @@ class _Counters:
     resent: int = 0
     gaps_filled: int = 0
     reconnects: int = 0
+    foreign_replies: int = 0
+    """Messages in this client's inbox that answer a request but are not its reply topics (ignored)."""
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -229,7 +242,8 @@ class Connection(threading.Thread):
         self._resolve_endpoint = resolve_endpoint
         self.server_key, self.public_key, self.secret_key = server_key, public_key, secret_key
         self.client_name = name
-        self.inbox = f"inbox.{new_id().lower()}"
+        self.inbox = f"inbox.{name}.{new_id().lower()}"
+        """Named after the module: the broker gives a client only an inbox of its own module."""
         self.heartbeat_s = heartbeat_s
         self.cond = threading.Condition()
         self._ops: collections.deque[Callable[[], None]] = collections.deque()
@@ -250,7 +264,7 @@ class Connection(threading.Thread):
         self._requests: dict[int, tuple[Pending, list[bytes]]] = {}
         """REPLAY and STATUS requests waiting for their answer, with their frames: both only read, so they are sent
         again to a broker that restarted before answering (a subscription's catch-up page included)."""
-        self._waiters: dict[str, Pending] = {}
+        self._waiters: dict[str, _ReplyWaiter] = {}
         self._reply_deadlines: list[tuple[float, str, float]] = []
         """Heap of (deadline, request id, timeout) of the waiters that fail by themselves when no reply came."""
         self.subs: dict[int, LiveState] = {}
@@ -335,12 +349,13 @@ class Connection(threading.Thread):
         self.call(op)
         return pending
 
-    def await_reply(self, request_id: str, timeout: float | None = None) -> Pending:
-        """A waiter for the reply to ``request_id``; with ``timeout``, it fails with TimeoutError by itself once
-        that has passed without a reply (and is forgotten), so its callbacks run and nothing is kept for ever."""
+    def await_reply(self, request_id: str, topic: str, timeout: float | None = None) -> Pending:
+        """A waiter for the reply to ``request_id``, a request on ``topic``: only its ``.complete`` or ``.failed``
+        is taken (whoever else may address this inbox). With ``timeout``, it fails with TimeoutError by itself
+        once that has passed without a reply (and is forgotten), so its callbacks run and nothing is kept."""
         if timeout is not None:
             seconds(timeout)
-        pending = Pending(self.cond)
+        pending = _ReplyWaiter(self.cond, reply_topics(topic))
         with self.cond:
             self._waiters[request_id] = pending
             if timeout is not None:
@@ -643,6 +658,12 @@ class Connection(threading.Thread):
             if time.monotonic() - self._last_hello > 0.2:
                 self._hello()
             return  # pending batches are resent on WELCOME
+        if not ref and code == "not_authorized":  # the broker refused this client itself (its HELLO)
+            log.error("client.refused", error=err.message)
+            self.fatal = err
+            self._fail_all(err)
+            self._closing = True
+            return
         if len(ref) == 8:
             rid = P.unpack_id(ref)
             batch = self._batches.pop(rid, None)
@@ -664,10 +685,17 @@ class Connection(threading.Thread):
     def _on_inbox(self, envs: list[Envelope]) -> None:
         with self.cond:
             for env in envs:
-                pending = self._waiters.pop(env.causation_id, None)
-                if pending is not None:
-                    pending.value = env
-                    pending._settle()
+                pending = self._waiters.get(env.causation_id)
+                if pending is None:
+                    continue
+                if env.topic not in pending.topics:  # another module's answer to our request: not the reply
+                    self.counters.foreign_replies += 1
+                    log.warning("client.foreign_reply", topic=env.topic, source=env.source,
+                                correlation_id=env.correlation_id)
+                    continue
+                del self._waiters[env.causation_id]
+                pending.value = env
+                pending._settle()
             self.cond.notify_all()
 
     # -- live subscriptions with gap fill --------------------------------------------------------

@@ -287,6 +287,9 @@ def check(bus: Any, home: Home, *, timeout: float = 30.0) -> CheckReport:
         w = workers.get(name, {})
         states[name] = StoreState(name, bool(g["members"]), w.get("pid") if g["members"] else None,
                                   w.get("position"), int(g["acked"]), int(status["head"]) - int(g["acked"]))
+    if states and "libsql" not in states:
+        differences.append(Difference("libsql", "store", "not running", 0, [],
+                                      "no structured store: nothing to compare the other stores with"))
     answering = []
     for name, state in states.items():
         if state.lag > 0:

@@ -2,7 +2,7 @@
 
 ``<home>/permissions.toml``::
 
-    [default]                      # modules not listed below; without the file, everything is allowed
+    [default]                      # modules not listed below (without it: nothing)
     publish = ["app.>"]
     subscribe = ["app.>"]
 
@@ -13,6 +13,10 @@
 A module may publish a topic that one of its ``publish`` patterns matches, and subscribe to (or join a
 group with, or replay) a pattern that one of its ``subscribe`` patterns covers. Workers (``worker-*``)
 are trusted by default: they must publish replies and change events. The file is re-read when it changes.
+
+Without the file everything is allowed. With it, what it does not grant is refused: a module not listed gets
+``[default]``, which grants nothing when it is missing, and a right a module's table leaves out is the one of
+``[default]``.
 
 A file that cannot be read as such rules (broken TOML, a pattern that is not one) keeps the broker from
 starting (``check``). Edited into such a state while the broker runs, the rules read last stay in force and
@@ -85,8 +89,8 @@ class Permissions:
             modules = data.get("modules", {})
             if not isinstance(modules, dict):
                 raise BusError("[modules] is not a table of modules")
-            default = _grant(data.get("default", {}), "[default]")
-            grants = {name: _grant(g, f"[modules.{name}]") for name, g in modules.items()}
+            default = _grant(data.get("default", {}), "[default]", Grant((), ()))
+            grants = {name: _grant(g, f"[modules.{name}]", default) for name, g in modules.items()}
         except (OSError, tomllib.TOMLDecodeError, BusError) as exc:
             self.error = f"{self.path} cannot be read as permissions: {getattr(exc, 'message', exc)}"
             log.error("permissions.unreadable", path=str(self.path), error=self.error,
@@ -111,10 +115,11 @@ class Permissions:
         return any(covers(p, pattern) for p in self.grant(module).subscribe)
 
 
-def _grant(data: Any, where: str) -> Grant:
+def _grant(data: Any, where: str, otherwise: Grant) -> Grant:
+    """The rights a table grants; a right it leaves out is ``otherwise``'s."""
     if not isinstance(data, dict):
         raise BusError(f"{where} is not a table")
-    lists = {key: data.get(key, list(ALL)) for key in ("publish", "subscribe")}
+    lists = {key: data.get(key, list(getattr(otherwise, key))) for key in ("publish", "subscribe")}
     for key, value in lists.items():
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
             raise BusError(f"{where} {key} is not a list of topic patterns")

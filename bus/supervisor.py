@@ -27,12 +27,21 @@ SUPERVISOR_ENV = "MEMBUS_SUPERVISOR_PID"
 """Set for every child: a worker shows it in its status, so ``membus rebuild`` knows a new worker will come."""
 
 
-def end_with_supervisor(poll_s: float = 0.5) -> None:
-    """In a child of ``membus up``: stops this process (SIGTERM, its clean stop) once its supervisor is gone, so
-    a supervisor killed with -9 leaves no broker or worker running unsupervised, holding the home."""
+def supervised() -> bool:
+    """Whether this process is a child of a running ``membus up``."""
     supervisor = int(os.environ.get(SUPERVISOR_ENV) or 0)
-    if not supervisor or os.getppid() != supervisor:
-        return  # not started by `membus up` (or that one is gone already, and this is someone else's child)
+    return bool(supervisor) and os.getppid() == supervisor
+
+
+def follow_supervisor(poll_s: float = 0.5) -> None:
+    """In a child of ``membus up``: Ctrl-C is left to the supervisor, which stops the workers before the broker
+    (the terminal sends SIGINT to every process of the group: the broker stopped at once, and a worker in the
+    middle of a batch waited for it until it was killed). And once the supervisor is gone (kill -9), this
+    process stops as on SIGTERM, so none is left running unsupervised, holding the home."""
+    if not supervised():
+        return
+    supervisor = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == supervisor:
@@ -61,6 +70,9 @@ class Child:
         if not self.keyrings:
             self.proc = subprocess.Popen(self.argv, env=env)
         else:
+            # its own keys come over the pipe: what unlocks the master key (every store's keys) stays here
+            for name in (keys.ENV_PASSPHRASE, keys.ENV_PASSPHRASE_FILE, keys.ENV_KEY_FILE):
+                env.pop(name, None)
             fd = keys.keyring_pipe(self.keyrings)
             try:
                 self.proc = subprocess.Popen(self.argv, pass_fds=(fd,), env={**env, keys.ENV_KEY_FD: str(fd)})

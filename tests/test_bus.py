@@ -164,7 +164,7 @@ def test_group_consumer_gets_every_message_and_resumes_after_restart(bus: Bus, b
     wait_until(lambda: bus.status()["groups"]["workers"]["inflight"] == 0, what="acks processed")
     broker.stop()
     broker.start()
-    with Bus.connect(broker.home.path, module="test2") as b2, b2.consume("workers", credit=100) as c2:
+    with Bus.connect(broker.home.path, module="test") as b2, b2.consume("workers", credit=100) as c2:  # a new run
         rest = []
         while len(rest) < 11:
             batch = c2.fetch(100, timeout=10)

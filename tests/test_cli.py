@@ -78,3 +78,13 @@ def test_an_unknown_worker_or_a_home_that_is_a_file_is_a_usage_error(tmp_path: P
         done = cli(a_file, *args, timeout=60.0)
         said = " ".join(re.sub("[│╭╮╰╯─]", " ", done.stderr).split())  # rich's box may wrap the message
         assert done.returncode == 2 and "is a file" in said and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_payload_with_nan_or_infinity_and_a_rebuild_timeout_below_a_second_are_usage_errors(tmp_path: Path) -> None:
+    """NaN went into the log and came out of `replay --json` as invalid JSON; a 0 s rebuild wiped the store, then
+    gave up."""
+    for text in ('{"score": NaN}', '{"big": Infinity}', '{"small": -Infinity}'):
+        done = cli(tmp_path, "publish", "app.note.changed", text)
+        assert done.returncode == 2 and "not valid JSON" in done.stderr, done.stderr
+    done = cli(tmp_path, "rebuild", "lmdb", "--yes", "--timeout", "0")
+    assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -214,3 +214,30 @@ def test_working_memory_expectation_follows_ttl_and_window() -> None:
     # c2 was cleared after its message was written: working memory is not expected to hold it
     assert expected_in_working_memory(truth, held, info, now, {"c2": now - 1}) == {"b", "c"}
     assert expected_in_working_memory(truth, held, info, now, {"c2": now - 6}) == {"b", "c", "other"}
+
+
+def test_check_without_the_structured_store_is_not_called_consistent(tmp_path: Path) -> None:
+    """With nothing to compare the other stores with, check said every store agreed."""
+    with System(tmp_path / "home") as s:
+        s.worker("lmdb")
+        report = check(s.bus, Home(s.home), timeout=30)
+        assert not report.ok
+        assert [(d.store, d.problem) for d in report.differences] == [("libsql", "not running")]
+
+
+def test_status_shows_a_caught_up_worker_without_lag_and_a_stopped_one_as_stopped(tmp_path: Path) -> None:
+    """A worker's own position stays at the last message of its topics: other traffic showed as its lag. And a
+    worker whose process had ended was shown with its old pid, like a live one."""
+    with System(tmp_path / "home") as s:
+        s.worker("lmdb")
+        publish_all(s.bus, "app.note.changed", [{"i": i} for i in range(50)])
+        wait_until(lambda: s.bus.status()["groups"]["lmdb"]["lag"] == 0, what="the lmdb group caught up")
+
+        def lmdb_row() -> list[str]:
+            shown = subprocess.run([sys.executable, "-m", "bus", "status", "--home", str(s.home)], env=child_env(),
+                                   cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+            return [line.split() for line in shown.splitlines() if line.split()[:1] == ["lmdb"]][-1]  # workers last
+
+        wait_until(lambda: lmdb_row()[3] == "0", timeout=20, what="the worker's row with lag 0")
+        s.workers["lmdb"].stop()
+        assert lmdb_row()[1] == "stopped"

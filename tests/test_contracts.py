@@ -206,6 +206,6 @@ def test_encode_many_makes_the_envelopes_of_a_pub_frame() -> None:
 def test_every_topic_in_the_catalog_says_what_it_is() -> None:
     """`membus topics` is what a module author reads first: no topic may show an empty or cut description."""
     load_all()
-    for spec in all_specs():
+    for spec in (s for s in all_specs() if s.payload.__module__.startswith("contracts.")):  # not tests' own
         text = spec.description.strip()
         assert len(text) > 10 and not text.endswith((":", ": .")), f"{spec.topic}: {text!r}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,3 +235,36 @@ def test_membus_up_killed_with_minus_9_takes_its_children_with_it(tmp_path: Path
     finally:
         system.stop()
         again.stop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc/PID/environ")
+def test_the_passphrase_stays_with_membus_up_and_is_not_handed_to_its_children(tmp_path: Path) -> None:
+    """Each child gets its own derived keys over a pipe; with the passphrase it could unlock every store's."""
+    system = UpProcess(tmp_path / "home", ["lmdb"], env={"MEMBUS_PASSPHRASE": "pp-not-for-children"})
+    try:
+        system.start()
+        with Bus.connect(system.home.path, module="companion", timeout=30.0) as bus:
+            children = [int(bus.status()["pid"]), system.worker_pid("lmdb") or 0]
+        environments = [Path(f"/proc/{pid}/environ").read_bytes() for pid in children]
+        assert all(b"MEMBUS_KEY_FD=" in e for e in environments)
+        assert not [e for e in environments if b"pp-not-for-children" in e]
+    finally:
+        system.stop()
+
+
+def test_ctrl_c_stops_the_workers_before_the_broker(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches every process of the group: the broker stopped with the workers, and a worker in
+    the middle of a batch waited for it until membus up killed it."""
+    system = UpProcess(tmp_path / "home", WORKERS)
+    try:
+        system.start()
+        with Bus.connect(system.home.path, module="companion", timeout=30.0) as bus:
+            say(bus, "c-ctrl-c", 0, "last words")
+        assert system.proc is not None
+        os.killpg(system.proc.pid, signal.SIGINT)
+        assert system.proc.wait(30) == 0, system.log_tail()
+        log = system.log_tail(200_000)  # the processes share it: lines may interleave, events stay whole
+        stopped = [m.start() for m in re.finditer(r'"event": "worker\.stopped"', log)]
+        assert len(stopped) == len(WORKERS) and max(stopped) < log.index('"event": "broker.stopped"'), log[-3000:]
+    finally:
+        system.stop()

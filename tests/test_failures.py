@@ -100,7 +100,7 @@ CONSUMER = textwrap.dedent("""
     import sys, time
     from bus.client import Bus
     home, out = sys.argv[1], sys.argv[2]
-    with Bus.connect(home, module="victim") as b, b.consume("crashy", ["test.job.*"], credit=50) as c:
+    with Bus.connect(home, module="test") as b, b.consume("crashy", ["test.job.*"], credit=50) as c:
         with open(out, "a") as f:
             while True:
                 for d in c.fetch(50, timeout=1):

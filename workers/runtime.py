@@ -42,7 +42,7 @@ from bus.connection import Pending
 from bus.home import Home
 from bus.message import Delivery
 from bus.sealing import store_keyring
-from bus.supervisor import SUPERVISOR_ENV
+from bus.supervisor import SUPERVISOR_ENV, supervised
 from contracts.catalog import load_all
 from contracts.envelope import Envelope
 from contracts.errors import BusError, HandlerError, StoreError, StoreRejected, StoreUnavailable, ValidationError
@@ -467,7 +467,8 @@ def run(name: str, home: Path | str | None = None) -> None:
         runtime.stop()
 
     signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    if not supervised():  # under `membus up`, Ctrl-C is the supervisor's (bus/supervisor.py)
+        signal.signal(signal.SIGINT, _stop)
     from bus.consistency import hold_store  # the store lock a rebuild takes (see bus/consistency.py)
 
     lock = hold_store(where, name, lambda: runtime._stop)

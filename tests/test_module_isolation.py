@@ -1,0 +1,111 @@
+"""One module may not act as another: take its replies, answer its requests, join its groups, or keep a revoked key.
+
+Each was found by trying it from a second module against a real broker.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bus.client import Bus
+from bus.connection import Connection
+from bus.permissions import Permissions
+from contracts.envelope import encode_new
+from contracts.errors import BusError, NotAuthorized, TimeoutError
+from contracts.registry import encode_payload
+from tests.conftest import BrokerProcess
+
+
+def raw_connection(broker: BrokerProcess, public: bytes, secret: bytes, name: str,
+                   inbox: str | None = None) -> Connection:
+    conn = Connection(endpoint=broker.endpoint, server_key=broker.home.broker_public_key(), public_key=public,
+                      secret_key=secret, name=name)
+    if inbox is not None:
+        conn.inbox = inbox
+    conn.start()
+    return conn
+
+
+def refused(conn: Connection, timeout: float = 10.0) -> BusError:
+    deadline = time.monotonic() + timeout
+    try:
+        while conn.fatal is None:
+            assert time.monotonic() < deadline, "the broker did not refuse the client"
+            assert not conn.connected.is_set(), "the broker let the client in"
+            time.sleep(0.02)
+        return conn.fatal
+    finally:
+        conn.close()
+
+
+def test_a_module_may_not_take_another_modules_inbox(broker: BrokerProcess) -> None:
+    with Bus.connect(broker.home.path, module="companion") as companion:
+        victim = companion.inbox
+        public, secret = broker.home.module_keys("spy")
+        err = refused(raw_connection(broker, public, secret, "spy", inbox=victim))
+        assert isinstance(err, NotAuthorized) and "inbox.spy." in err.message
+        assert companion.status()["counters"]["inbox_refused"] == 1
+
+
+def test_only_the_reply_topics_of_a_request_answer_it(broker: BrokerProcess) -> None:
+    """Anyone may address an inbox; what answers a request on ``a.b.request`` is ``a.b.complete`` or ``.failed``."""
+    with Bus.connect(broker.home.path, module="companion") as companion, \
+            Bus.connect(broker.home.path, module="spy") as spy, \
+            spy.subscribe("test.echo.request", from_seq=spy.status()["head"] + 1) as seen:
+        asked = companion.request_nowait("test.echo.request", {"q": 1}, timeout=3.0)
+        request = seen.get(timeout=10)
+
+        def answer(topic: str) -> None:
+            _, data = encode_new(topic, encode_payload(topic, {"a": topic}), causation_id=request.id,
+                                 correlation_id=request.correlation_id, recipient=request.envelope.reply_to)
+            spy.publish_raw(data).result(10)
+
+        answer("test.forged.complete")
+        with pytest.raises(TimeoutError):
+            asked.result(10)
+        assert companion._conn.counters.foreign_replies == 1
+        again = companion.request_nowait("test.echo.request", {"q": 2}, timeout=10.0)
+        request = seen.get(timeout=10)
+        answer("test.echo.complete")
+        assert again.result(10).topic == "test.echo.complete"
+
+
+def test_a_group_belongs_to_the_module_that_made_it(broker: BrokerProcess) -> None:
+    with Bus.connect(broker.home.path, module="worker-jobs") as owner, \
+            Bus.connect(broker.home.path, module="guest") as guest, \
+            owner.consume("jobs", ["test.job.*"]) as mine:
+        owner.publish("test.job.changed", {"i": 1})
+        with guest.consume("jobs", ["app.>"]) as theirs, pytest.raises(NotAuthorized):
+            theirs.fetch(timeout=5)
+        got = mine.fetch(timeout=10)
+        assert [d.message.payload["i"] for d in got] == [1]  # patterns and deliveries untouched
+        assert owner.status()["groups"]["jobs"]["patterns"] == ["test.job.*"]
+
+
+def test_a_key_removed_from_the_allow_list_no_longer_connects(broker: BrokerProcess) -> None:
+    public, secret = broker.home.module_keys("temp")
+    first = raw_connection(broker, public, secret, "temp")
+    try:
+        assert first.connected.wait(10)
+    finally:
+        first.close()
+    (broker.home.modules / "temp.key").unlink()
+    assert isinstance(refused(raw_connection(broker, public, secret, "temp")), NotAuthorized)
+
+
+def test_with_a_permissions_file_what_it_does_not_grant_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rules = tmp_path / "permissions.toml"
+    rules.write_text('[modules.companion]\npublish = [">"]\nsubscribe = [">"]\n'
+                     '[modules.plugin]\npublish = ["app.>"]\n')
+    p = Permissions(rules)
+    assert p.may_publish("companion", "memory.store.request") and p.may_subscribe("companion", ">")
+    assert not p.may_publish("stranger", "memory.store.request") and not p.may_subscribe("stranger", "memory.>")
+    assert p.may_publish("plugin", "app.x.changed") and not p.may_subscribe("plugin", ">")
+    assert p.may_publish("worker-lmdb", "working.context.changed")  # workers publish their replies and events
+    rules.write_text('[default]\nsubscribe = ["app.>"]\n[modules.plugin]\npublish = ["app.>"]\n')
+    time.sleep(0.01)
+    p = Permissions(rules)
+    assert p.may_subscribe("plugin", "app.>") and not p.may_subscribe("plugin", "memory.>")
+    assert not p.may_publish("stranger", "app.x.changed")
