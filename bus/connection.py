@@ -270,6 +270,8 @@ class Connection(threading.Thread):
         self.subs: dict[int, LiveState] = {}
         self.groups: dict[str, GroupState] = {}
         self.welcome: dict[str, Any] | None = None
+        self._frame_limit = P.max_frame(0)
+        """The largest PUB frame the broker takes (known from WELCOME)."""
         self.fatal: BusError | None = None
         self.connected = threading.Event()
         self.head = 0
@@ -523,18 +525,18 @@ class Connection(threading.Thread):
             items: list[_PubItem] = []
             size = count = 0
             q = self._pubq
-            limit = P.max_frame(int(self.welcome.get("max_message", 0)))
+            limit = self._frame_limit
             while q and count < MAX_BATCH and size < MAX_BATCH_BYTES:
-                if size + len(q[0].data) > limit:
+                n = len(q[0].data)
+                if size + n > limit:
                     if items:
                         break  # in a frame of its own, so a refusal of that frame is its own
-                    big = q.popleft()
-                    self._refuse([big], MessageTooLarge(
-                        f"a publish of {len(big.data)} bytes exceeds the broker's frame limit of {limit}", limit=limit))
+                    self._refuse([q.popleft()], MessageTooLarge(
+                        f"a publish of {n} bytes exceeds the broker's frame limit of {limit}", limit=limit))
                     continue
                 item = q.popleft()
                 items.append(item)
-                size += len(item.data)
+                size += n
                 count += item.count or 1
             if not items:
                 continue
@@ -632,6 +634,7 @@ class Connection(threading.Thread):
     def _on_welcome(self, body: dict[str, Any]) -> None:
         first = self.welcome is None
         self.welcome = body
+        self._frame_limit = P.max_frame(int(body.get("max_message", 0)))
         self.head = int(body.get("head", 0))
         self._hello_backoff = 0.1
         if not first:

@@ -91,6 +91,8 @@ FORMAT = 2
 _OUTBOX_BATCH = b"b"
 """Suffix of an outbox record's key (the record's last seq): it holds the entries of one transaction."""
 _KIND_MESSAGE, _KIND_CONTEXT, _KIND_CLEARED = b"m", b"c", b"x"
+_EXPIRING = {_KIND_MESSAGE: "messages", _KIND_CONTEXT: "context", _KIND_CLEARED: "cleared"}
+"""The database an expiry entry's kind points into."""
 _ID_MAX_BYTES = 240
 """Two ids and the framing stay under LMDB's 511-byte key limit."""
 _DATABASES = ("messages", "msgids", "convs", "context", "cleared", "expiry", "tracking", "outbox")
@@ -699,7 +701,7 @@ class LmdbBackend(Backend):
         for key in due:
             expires = key[:8]
             kind, target = key[8:9], key[9:]
-            db = self._db[{_KIND_MESSAGE: "messages", _KIND_CONTEXT: "context", _KIND_CLEARED: "cleared"}[kind]]
+            db = self._db[_EXPIRING[kind]]
             stored = txn.get(db, target)
             # An item rewritten with a later expiry keeps its new index entry; this one is just stale.
             if stored is not None and stored[:8] == expires:
