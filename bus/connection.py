@@ -525,19 +525,21 @@ class Connection(threading.Thread):
             items: list[_PubItem] = []
             size = count = 0
             q = self._pubq
-            limit = self._frame_limit
             while q and count < MAX_BATCH and size < MAX_BATCH_BYTES:
-                n = len(q[0].data)
-                if size + n > limit:
-                    if items:
-                        break  # in a frame of its own, so a refusal of that frame is its own
-                    self._refuse([q.popleft()], MessageTooLarge(
-                        f"a publish of {n} bytes exceeds the broker's frame limit of {limit}", limit=limit))
-                    continue
                 item = q.popleft()
                 items.append(item)
-                size += n
+                size += len(item.data)
                 count += item.count or 1
+            if size > self._frame_limit:  # only the last one can have made it so (the frame had < 1 MiB before)
+                last = items.pop()
+                size -= len(last.data)
+                count -= last.count or 1
+                if len(last.data) > self._frame_limit:
+                    self._refuse([last], MessageTooLarge(f"a publish of {len(last.data)} bytes exceeds the "
+                                                         f"broker's frame limit of {self._frame_limit}",
+                                                         limit=self._frame_limit))
+                else:
+                    q.appendleft(last)  # in a frame of its own, so a refusal of that frame is its own
             if not items:
                 continue
             frame = array_header(count) + b"".join([i.data for i in items])
