@@ -500,20 +500,19 @@ class Connection(threading.Thread):
             pass
 
     def _fail_all(self, err: BusError) -> None:
+        publishes: list[_PubItem] = []
+        while self._pubq:  # one at a time: a publish queued meanwhile by another thread is failed too, not lost
+            publishes.append(self._pubq.popleft())
+        for b in self._batches.values():
+            publishes.extend(b.items)
+        self._batches.clear()
+        self._refuse(publishes, err)
         with self.cond:
-            items: list[Pending] = list(self._pubq)
-            self._pubq.clear()
-            for b in self._batches.values():
-                items.extend(b.items)
-            self._batches.clear()
-            items.extend(p for p, _ in self._requests.values())
+            others = [p for p, _ in self._requests.values()] + list(self._waiters.values())
             self._requests.clear()
-            items.extend(self._waiters.values())
             self._waiters.clear()
-            for p in items:
+            for p in others:
                 if not p.done:
-                    if isinstance(p, _PubItem):
-                        self._answered += p.count or 1
                     p.error = err
                     p._settle()
             self.cond.notify_all()
