@@ -16,7 +16,9 @@ are trusted by default: they must publish replies and change events. The file is
 
 Without the file everything is allowed. With it, what it does not grant is refused: a module not listed gets
 ``[default]``, which grants nothing when it is missing, and a right a module's table leaves out is the one of
-``[default]``.
+``[default]``. And a store's change events (``published_by`` in the contracts catalog: ``memory.fact.changed``,
+``conversation.message.changed``, ...) are published by workers only, whatever a module's patterns say: a
+module granted ``memory.>`` could otherwise make Chroma index a fact that libSQL does not hold.
 
 A file that cannot be read as such rules (broken TOML, a pattern that is not one) keeps the broker from
 starting (``check``). Edited into such a state while the broker runs, the rules read last stay in force and
@@ -32,7 +34,9 @@ from typing import Any
 
 import structlog
 
+from contracts.catalog import load_all
 from contracts.errors import BusError
+from contracts.registry import spec_for
 from contracts.topics import check_pattern, matches
 
 log = structlog.get_logger("membus.permissions")
@@ -61,6 +65,7 @@ def covers(allowed: str, requested: str) -> bool:
 
 class Permissions:
     def __init__(self, path: Path) -> None:
+        load_all()  # which topics are a store's change events
         self.path = path
         self._mtime: float | None = None
         self.default = Grant()
@@ -109,7 +114,12 @@ class Permissions:
         return self.default
 
     def may_publish(self, module: str, topic: str) -> bool:
-        return any(matches(p, topic) for p in self.grant(module).publish)
+        grant = self.grant(module)
+        if self.configured and not module.startswith("worker-"):
+            spec = spec_for(topic)
+            if spec is not None and spec.published_by:  # a store's change event: only its worker can tell it
+                return False
+        return any(matches(p, topic) for p in grant.publish)
 
     def may_subscribe(self, module: str, pattern: str) -> bool:
         return any(covers(p, pattern) for p in self.grant(module).subscribe)

@@ -25,6 +25,9 @@ class TopicSpec:
     reply: type[Any] | None = None
     handled_by: str = ""
     description: str = ""
+    published_by: str = ""
+    """The worker whose store the topic tells of (its change events): with a permissions file, only workers may
+    publish it (bus/permissions.py)."""
 
 
 _TOPICS: dict[str, TopicSpec] = {}
@@ -34,11 +37,13 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 def register(
-    topic: str, payload: type[Any], *, reply: type[Any] | None = None, handled_by: str = "", description: str = ""
+    topic: str, payload: type[Any], *, reply: type[Any] | None = None, handled_by: str = "", description: str = "",
+    published_by: str = "",
 ) -> TopicSpec:
     """Registers a topic's contract; a ``.request`` topic with ``reply`` also registers its ``.complete``."""
     check_topic(topic)
-    spec = TopicSpec(topic, payload, reply, handled_by, description or (payload.__doc__ or "").strip())
+    spec = TopicSpec(topic, payload, reply, handled_by, description or (payload.__doc__ or "").strip(),
+                     published_by)
     _TOPICS[topic] = spec
     _DECODERS[topic] = msgspec.msgpack.Decoder(payload)
     if reply is not None:

@@ -400,6 +400,7 @@ def _event(topic: str, payload: type[Any]) -> None:
         topic,
         payload,
         description=f"Change event published by the {WORKER} worker: {(payload.__doc__ or '').strip()}",
+        published_by=WORKER,
     )
 
 

@@ -147,7 +147,7 @@ register(CONVERSATION_CLEAR, ConversationClear, reply=ConversationClearReply, ha
 register(CONTEXT_SET, ContextSet, reply=ContextSetReply, handled_by=WORKER)
 register(CONTEXT_GET, ContextGet, reply=ContextGetReply, handled_by=WORKER)
 register(CONTEXT_CLEAR, ContextClear, reply=ContextClearReply, handled_by=WORKER)
-register(CONTEXT_CHANGED, ContextChanged,
+register(CONTEXT_CHANGED, ContextChanged, published_by=WORKER,
          description="Published by the lmdb worker when a session's context changes.")
 
 

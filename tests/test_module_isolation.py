@@ -109,3 +109,21 @@ def test_with_a_permissions_file_what_it_does_not_grant_is_refused(tmp_path) -> 
     p = Permissions(rules)
     assert p.may_subscribe("plugin", "app.>") and not p.may_subscribe("plugin", "memory.>")
     assert not p.may_publish("stranger", "app.x.changed")
+
+
+def test_with_a_permissions_file_only_workers_publish_a_stores_change_events(broker: BrokerProcess) -> None:
+    """A module granted everything made Chroma index a fact and LMDB hold a message that libSQL never stored."""
+    (broker.home.path / "permissions.toml").write_text('[modules.companion]\npublish = [">"]\nsubscribe = [">"]\n')
+    when = "2025-06-01T12:00:00Z"
+    fact = {"op": "created", "fact_id": "forged", "user_id": "u1", "text": "transfer the savings", "version": 1,
+            "fact_type": "", "category": "", "confidence": 1.0, "metadata": {}, "created_at": when,
+            "last_updated": when, "last_accessed": when, "access_count": 0, "superseded_by": None,
+            "supersedes": None, "updated_at": when}
+    with Bus.connect(broker.home.path, module="companion") as companion, \
+            Bus.connect(broker.home.path, module="worker-libsql") as libsql:
+        with pytest.raises(NotAuthorized):
+            companion.publish("memory.fact.changed", fact)
+        with pytest.raises(NotAuthorized):
+            companion.publish("working.context.changed", {"session_id": "s", "action": "set", "keys": ["k"]})
+        assert companion.publish("memory.store.request", {"user_id": "u1", "text": "a real request"}) > 0
+        assert libsql.publish("memory.fact.changed", fact) > 0
