@@ -6,6 +6,8 @@ import asyncio
 import builtins
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +19,7 @@ from bus.client import Bus, Consumer, Subscription
 from contracts.errors import BusError, ConnectionError, MessageTooLarge, NotAuthorized, ValidationError
 from contracts.errors import TimeoutError as BusTimeout
 from tests.conftest import BrokerProcess, wait_until
+from tests.workers_util import REPO, child_env
 
 
 def test_publish_is_acknowledged_with_increasing_sequence_numbers(bus: Bus) -> None:
@@ -463,3 +466,14 @@ def test_asyncio_publish_many(broker: BrokerProcess) -> None:
     with Bus.connect(broker.home.path, module="test") as bus:
         logged = list(bus.replay(topic="aio.bulk.changed"))
     assert [m.seq for m in logged] == seqs and [m.payload["i"] for m in logged] == list(range(1500))
+
+
+def test_a_plain_library_user_gets_payloads_checked_against_the_built_in_contracts(broker: BrokerProcess) -> None:
+    """Without importing the catalog, `Bus.connect` and `membus publish` logged payloads that broke their contract."""
+    script = ("import sys\nfrom bus import Bus\nfrom contracts.errors import ValidationError\n"
+              "with Bus.connect(sys.argv[1], module='plain') as bus:\n"
+              "    try:\n        bus.publish('memory.store.request', {})\n"
+              "    except ValidationError as exc:\n        print('refused', exc.fields.get('field'))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(broker.home.path)], env=child_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "refused user_id", done.stdout + done.stderr
