@@ -18,10 +18,10 @@ import functools
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -53,6 +53,7 @@ from contracts.registry import encode_payload
 from contracts.topics import FAILED, check_pattern, check_topic
 
 log = structlog.get_logger("membus.client")
+T = TypeVar("T")
 _sub_ids = itertools.count(1)
 
 
@@ -320,6 +321,17 @@ class Bus:
         return self._conn.head
 
 
+def _until_ended(take: Callable[[], Iterable[T]], ended: Callable[[], bool]) -> Iterator[T]:
+    """What ``take`` returns, again and again, until ``ended``: a ConnectionError then is the end, not a failure."""
+    while not ended():
+        try:
+            yield from take()
+        except ConnectionError:
+            if ended():
+                return
+            raise
+
+
 class Subscription:
     """An iterator over live messages; a context manager that unsubscribes on exit."""
 
@@ -371,13 +383,7 @@ class Subscription:
 
     def __iter__(self) -> Iterator[Message]:
         """Every message, until the subscription or its bus is closed (a failure raises)."""
-        while True:
-            try:
-                yield self.get()
-            except ConnectionError:
-                if self.ended:
-                    return
-                raise
+        return _until_ended(lambda: (self.get(),), lambda: self.ended)
 
     @property
     def ended(self) -> bool:
@@ -452,13 +458,7 @@ class Consumer:
 
     def __iter__(self) -> Iterator[Delivery]:
         """Every delivery, until the consumer or its bus is closed (a failure raises)."""
-        while not self.ended:
-            try:
-                yield from self.fetch(timeout=None)
-            except ConnectionError:
-                if self.ended:
-                    return
-                raise
+        return _until_ended(lambda: self.fetch(timeout=None), lambda: self.ended)
 
     @property
     def ended(self) -> bool:
