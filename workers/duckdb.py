@@ -402,12 +402,13 @@ class DuckdbBackend(Backend):
                                   expected="a relative path inside the export folder")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists() and not target.is_file():
-                raise NotADirectoryError  # COPY would fail inside the batch's transaction
-        except OSError:
+            in_the_way = target.is_dir()  # COPY onto it would fail inside the batch's transaction
+        except (FileExistsError, NotADirectoryError):  # a file where one of its folders must be
+            in_the_way = True
+        if in_the_way:
             raise ValidationError(f"export path {req.path!r} cannot be a file: a folder is in the way",
                                   topic=ctx.envelope.topic, field="path",
-                                  expected="a file name whose folders are folders, not an existing folder") from None
+                                  expected="a file name whose folders are folders, not an existing folder")
         partial = target.with_name(f".export-{ctx.seq}.partial")  # any name may be the longest there can be
         quoted = str(partial).replace("'", "''")
         try:
