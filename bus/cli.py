@@ -20,6 +20,7 @@ from rich.table import Table
 from bus import logs
 from bus.home import Home
 from contracts.errors import BusError, NotAuthorized, TimeoutError
+from contracts.topics import check_pattern, check_topic
 
 app = typer.Typer(help="membus: a durable local bus in front of your AI companion's memory stores.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -68,10 +69,45 @@ def _known_worker(name: str, what: str = "worker") -> None:
         raise typer.Exit(2)
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
 def _bus(home: Path | None, module: str = "cli") -> Any:
     from bus.client import Bus
 
-    return Bus.connect(home, module=module, timeout=10.0)
+    _say_if_waiting(_home(home))
+    return Bus.connect(home, module=module, timeout=CONNECT_TIMEOUT_S)
+
+
+def _say_if_waiting(h: Home) -> None:
+    """A command run with no broker up waits for one to start (``membus up &`` then a command is fine), so
+    the person who forgot to start it is told at once what the wait is for."""
+    from bus.consistency import pid_alive
+
+    run = h.read_run_file()
+    if run is None:
+        err.print(f"membus: no broker is running on {h.path}; waiting {CONNECT_TIMEOUT_S:g} s for one to start "
+                  "(`membus up`)", highlight=False)
+    elif isinstance(run.get("pid"), int) and not pid_alive(run["pid"]):
+        err.print(f"membus: the broker that ran on {h.path} (pid {run['pid']}) has ended; waiting "
+                  f"{CONNECT_TIMEOUT_S:g} s for a new one (`membus up`)", highlight=False)
+
+
+def _topic_arg(value: str) -> str:
+    try:
+        return check_topic(value)
+    except BusError as exc:
+        raise typer.BadParameter(exc.message) from None
+
+
+def _pattern_arg(value: str | None) -> str | None:
+    try:
+        return value if value is None else check_pattern(value)
+    except BusError as exc:
+        raise typer.BadParameter(exc.message) from None
+
+
+TopicArg = Annotated[str, typer.Argument(callback=_topic_arg)]
 
 
 def _fail(exc: BusError) -> None:
@@ -147,8 +183,8 @@ def worker(name: str, home: HomeOpt = None) -> None:
 
 
 @app.command()
-def publish(topic: str, payload: Annotated[str, typer.Argument(help="The payload as JSON; - reads one per line "
-                                                                    "from stdin.")],
+def publish(topic: TopicArg,
+            payload: Annotated[str, typer.Argument(help="The payload as JSON; - reads one per line from stdin.")],
             home: HomeOpt = None, correlation: Annotated[str, typer.Option(help="Correlation id.")] = "",
             timeout: float = 10.0) -> None:
     """Publish a message; prints its sequence number once it is durable.
@@ -184,7 +220,7 @@ _STDIN_CHUNK = 10_000
 
 
 @app.command()
-def request(topic: str, payload: Annotated[str, typer.Argument(help="The payload as JSON.")],
+def request(topic: TopicArg, payload: Annotated[str, typer.Argument(help="The payload as JSON.")],
             home: HomeOpt = None, timeout: float = 10.0) -> None:
     """Send a request and print the reply as JSON."""
     logs.configure(level="warning")
@@ -207,7 +243,7 @@ def _line(msg: Any) -> str:
 
 
 @app.command()
-def tail(pattern: Annotated[str, typer.Argument(help="Topic pattern, e.g. 'memory.>'")] = ">",
+def tail(pattern: Annotated[str, typer.Argument(help="Topic pattern, e.g. 'memory.>'", callback=_pattern_arg)] = ">",
          home: HomeOpt = None, json_out: JsonOpt = False) -> None:
     """Follow live messages."""
     logs.configure(level="warning")
@@ -223,7 +259,7 @@ def tail(pattern: Annotated[str, typer.Argument(help="Topic pattern, e.g. 'memor
 
 @app.command()
 def replay(home: HomeOpt = None,
-           topic: Annotated[str | None, typer.Option(help="Topic pattern.")] = None,
+           topic: Annotated[str | None, typer.Option(help="Topic pattern.", callback=_pattern_arg)] = None,
            from_seq: Annotated[int, typer.Option("--from-seq", min=0, max=2**63 - 1)] = 1,
            to_seq: Annotated[int | None, typer.Option("--to-seq", min=0, max=2**63 - 1)] = None,
            since: Annotated[str | None, typer.Option(help="How far back, e.g. 10m, 2h, 1d.")] = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,24 @@ def test_a_payload_with_nan_or_infinity_and_a_rebuild_timeout_below_a_second_are
         assert done.returncode == 2 and "not valid JSON" in done.stderr, done.stderr
     done = cli(tmp_path, "rebuild", "lmdb", "--yes", "--timeout", "0")
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_a_bad_topic_or_pattern_is_a_usage_error_named_before_any_wait(tmp_path: Path) -> None:
+    """An invalid pattern exited 1, as if the bus had failed, and only after waiting for a broker."""
+    for args in (("tail", "memory.>.x"), ("replay", "--topic", "a..b"), ("publish", "Bad.Topic", "{}"),
+                 ("request", "single", "{}")):
+        done = cli(tmp_path, *args, timeout=60.0)
+        said = " ".join(re.sub("[│╭╮╰╯─]", " ", done.stderr).split())
+        assert done.returncode == 2 and "invalid topic" in said and "waiting" not in said, (args, done.stderr)
+
+
+def test_a_command_with_no_broker_says_what_it_waits_for(tmp_path: Path) -> None:
+    """It waited 10 s in silence; with a run file left by a killed broker it said only "did not answer"."""
+    done = cli(tmp_path, "status", timeout=60.0)
+    assert done.returncode == 1 and "no broker is running" in done.stderr and "waiting" in done.stderr
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "broker.json").write_text(json.dumps({"endpoint": "tcp://127.0.0.1:9", "pid": gone.pid}))
+    done = cli(tmp_path, "status", timeout=60.0)
+    assert done.returncode == 1 and f"(pid {gone.pid}) has ended" in done.stderr, done.stderr
