@@ -115,11 +115,19 @@ class Supervisor:
             w.start()
         try:
             while not self._stop:
+                self._check_home()
                 for child in [self.broker, *self.workers]:
                     self._watch(child)
                 time.sleep(0.2)
         finally:
             self._shutdown()
+
+    def _check_home(self) -> None:
+        """A removed home stops everything: restarted workers would crash on their missing stores for ever,
+        or make new empty ones beside a broker whose log is gone."""
+        if not self.home.path.is_dir():
+            log.error("home.removed", home=str(self.home.path))
+            raise SystemExit(f"membus: the home {self.home.path} was removed while membus ran; stopped")
 
     def _hand_out_keys(self) -> None:
         """Unlocks the home once (Argon2id runs here, not in every child) and gives each child its keys."""

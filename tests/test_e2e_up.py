@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,5 +267,21 @@ def test_ctrl_c_stops_the_workers_before_the_broker(tmp_path: Path) -> None:
         log = system.log_tail(200_000)  # the processes share it: lines may interleave, events stay whole
         stopped = [m.start() for m in re.finditer(r'"event": "worker\.stopped"', log)]
         assert len(stopped) == len(WORKERS) and max(stopped) < log.index('"event": "broker.stopped"'), log[-3000:]
+    finally:
+        system.stop()
+
+
+def test_membus_up_stops_with_its_children_when_its_home_is_removed(tmp_path: Path) -> None:
+    """The workers crash-looped on their missing stores, beside a broker whose log was gone."""
+    system = UpProcess(tmp_path / "home", ["lmdb"])
+    try:
+        system.start()
+        with Bus.connect(system.home.path, module="companion", timeout=30.0) as bus:
+            children = [int(bus.status()["pid"]), system.worker_pid("lmdb") or 0]
+        assert all(children) and system.proc is not None
+        shutil.rmtree(system.home.path)
+        assert system.proc.wait(30) == 1
+        wait_until(lambda: not [pid for pid in children if pid_alive(pid)], timeout=30.0,
+                   what="the broker and worker stopping with their supervisor")
     finally:
         system.stop()
