@@ -265,3 +265,30 @@ def test_a_statement_failing_inside_the_batch_transaction_refuses_the_batch(back
     assert backend.stats()["events"] == 0
     outcomes, _ = apply_batch(backend, [log.env("conversation.message.changed", message(2, T0, 0.2))])
     assert outcomes[0].status == "applied" and backend.stats()["messages"] == 1
+
+
+def test_a_fact_keeps_its_type_and_its_category_apart_also_in_a_store_made_before_the_column(tmp_path: Path) -> None:
+    """A fact with a category and no type was recorded with its category as its type."""
+    folder = tmp_path / "duckdb"
+    folder.mkdir()
+    old = duckdb.connect(str(folder / "analytics.duckdb"))
+    old.execute("""CREATE TABLE facts (
+        fact_id VARCHAR PRIMARY KEY, user_id VARCHAR, text VARCHAR, fact_type VARCHAR, confidence DOUBLE,
+        created_at DOUBLE, updated_at DOUBLE, version BIGINT, superseded_by VARCHAR, removed BOOLEAN)""")
+    old.execute("INSERT INTO facts VALUES ('k0', 'u1', 'old', 'hobby', 1.0, 0, 0, 1, NULL, false)")
+    old.close()
+    backend = DuckdbBackend(folder)
+    backend.open()
+    try:
+        log, when = Log(), "2025-06-15T10:00:00Z"
+        fact = {"fact_id": "k1", "user_id": "u1", "text": "plays the cello", "fact_type": "", "category": "hobby",
+                "confidence": 0.8, "metadata": {}, "created_at": when, "last_updated": when, "last_accessed": when,
+                "access_count": 0,
+                "version": 1, "superseded_by": None, "supersedes": None, "op": "created", "updated_at": when}
+        typed = {**fact, "fact_id": "k2", "fact_type": "location", "category": ""}
+        outcomes, _ = apply_batch(backend, [log.env("memory.fact.changed", f) for f in (fact, typed)])
+        assert [o.status for o in outcomes] == ["applied", "applied"], [o.error for o in outcomes]
+        rows = backend.con.execute("SELECT fact_id, fact_type, category FROM facts ORDER BY fact_id").fetchall()
+        assert rows == [("k0", "hobby", None), ("k1", None, "hobby"), ("k2", "location", None)]
+    finally:
+        backend.close()

@@ -52,13 +52,16 @@ TABLES: dict[str, str] = {
         kind VARCHAR, value DOUBLE, value_text VARCHAR, created_at DOUBLE)""",
     "facts": """CREATE TABLE IF NOT EXISTS facts (
         fact_id VARCHAR PRIMARY KEY, user_id VARCHAR, text VARCHAR, fact_type VARCHAR, confidence DOUBLE,
-        created_at DOUBLE, updated_at DOUBLE, version BIGINT, superseded_by VARCHAR, removed BOOLEAN)""",
+        created_at DOUBLE, updated_at DOUBLE, version BIGINT, superseded_by VARCHAR, removed BOOLEAN,
+        category VARCHAR)""",
     "events": """CREATE TABLE IF NOT EXISTS events (
         id VARCHAR PRIMARY KEY, seq BIGINT, topic VARCHAR, kind VARCHAR, ts_ns BIGINT, source VARCHAR,
         correlation_id VARCHAR, causation_id VARCHAR, request_ts_ns BIGINT)""",
     "position": "CREATE TABLE IF NOT EXISTS position (id INTEGER PRIMARY KEY, seq BIGINT NOT NULL)",
     "outbox": "CREATE TABLE IF NOT EXISTS outbox (seq BIGINT PRIMARY KEY, items BLOB NOT NULL)",
 }
+ADDED_COLUMNS = ("ALTER TABLE facts ADD COLUMN IF NOT EXISTS category VARCHAR",)
+"""Columns a store made by earlier code lacks (appended, as the appender writes rows by position)."""
 APPEND_ONLY = frozenset({"events"})
 KEYS = {"messages": "message_id", "feedback": "feedback_id", "facts": "fact_id", "events": "id",
         "position": "id", "outbox": "seq"}
@@ -191,7 +194,7 @@ class DuckdbBackend(Backend):
                 con.execute("SET temp_directory = ''")  # never spill plaintext to disk
             else:
                 con = duckdb.connect(str(self.path))
-            for ddl in TABLES.values():
+            for ddl in (*TABLES.values(), *ADDED_COLUMNS):
                 con.execute(ddl)
         except duckdb.Error as exc:
             raise StoreError(f"duckdb store: {exc}", store="duckdb") from exc
@@ -325,9 +328,9 @@ class DuckdbBackend(Backend):
     def on_fact(self, txn: DuckTxn, payload: Any, ctx: Context) -> None:
         fact = read_event(payload, FactChanged, ctx.envelope.topic)
         self.record(txn, ctx.envelope, ctx.seq)
-        txn.put("facts", (fact.fact_id, fact.user_id, fact.text, fact.fact_type or fact.category,
+        txn.put("facts", (fact.fact_id, fact.user_id, fact.text, fact.fact_type or None,
                           fact.confidence, timestamp(fact.created_at), timestamp(fact.updated_at),
-                          fact.version, fact.superseded_by, fact.removed))
+                          fact.version, fact.superseded_by, fact.removed, fact.category or None))
 
     # -- questions ---------------------------------------------------------------------------
 
