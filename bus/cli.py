@@ -112,8 +112,11 @@ TopicArg = Annotated[str, typer.Argument(callback=_topic_arg)]
 
 def _fail(exc: BusError) -> None:
     err.print(f"[bold red]error[/]: {exc.message}", highlight=False)
-    code = 3 if isinstance(exc, TimeoutError) else 4 if isinstance(exc, NotAuthorized) else 1
-    raise typer.Exit(code)
+    raise typer.Exit(exit_code(exc))
+
+
+def exit_code(exc: BusError) -> int:
+    return 3 if isinstance(exc, TimeoutError) else 4 if isinstance(exc, NotAuthorized) else 1
 
 
 def _parse_json(text: str, what: str) -> Any:
@@ -153,7 +156,10 @@ def up(home: HomeOpt = None,
     for name in names:
         _known_worker(name)
     err.print(f"membus: home {h.path}, workers: {', '.join(names) or 'none'}")
-    Supervisor(h, names).run()
+    try:
+        Supervisor(h, names).run()
+    except BusError as exc:  # the home cannot be unlocked, or its settings contradict it: say why, no traceback
+        _fail(exc)
 
 
 @app.command()
@@ -179,7 +185,10 @@ def worker(name: str, home: HomeOpt = None) -> None:
     _known_worker(name)
     logs.configure(process=f"worker-{name}")
     follow_supervisor()
-    run(name, home)
+    try:
+        run(name, home)
+    except BusError as exc:  # its keys or its store cannot be opened: say why, no traceback
+        _fail(exc)
 
 
 @app.command()
@@ -454,14 +463,14 @@ def _logs_to_stderr() -> None:
 
 
 def _new_passphrase(ask: bool) -> str | None:
-    import os
-
+    """``--no-passphrase`` means none; else MEMBUS_PASSPHRASE or MEMBUS_PASSPHRASE_FILE, else a prompt."""
     from bus import keys
 
-    if os.environ.get(keys.ENV_PASSPHRASE):
-        return os.environ[keys.ENV_PASSPHRASE]
     if not ask:
         return None
+    given = keys.env_passphrase()
+    if given is not None:
+        return given
     text: str = typer.prompt("new passphrase", hide_input=True, confirmation_prompt=True)
     return text
 
@@ -522,7 +531,7 @@ def _running(h: Home) -> list[str]:
 
     from workers.runtime import read_worker_status
 
-    pids = {"broker": (h.read_run_file() or {}).get("pid")}
+    pids = {"membus up": h.supervisor_pid(), "broker": (h.read_run_file() or {}).get("pid")}
     pids.update({f"worker {n}": s.get("pid") for n, s in read_worker_status(h).items()})
     alive = []
     for name, pid in pids.items():
@@ -607,5 +616,5 @@ def main() -> None:
     try:
         app()
     except BusError as exc:
-        err.print(f"[bold red]error[/]: {exc.message}")
-        sys.exit(1)
+        err.print(f"[bold red]error[/]: {exc.message}", highlight=False)
+        sys.exit(exit_code(exc))

@@ -171,6 +171,25 @@ class Home:
 
     # -- where the broker is ---------------------------------------------------------------------
 
+    @property
+    def supervisor_file(self) -> Path:
+        return self.path / "run" / "up.json"
+
+    def write_supervisor_file(self) -> None:
+        """That ``membus up`` runs on this home (its children may be between restarts): offline work waits."""
+        self.supervisor_file.parent.mkdir(parents=True, exist_ok=True)
+        self.supervisor_file.write_text(json.dumps({"pid": os.getpid()}))
+
+    def remove_supervisor_file(self) -> None:
+        self.supervisor_file.unlink(missing_ok=True)
+
+    def supervisor_pid(self) -> int | None:
+        try:
+            pid = json.loads(self.supervisor_file.read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return pid if isinstance(pid, int) else None
+
     def write_run_file(self, endpoint: str) -> None:
         self.run_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.run_file.with_suffix(".tmp")

@@ -200,7 +200,39 @@ def _read_meta(home: Path) -> dict[str, Any]:
         raise IntegrityError(f"key metadata unreadable: {exc}", path=str(path), check="metadata") from None
     if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
         raise IntegrityError("key metadata has an unknown format", path=str(path), check="metadata")
+    damage = _damage(meta)
+    if damage:
+        raise IntegrityError(f"key metadata {path} is damaged: {damage}", path=str(path), check="metadata")
     return meta
+
+
+def _damage(meta: dict[str, Any]) -> str:
+    """What is wrong with the shape of key metadata ("" when nothing): every later read may then index it."""
+    if not isinstance(meta.get("home_id"), str) or not meta["home_id"]:
+        return "no home_id"
+    kdf = meta.get("kdf")
+    if not isinstance(kdf, dict) or kdf.get("name") not in ("none", "argon2id"):
+        return "no kdf, or an unknown one"
+    if kdf["name"] == "argon2id":
+        if not all(isinstance(kdf.get(k), int) and kdf[k] > 0 for k in ("memory_kib", "time_cost", "parallelism")):
+            return "the kdf's parameters are missing"
+        if not _decodes(kdf.get("salt"), SALT_LEN):
+            return "the kdf's salt is missing or not base64"
+    generations = meta.get("generations")
+    if not isinstance(generations, list) or not generations:
+        return "no key generations"
+    for entry in generations:
+        if not (isinstance(entry, dict) and isinstance(entry.get("generation"), int)
+                and isinstance(entry.get("key_id"), str) and _decodes(entry.get("wrapped"), NONCE_LEN + KEY_LEN + 16)):
+            return "a key generation without generation, key_id or a wrapped key"
+    return ""
+
+
+def _decodes(text: Any, size: int) -> bool:
+    try:
+        return isinstance(text, str) and len(_unb64(text)) == size
+    except ValueError:
+        return False
 
 
 def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
@@ -332,7 +364,11 @@ def _checked_key_file(home: Path, home_id: str) -> Path:
 
 def _read_private(path: Path, what: str) -> str:
     """Reads a secret file that only its owner may read (like ssh does for its keys)."""
-    mode = path.stat().st_mode
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ValidationError(f"{what} {path} cannot be read: {exc.strerror}", field=what,
+                              expected="a readable 0600 file") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ValidationError(
             f"{what} {path} is accessible by group or others (mode {stat.S_IMODE(mode):o}): chmod 600 it",
@@ -418,7 +454,13 @@ def _remember(home: Path, home_id: str, unlock: bytes, *, key_file: bool, fallba
             log.warning("keys.keyring_write_failed", backend=backend_name(backend), error=str(exc))
     if key_file or (fallback and kept is None):
         path = _checked_key_file(home, home_id)
-        _write_private(path, (_b64(unlock) + "\n").encode())
+        try:
+            _write_private(path, (_b64(unlock) + "\n").encode(), exclusive=True)
+        except FileExistsError:  # MEMBUS_KEY_FILE shared by two homes: the first one's only key
+            raise ValidationError(
+                f"the key file {path} exists already, perhaps holding another home's unlock key: give each home "
+                f"its own {ENV_KEY_FILE} (or unset it: each home then gets its own file)",
+                field=ENV_KEY_FILE, expected="a path where no file is") from None
         log.warning("keys.fallback", source=str(KeySource.KEY_FILE), path=str(path), keyring=kept is not None)
         kept = kept or KeySource.KEY_FILE
     return kept
@@ -435,6 +477,23 @@ def _re_remember(home: Path, home_id: str, unlock: bytes) -> None:
     path = _checked_key_file(home, home_id)
     if path.exists():
         _write_private(path, (_b64(unlock) + "\n").encode())
+
+
+def check_encryption_setting(home: Path, enabled: bool) -> None:
+    """Refuses a process whose ``encryption`` setting contradicts the home: off in a home that has keys (it
+    would log plaintext beside sealed records, and no worker could read either), or on in a home whose log
+    was written without encryption (the broker cannot read it sealed)."""
+    home = Path(home)
+    if not enabled and metadata_path(home).exists():
+        raise ValidationError(
+            f"{home} is encrypted (it has {metadata_path(home)}), but encryption is off for this process "
+            "(`encryption = false` in membus.toml, or MEMBUS_ENCRYPTION=0): remove that setting",
+            field="encryption", expected="on, as the home was made")
+    if enabled and not metadata_path(home).exists() and (home / "log" / "data.mdb").exists():
+        raise ValidationError(
+            f"{home} was made with encryption off (its log has no keys): keep `encryption = false` for it, or "
+            "start a new home",
+            field="encryption", expected="off, as the home was made")
 
 
 # ---------------------------------------------------------------- operations (membus keys ...)
@@ -496,7 +555,7 @@ def load_master_key(
     home = Path(home)
     if create and not metadata_path(home).exists():
         try:
-            return init(home, passphrase or _env_passphrase(), params=params)
+            return init(home, passphrase or env_passphrase(), params=params)
         except ValidationError:
             if not metadata_path(home).exists():
                 raise  # another process did not win the race: a real refusal
@@ -506,12 +565,17 @@ def load_master_key(
     return _unlock(home, meta)[1]
 
 
-def _env_passphrase() -> str | None:
+def env_passphrase() -> str | None:
+    """The passphrase the environment gives (MEMBUS_PASSPHRASE, else MEMBUS_PASSPHRASE_FILE), or None."""
     if os.environ.get(ENV_PASSPHRASE):
         return os.environ[ENV_PASSPHRASE]
     if os.environ.get(ENV_PASSPHRASE_FILE):
         path = Path(os.environ[ENV_PASSPHRASE_FILE]).expanduser()
-        return _strip_newline(_read_private(path, ENV_PASSPHRASE_FILE)) or None
+        passphrase = _strip_newline(_read_private(path, ENV_PASSPHRASE_FILE))
+        if not passphrase:  # a new home would silently get no passphrase at all
+            raise ValidationError(f"the passphrase file {path} is empty", field=ENV_PASSPHRASE_FILE,
+                                  expected="a passphrase")
+        return passphrase
     return None
 
 
@@ -590,7 +654,10 @@ def status(home: Path) -> dict[str, Any]:
     }
     if not report["initialised"]:
         return report
-    meta = _read_meta(home)
+    try:
+        meta = _read_meta(home)
+    except IntegrityError as exc:
+        return {**report, "source": None, "error": exc.message}
     current = max(meta["generations"], key=lambda e: int(e["generation"]))
     params = _params_of(meta)
     report.update(

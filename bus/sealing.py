@@ -20,7 +20,17 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 
-from bus.keys import KEY_ID_LEN, LOG_LABEL, NONCE_LEN, DerivedKey, KeyRing, keyring_for, store_label, subkey
+from bus.keys import (
+    KEY_ID_LEN,
+    LOG_LABEL,
+    NONCE_LEN,
+    DerivedKey,
+    KeyRing,
+    check_encryption_setting,
+    keyring_for,
+    store_label,
+    subkey,
+)
 from contracts.errors import IntegrityError
 
 VERSION = 1
@@ -90,11 +100,13 @@ class KeyRingCipher:
 
 def log_cipher(home: Path, enabled: bool) -> KeyRingCipher | None:
     """The event log's cipher (None when the home's ``encryption`` setting is off)."""
+    check_encryption_setting(home, enabled)
     return KeyRingCipher(keyring_for(home, LOG_LABEL)) if enabled else None
 
 
 def store_keyring(home: Path, worker: str, enabled: bool) -> KeyRing | None:
     """A store worker's keyring (None when the home's ``encryption`` setting is off)."""
+    check_encryption_setting(home, enabled)
     return keyring_for(home, store_label(worker)) if enabled else None
 
 

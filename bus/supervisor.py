@@ -98,6 +98,13 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self.home.ensure()
+        self.home.write_supervisor_file()
+        try:
+            self._supervise(ready_timeout)
+        finally:
+            self.home.remove_supervisor_file()
+
+    def _supervise(self, ready_timeout: float) -> None:
         self._hand_out_keys()
         self.broker.start()
         deadline = time.monotonic() + ready_timeout
@@ -131,6 +138,7 @@ class Supervisor:
 
     def _hand_out_keys(self) -> None:
         """Unlocks the home once (Argon2id runs here, not in every child) and gives each child its keys."""
+        keys.check_encryption_setting(self.home.path, self.home.settings().encryption)
         if not self.home.settings().encryption:
             log.warning("keys.encryption_off", home=str(self.home.path))
             return

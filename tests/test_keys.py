@@ -409,3 +409,73 @@ def test_a_failing_keyring_falls_back(home: Path, monkeypatch: pytest.MonkeyPatc
     with capture_logs() as logs:
         assert load_master_key(home).source is KeySource.ENV_PASSPHRASE
     assert any(e["event"] == "keys.keyring_read_failed" for e in logs)
+
+
+def test_a_shared_key_file_is_never_overwritten_by_a_second_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MEMBUS_KEY_FILE set for both, the second home's init replaced the first home's only unlock key."""
+    shared = tmp_path / "elsewhere" / "membus.key"
+    monkeypatch.setenv(keys.ENV_KEY_FILE, str(shared))
+    first, second = tmp_path / "a", tmp_path / "b"
+    created = load_master_key(first, create=True)
+    with pytest.raises(ValidationError, match="exists already"):
+        load_master_key(second, create=True)
+    assert not metadata_path(second).exists()
+    assert load_master_key(first).key == created.key
+
+
+@pytest.mark.parametrize("damage", ["no generations", "empty generations", "bad base64", "short wrapped",
+                                    "kdf without parameters", "no home id"])
+def test_damaged_key_metadata_is_an_integrity_error_naming_what(home: Path, damage: str) -> None:
+    """Each of these was a traceback (KeyError, binascii.Error, ValueError) from `keys status` and `membus up`."""
+    init(home, "x", params=CHEAP)
+    meta = json.loads(metadata_path(home).read_text())
+    entry = meta["generations"][0]
+    if damage == "no generations":
+        del meta["generations"]
+    elif damage == "empty generations":
+        meta["generations"] = []
+    elif damage == "bad base64":
+        entry["wrapped"] = "abc"
+    elif damage == "short wrapped":
+        entry["wrapped"] = base64.b64encode(b"12345").decode()
+    elif damage == "kdf without parameters":
+        del meta["kdf"]["memory_kib"]
+    else:
+        del meta["home_id"]
+    metadata_path(home).write_text(json.dumps(meta))
+    with pytest.raises(IntegrityError, match="is damaged"):
+        load_master_key(home, passphrase="x")
+    assert "is damaged" in keys.status(home)["error"]
+
+
+def test_a_missing_or_empty_passphrase_file_is_named(home: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing file was a FileNotFoundError traceback; an empty one made a home with no passphrase at all."""
+    monkeypatch.setenv(keys.ENV_PASSPHRASE_FILE, str(tmp_path / "nope.pp"))
+    with pytest.raises(ValidationError, match="cannot be read"):
+        load_master_key(home, create=True)
+    empty = tmp_path / "empty.pp"
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    monkeypatch.setenv(keys.ENV_PASSPHRASE_FILE, str(empty))
+    with pytest.raises(ValidationError, match="is empty"):
+        load_master_key(home, create=True)
+    assert not metadata_path(home).exists()
+
+
+def test_the_encryption_setting_must_match_the_home(home: Path) -> None:
+    """Off in an encrypted home, the broker logged plaintext and every worker crash-looped; on in a plaintext
+    home, the broker crash-looped."""
+    keys.check_encryption_setting(home, True)
+    keys.check_encryption_setting(home, False)
+    init(home, "x", params=CHEAP)
+    with pytest.raises(ValidationError, match="is encrypted"):
+        keys.check_encryption_setting(home, False)
+    plain = home.parent / "plain"
+    (plain / "log").mkdir(parents=True)
+    (plain / "log" / "data.mdb").write_bytes(b"")
+    with pytest.raises(ValidationError, match="made with encryption off"):
+        keys.check_encryption_setting(plain, True)
+    keys.check_encryption_setting(plain, False)

@@ -18,7 +18,7 @@ from bus.keys import Argon2Params
 from bus.log import EventLog
 from bus.sealing import KeyRingCipher
 from contracts.errors import IntegrityError
-from tests.workers_util import System
+from tests.workers_util import System, cli
 from workers.libsql import DB_FILE, connect, file_key
 
 runner = CliRunner()
@@ -108,3 +108,24 @@ def test_rotate_reencrypts_everything_readable_after_and_not_with_the_old_key(tm
         assert [m.text for m in recent.messages] == [f"a {SECRET} jar"]
         hits = system.bus.request("memory.search.text.request", {"query": SECRET}).payload
         assert [h.id for h in hits.hits] == ["m1"]
+
+
+def test_rotate_refuses_while_membus_up_runs_even_between_restarts_of_its_children(tmp_path: Path) -> None:
+    """With its children in restart back-off, rotate ran, and the supervisor then restarted them with the keys
+    of the old generation: every one crash-looped."""
+    home = tmp_path / "home"
+    keys.init(home, None)
+    Home(home).write_supervisor_file()  # this test process plays a `membus up` whose children are all down
+    done = runner.invoke(app, ["keys", "rotate", "--home", str(home)])
+    assert done.exit_code == 1 and "stop membus first" in done.output and "membus up (pid" in done.output
+    Home(home).remove_supervisor_file()
+    assert runner.invoke(app, ["keys", "rotate", "--home", str(home)]).exit_code == 0
+
+
+def test_membus_up_refuses_encryption_off_in_an_encrypted_home(tmp_path: Path) -> None:
+    """It logged requests in plaintext beside the sealed records, and every worker crash-looped."""
+    home = tmp_path / "home"
+    keys.init(home, None)
+    done = cli(home, "up", "--workers", "lmdb", env={"MEMBUS_ENCRYPTION": "0"}, timeout=60.0)
+    assert done.returncode == 1 and "is encrypted" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (home / "log").exists()

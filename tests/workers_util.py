@@ -245,7 +245,8 @@ class UpProcess:
             return ""
 
 
-def cli(home: Path, *args: str, timeout: float = 60.0, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def cli(home: Path, *args: str, timeout: float = 60.0, stdin: str = "",
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Runs ``python -m bus ARGS --home HOME`` as a user would; the completed process, output as text."""
-    return subprocess.run([sys.executable, "-m", "bus", *args, "--home", str(home)], env=child_env(), cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "bus", *args, "--home", str(home)], env=child_env(env), cwd=REPO,
                           input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
