@@ -11,8 +11,9 @@
     subscribe = [">"]
 
 A module may publish a topic that one of its ``publish`` patterns matches, and subscribe to (or join a
-group with, or replay) a pattern that one of its ``subscribe`` patterns covers. Workers (``worker-*``)
-are trusted by default: they must publish replies and change events. The file is re-read when it changes.
+group with, or replay) a pattern that one of its ``subscribe`` patterns covers. Workers (``worker-<name>``
+of a worker that exists) are trusted by default: they must publish replies and change events. The file is
+re-read when it changes.
 
 Without the file everything is allowed. With it, what it does not grant is refused: a module not listed gets
 ``[default]``, which grants nothing when it is missing, and a right a module's table leaves out is the one of
@@ -27,6 +28,8 @@ starting (``check``). Edited into such a state while the broker runs, the rules 
 
 from __future__ import annotations
 
+import functools
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,13 +112,13 @@ class Permissions:
         self._reload()
         if module in self.modules:
             return self.modules[module]
-        if module.startswith("worker-") or module == "broker":
+        if is_worker(module) or module == "broker":
             return Grant()
         return self.default
 
     def may_publish(self, module: str, topic: str) -> bool:
         grant = self.grant(module)
-        if self.configured and not module.startswith("worker-"):
+        if self.configured and not is_worker(module):
             spec = spec_for(topic)
             if spec is not None and spec.published_by:  # a store's change event: only its worker can tell it
                 return False
@@ -123,6 +126,20 @@ class Permissions:
 
     def may_subscribe(self, module: str, pattern: str) -> bool:
         return any(covers(p, pattern) for p in self.grant(module).subscribe)
+
+
+def is_worker(module: str) -> bool:
+    """Whether ``module`` is the name a store worker connects under (``worker-<name>`` of a worker that exists):
+    any other name starting ``worker-`` is a module like the others."""
+    return module.startswith("worker-") and module.removeprefix("worker-") in _workers(
+        os.environ.get("MEMBUS_EXTRA_BACKENDS", ""))
+
+
+@functools.lru_cache(maxsize=4)
+def _workers(extra: str) -> frozenset[str]:
+    from workers.registry import backends
+
+    return frozenset(backends())
 
 
 def _grant(data: Any, where: str, otherwise: Grant) -> Grant:

@@ -127,3 +127,9 @@ def test_with_a_permissions_file_only_workers_publish_a_stores_change_events(bro
             companion.publish("working.context.changed", {"session_id": "s", "action": "set", "keys": ["k"]})
         assert companion.publish("memory.store.request", {"user_id": "u1", "text": "a real request"}) > 0
         assert libsql.publish("memory.fact.changed", fact) > 0
+    # a module that calls itself a worker is not one: only the names of workers that exist are trusted
+    with Bus.connect(broker.home.path, module="worker-evil") as posing:
+        with pytest.raises(NotAuthorized):
+            posing.publish("memory.fact.changed", fact)
+        with pytest.raises(NotAuthorized):
+            posing.publish("memory.store.request", {"user_id": "u1", "text": "not granted"})
