@@ -225,9 +225,24 @@ class AsyncConsumer:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             got = self._c.fetch(max_messages, timeout=0)
-            if got or self._c.ended or (deadline is not None and time.monotonic() >= deadline):
+            if got or (deadline is not None and time.monotonic() >= deadline):
                 return got
             await asyncio.sleep(0.005)
+
+    def __aiter__(self) -> AsyncIterator[Delivery]:
+        """Every delivery, until the consumer or its bus is closed (a failure raises)."""
+        return self._deliveries()
+
+    async def _deliveries(self) -> AsyncIterator[Delivery]:
+        while not self._c.ended:
+            try:
+                batch = await self.fetch(timeout=None)
+            except ConnectionError:
+                if self._c.ended:
+                    return
+                raise
+            for delivery in batch:
+                yield delivery
 
     async def ack(self, deliveries: list[Delivery] | list[int]) -> None:
         self._c.ack(deliveries)

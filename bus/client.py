@@ -439,15 +439,18 @@ class Consumer:
             self._cond.notify_all()
 
     def fetch(self, max_messages: int = 500, *, timeout: float | None = 1.0) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries, waiting at most ``timeout`` for the first; [] if none."""
+        """Up to ``max_messages`` deliveries, waiting at most ``timeout`` for the first; [] if none (ConnectionError
+        once the consumer or its bus is closed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._queue:
+                if self._closed:
+                    raise ConnectionError(f"consumer of group {self.group!r} closed", group=self.group)
                 self._conn.check_usable()
                 if self._state.error is not None:
                     raise self._state.error
                 left = None if deadline is None else deadline - time.monotonic()
-                if self._closed or (left is not None and left <= 0):
+                if left is not None and left <= 0:
                     return []
                 self._cond.wait(0.1 if left is None else min(left, 0.1))
             out: list[Delivery] = []

@@ -328,6 +328,40 @@ def test_the_asyncio_twin_has_every_public_name_of_the_sync_client() -> None:
 
     for sync, twin in ((Bus, AsyncBus), (Subscription, AsyncSubscription), (Consumer, AsyncConsumer)):
         assert names(sync) <= names(twin), (twin.__name__, names(sync) - names(twin))
+        assert not hasattr(sync, "__iter__") or hasattr(twin, "__aiter__"), twin.__name__
+
+
+def test_a_consumer_iterates_until_closed_and_a_closed_one_says_so(broker: BrokerProcess) -> None:
+    """`async for` over an AsyncConsumer was a TypeError; fetch on a closed consumer returned [] for ever."""
+    with Bus.connect(broker.home.path, module="cons-close") as bus:
+        consumer = bus.consume("cons-close", ["cons.close.*"], ack_timeout=60)
+        consumer.close()
+        with pytest.raises(ConnectionError, match="closed"):
+            consumer.fetch(timeout=1)
+        assert list(consumer) == []
+
+    async def main() -> list[int]:
+        async with await AsyncBus.connect(broker.home.path, module="cons-close-aio") as abus:
+            consumer = abus.consume("cons-close-aio", ["cons.close.*"], ack_timeout=60)
+            seen: list[int] = []
+
+            async def read() -> None:
+                async for delivery in consumer:
+                    seen.append(delivery.message.payload["i"])
+                    await consumer.ack([delivery])
+
+            task = asyncio.create_task(read())
+            await abus.publish("cons.close.changed", {"i": 1})
+            await abus.publish("cons.close.changed", {"i": 2})
+            while len(seen) < 2:
+                await asyncio.sleep(0.01)
+            consumer.close()
+            await asyncio.wait_for(task, 10)
+            with pytest.raises(ConnectionError):
+                await consumer.fetch(timeout=1)
+            return seen
+
+    assert asyncio.run(main()) == [1, 2]
 
 
 def test_timeouts_that_are_not_finite_seconds_are_refused_before_anything_is_sent(bus: Bus,
