@@ -600,7 +600,21 @@ def keys_rotate(home: HomeOpt = None) -> None:
 
 def _migrate_home(ctx: typer.Context, home: HomeOpt = None) -> None:
     """Versioned schemas of the libSQL store: status, up, rollback."""
-    ctx.obj = {"db_path": _home(home).data_dir("libsql") / "membus.db", "encryption_key": libsql_file_key(_home(home))}
+    ctx.obj = {"home": home, "open_home": _migrate_target}
+
+
+def _migrate_target(home: Path | None) -> dict[str, Any]:
+    """The libSQL store of ``home`` for `membus migrate` (schemas/cli.py), once a command runs."""
+    from bus import keys
+
+    _logs_to_stderr()  # stdout is the command's answer (`status --json`)
+    h = _home(home)
+    if h.settings().encryption and not keys.metadata_path(h.path).exists():
+        err.print(f"[bold red]error[/]: {h.path} has no keys yet, so its libSQL store would be written unencrypted "
+                  "and its worker could not open it: start membus once (`membus up`) or run `membus keys init`")
+        raise typer.Exit(1)
+    return {"db_path": h.data_dir("libsql") / "membus.db", "encryption_key": lambda: libsql_file_key(h),
+            "running": _running(h)}
 
 
 def _mount_migrate() -> None:

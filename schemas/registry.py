@@ -72,6 +72,12 @@ class SchemaVersion:
         normalised = "\n".join(_PUNCTUATION_SPACE.sub(r"\1", " ".join(s.split())) for s in self.statements)
         return hashlib.sha256(normalised.encode()).hexdigest()
 
+    def matches(self, recorded: str) -> bool:
+        """Whether ``recorded`` is this version's checksum, as this code or earlier code computed it (before
+        2026-11-22 spaces around punctuation counted: the same statements, not drift)."""
+        earlier = "\n".join(" ".join(s.split()) for s in self.statements)
+        return recorded in (self.checksum, hashlib.sha256(earlier.encode()).hexdigest())
+
 
 @dataclass(frozen=True)
 class ComponentSchema:
@@ -203,7 +209,7 @@ def _status_of(schema: ComponentSchema, applied: dict[int, str]) -> ComponentSta
         latest=schema.latest,
         pending=[v for v in sorted(schema.versions) if v not in applied],
         drift=[
-            v for v in sorted(applied) if v in schema.versions and schema.versions[v].checksum != applied[v]
+            v for v in sorted(applied) if v in schema.versions and not schema.versions[v].matches(applied[v])
         ],
         unknown=[v for v in sorted(applied) if v not in schema.versions],
     )

@@ -129,3 +129,18 @@ def test_membus_up_refuses_encryption_off_in_an_encrypted_home(tmp_path: Path) -
     done = cli(home, "up", "--workers", "lmdb", env={"MEMBUS_ENCRYPTION": "0"}, timeout=60.0)
     assert done.returncode == 1 and "is encrypted" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (home / "log").exists()
+
+
+def test_migrate_takes_home_after_its_command_and_never_writes_a_store_without_keys(tmp_path: Path) -> None:
+    """`migrate up` on a new home wrote a plaintext libSQL file that the worker, once keys existed, could not
+    open (it restarted for ever); and `migrate status --home H` was "No such option"."""
+    home = tmp_path / "home"
+    done = cli(home, "migrate", "up")
+    assert done.returncode == 1 and "no keys yet" in done.stderr, done.stderr
+    assert not (Home(home).data_dir("libsql") / DB_FILE).exists()
+    keys.init(home, None)
+    done = cli(home, "migrate", "up")
+    assert done.returncode == 0 and "core: applied 1, 2, 3" in done.stdout, done.stderr
+    assert not (Home(home).data_dir("libsql") / DB_FILE).read_bytes().startswith(b"SQLite format 3")
+    done = cli(home, "migrate", "status", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)[0]["current"] == 3, done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from schemas import registry as reg
 from schemas.cli import app
 from schemas.libsql_core import CORE
 from schemas.registry import MigrationFailed, SchemaDrift, SchemaError, SchemaRegistry, SchemaVersion
+from workers.libsql import connect
 
 NOTES_V1 = SchemaVersion(
     1, "notes", ("CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT NOT NULL)",), ("DROP TABLE notes",)
@@ -203,10 +205,41 @@ def test_cli_status_up_rollback(tmp_path: Path) -> None:
     core = next(s for s in json.loads(result.stdout) if s["component"] == "core")
     assert (core["current"], core["pending"]) == (2, [3])
 
-    result = runner.invoke(app, ["rollback", "--component", "core", "--to", "1"], obj={"db_path": db})
+    result = runner.invoke(app, ["rollback", "--component", "core", "--to", "1"], obj={"db_path": db}, input="n\n")
+    assert result.exit_code == 1 and "rebuild libsql" in result.output  # asked first: nothing done
+    result = runner.invoke(app, ["rollback", "--component", "core", "--to", "1"], obj={"db_path": db}, input="y\n")
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["rollback", "--component", "core", "--to", "9"], obj={"db_path": db})
+    result = runner.invoke(app, ["rollback", "--component", "core", "--to", "9", "--yes"], obj={"db_path": db})
     assert result.exit_code == 1
     result = runner.invoke(app, ["status", "--json"], obj={"db_path": db, "encryption_key": None})
     assert next(s for s in json.loads(result.stdout) if s["component"] == "core")["current"] == 1
     assert runner.invoke(app, ["status", "--db", str(tmp_path / "missing.db")]).exit_code == 2
+
+
+def test_cli_rollback_refuses_while_a_worker_holds_the_store_and_driver_errors_are_named(tmp_path: Path) -> None:
+    """A rollback under a running worker crashed it and dropped its data for good; a store that is not a
+    database, or one locked too long, was a traceback."""
+    db = tmp_path / "membus.db"
+    runner = CliRunner()
+    assert runner.invoke(app, ["up", "--db", str(db)]).exit_code == 0
+    result = runner.invoke(app, ["rollback", "--component", "core", "--to", "1", "--yes"],
+                           obj={"db_path": db, "running": ["worker libsql (pid 1)"]})
+    assert result.exit_code == 1 and "stop membus first" in result.output
+    assert next(s for s in reg.status(connect(db)) if s.component == "core").current == 3
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all" * 100)
+    result = runner.invoke(app, ["status", "--db", str(garbage)])
+    assert result.exit_code == 1 and "not a database" in result.output and result.exception is not None
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_a_checksum_recorded_by_the_first_code_is_not_drift(conn: Any) -> None:
+    """Stores made before spaces around punctuation stopped counting showed every version as drift."""
+    r = SchemaRegistry()
+    r.register("notes", [NOTES_V1])
+    reg.apply_all(conn, r)
+    earlier = hashlib.sha256("\n".join(" ".join(s.split()) for s in NOTES_V1.statements).encode()).hexdigest()
+    conn.execute("UPDATE schema_applied SET checksum = ? WHERE component = 'notes'", (earlier,))
+    assert by_name(reg.status(conn, r))["notes"].drift == []
+    conn.execute("UPDATE schema_applied SET checksum = 'tampered' WHERE component = 'notes'")
+    assert by_name(reg.status(conn, r))["notes"].drift == [1]
