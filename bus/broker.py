@@ -298,7 +298,7 @@ class Broker:
                 self._send(rid, P.STATUSR, frames[2].bytes, P.pack(self.status()))
             elif cmd == P.BYE:
                 self._drop_client(client, "bye")
-        except (*DECODE_ERRORS, ValueError, TypeError, AttributeError, KeyError) as exc:
+        except (*DECODE_ERRORS, ValueError, TypeError, AttributeError, KeyError, OverflowError) as exc:
             ref = frames[2].bytes if len(frames) > 2 else b""
             self._malformed(rid, ref, f"bad {cmd.decode()} body: {exc}")
         except BusError as exc:

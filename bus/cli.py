@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 a bus error (printed), 2 usage error, 3 timeout, 4 not autho
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -98,6 +99,12 @@ def _topic_arg(value: str) -> str:
         return check_topic(value)
     except BusError as exc:
         raise typer.BadParameter(exc.message) from None
+
+
+def _not_empty(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty: leave the option out to mean everything")
+    return value
 
 
 def _pattern_arg(value: str | None) -> str | None:
@@ -242,6 +249,25 @@ def request(topic: TopicArg, payload: Annotated[str, typer.Argument(help="The pa
         _fail(exc)
 
 
+def json_line(data: Any) -> str:
+    """One line of strict JSON: a NaN or infinity that another client logged is written as a string ("NaN"),
+    since jq and most parsers refuse the bare words."""
+    try:
+        return json.dumps(data, default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(data), default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("inf", "Infinity").replace("nan", "NaN")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _line(msg: Any) -> str:
     d = msg.to_dict()
     when = datetime.fromtimestamp(d["ts"] / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
@@ -259,7 +285,7 @@ def tail(pattern: Annotated[str, typer.Argument(help="Topic pattern, e.g. 'memor
     try:
         with _bus(home) as bus, bus.subscribe(pattern) as sub:
             for msg in sub:
-                typer.echo(json.dumps(msg.to_dict(), default=str) if json_out else _line(msg))
+                typer.echo(json_line(msg.to_dict()) if json_out else _line(msg))
     except KeyboardInterrupt:
         pass
     except BusError as exc:
@@ -272,16 +298,17 @@ def replay(home: HomeOpt = None,
            from_seq: Annotated[int, typer.Option("--from-seq", min=0, max=2**63 - 1)] = 1,
            to_seq: Annotated[int | None, typer.Option("--to-seq", min=0, max=2**63 - 1)] = None,
            since: Annotated[str | None, typer.Option(help="How far back, e.g. 10m, 2h, 1d.")] = None,
-           correlation: Annotated[str | None, typer.Option(help="Only this correlation id (one trace).")] = None,
+           correlation: Annotated[str | None, typer.Option(help="Only this correlation id (one trace).",
+                                                           callback=_not_empty)] = None,
            json_out: JsonOpt = False) -> None:
     """Print the log: by sequence range, time, topic pattern or correlation id."""
     logs.configure(level="warning")
-    since_ts = time.time() - parse_duration(since) if since else None
+    since_ts = max(0.0, time.time() - parse_duration(since)) if since else None  # further back than 1970: all
     try:
         with _bus(home) as bus:
             for msg in bus.replay(topic=topic, from_seq=from_seq, to_seq=to_seq, since=since_ts,
                                   correlation_id=correlation):
-                typer.echo(json.dumps(msg.to_dict(), default=str) if json_out else _line(msg))
+                typer.echo(json_line(msg.to_dict()) if json_out else _line(msg))
     except BusError as exc:
         _fail(exc)
 

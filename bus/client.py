@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -156,6 +157,8 @@ class Bus:
         ``max_outstanding``: publishes not yet answered (queued or in flight) before a publish call waits for
         room, and raises TimeoutError after its timeout if none comes: memory stays bounded."""
         load_all()  # every built-in topic's contract: payloads are checked before they are sent
+        if not structlog.is_configured():  # an app that left structlog alone: its defaults print to stdout
+            structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
         return cls(_connection(home, module, endpoint, server_key, timeout, max_outstanding), Home(home))
 
     @property

@@ -732,7 +732,7 @@ class Connection(threading.Thread):
             if not sub.catching_up:
                 sub.catching_up = True
                 self.counters.gaps_filled += 1
-                log.info("subscription.gap", sub=sub.sub_id, after=sub.last, first=first)
+                log.debug("subscription.gap", sub=sub.sub_id, after=sub.last, first=first)
             self._catch_up(sub)
             return
         fresh = [e for e in envs if e.seq > sub.last]

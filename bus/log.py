@@ -93,6 +93,10 @@ class RecordCipher(Protocol):
     def open(self, key_id: int, blob: bytes, aad: bytes) -> bytes: ...
 
 
+PAGE_BYTES = 2 << 20
+"""A replay page ends after the record that brings it to this many bytes."""
+
+
 class Record(NamedTuple):
     """A tuple: one is made for every record a replay or a catch-up reads, and a frozen dataclass costs 2.7x."""
 
@@ -797,17 +801,20 @@ class EventLog:
 
     def read(self, *, from_seq: int = 1, to_seq: int | None = None, patterns: Sequence[str] = (),
              since_ns: int | None = None, until_ns: int | None = None, correlation_id: str = "",
-             limit: int = 1000, budget: int = 100_000) -> tuple[list[Record], int, bool]:
-        """One page of a replay: (records, next_seq, done). Scans at most ``budget`` records."""
+             limit: int = 1000, budget: int = 100_000,
+             max_bytes: int = PAGE_BYTES) -> tuple[list[Record], int, bool]:
+        """One page of a replay: (records, next_seq, done). Scans at most ``budget`` records, and ends after the
+        record that brings it to ``max_bytes`` (one loop turn of the broker must not build a page of 1 MB
+        messages a thousand long)."""
         to_seq = self.head if to_seq is None else min(to_seq, self.head)
         if since_ns is not None:
             from_seq = max(from_seq, self.seq_at_time(since_ns))
         if correlation_id:
-            return self._read_correlated(correlation_id, from_seq, to_seq, patterns, limit)
+            return self._read_correlated(correlation_id, from_seq, to_seq, patterns, until_ns, limit, max_bytes)
         out: list[Record] = []
         seq = max(from_seq, 1)
         pats = tuple(patterns)
-        scanned = 0
+        scanned = size = 0
         if seq > to_seq:
             return out, seq, True
         in_lmdb = min(to_seq, self.lmdb_head)
@@ -824,8 +831,9 @@ class EventLog:
                         return out, seq, True
                     topic = bytes(raw[_HEADER.size:_HEADER.size + tlen]).decode()
                     if not pats or matches_any(pats, topic):
-                        out.append(self._record(seq, raw, version, key_id, ns, topic, txn))
-                        if len(out) >= limit:
+                        out.append(rec := self._record(seq, raw, version, key_id, ns, topic, txn))
+                        size += len(rec.body)
+                        if len(out) >= limit or size >= max_bytes:
                             return out, seq + 1, seq >= to_seq
                     if scanned >= budget:
                         return out, seq + 1, seq >= to_seq
@@ -836,38 +844,56 @@ class EventLog:
                 return out, seq, True
             if not pats or matches_any(pats, rec.topic):
                 out.append(rec)
-                if len(out) >= limit:
+                size += len(rec.body)
+                if len(out) >= limit or size >= max_bytes:
                     return out, seq + 1, seq >= to_seq
             if scanned >= budget:
                 return out, seq + 1, seq >= to_seq
         return out, to_seq + 1, True
 
-    def _read_correlated(self, cid: str, from_seq: int, to_seq: int, patterns: Sequence[str],
-                         limit: int) -> tuple[list[Record], int, bool]:
-        seqs: list[int] = []
-        root = self.seq_of_id(cid)
-        if root is not None:
-            seqs.append(root)
+    def _read_correlated(self, cid: str, from_seq: int, to_seq: int, patterns: Sequence[str], until_ns: int | None,
+                         limit: int, max_bytes: int, budget: int = 10_000) -> tuple[list[Record], int, bool]:
+        """A page of one trace: the request (its id is the correlation id) and the records indexed under it, from
+        ``from_seq`` on. The index is read from ``from_seq`` for at most ``budget`` entries, so a page of a long
+        trace costs the same as the first one."""
+        from_seq = max(from_seq, 1)
         prefix = cid.encode() + b"\x00"
-        seqs.extend(_SEQ.unpack(key[len(prefix):])[0] for b in self._fresh for key, _ in b.corr_rows
-                    if key.startswith(prefix))
+        seqs: set[int] = set()
+        more = False  # entries left in the index past what this page read
         with self.env.begin() as txn:
             cur = txn.cursor(db=self._corr)
-            if cur.set_range(prefix):
+            if cur.set_range(prefix + _SEQ.pack(from_seq)):
                 for key in cur.iternext(values=False):
                     if not key.startswith(prefix):
                         break
-                    seqs.append(_SEQ.unpack(key[len(prefix):])[0])
-        wanted = sorted(s for s in set(seqs) if from_seq <= s <= to_seq)
+                    s = _SEQ.unpack(key[len(prefix):])[0]
+                    if s > to_seq:
+                        break
+                    if len(seqs) >= budget:
+                        more = True
+                        break
+                    seqs.add(s)
+        last = max(seqs) if more else to_seq  # indexed entries past ``last`` are for the next page
+        root = self.seq_of_id(cid)
+        if root is not None and from_seq <= root <= last:
+            seqs.add(root)
+        seqs.update(s for b in self._fresh for key, _ in b.corr_rows if key.startswith(prefix)
+                    and from_seq <= (s := _SEQ.unpack(key[len(prefix):])[0]) <= last)
         out: list[Record] = []
         pats = tuple(patterns)
-        for s in wanted:
+        size = 0
+        for s in sorted(seqs):
             rec = self.get(s)
-            if rec is not None and (not pats or matches_any(pats, rec.topic)):
+            if rec is None:
+                continue
+            if until_ns is not None and rec.logged_ns > until_ns:
+                return out, s, True
+            if not pats or matches_any(pats, rec.topic):
                 out.append(rec)
-                if len(out) >= limit:
-                    return out, s + 1, False
-        return out, to_seq + 1, True
+                size += len(rec.body)
+                if len(out) >= limit or size >= max_bytes:
+                    return out, s + 1, s >= to_seq
+        return out, last + 1, not more
 
     def reseal(self, batch: int = 1000) -> int:
         """Seals again, with the cipher's current key, every record sealed under another key id (after

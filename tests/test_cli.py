@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from bus.cli import _fit
+from bus.cli import _fit, json_line
 from bus.home import Settings
 from contracts.errors import ValidationError
 from tests.workers_util import cli
@@ -110,3 +110,20 @@ def test_a_command_with_no_broker_says_what_it_waits_for(tmp_path: Path) -> None
     (tmp_path / "run" / "broker.json").write_text(json.dumps({"endpoint": "tcp://127.0.0.1:9", "pid": gone.pid}))
     done = cli(tmp_path, "status", timeout=60.0)
     assert done.returncode == 1 and f"(pid {gone.pid}) has ended" in done.stderr, done.stderr
+
+
+def test_json_lines_stay_strict_json_when_a_logged_payload_holds_nan_or_infinity() -> None:
+    """`replay --json` printed bare NaN and Infinity, which jq and strict parsers refuse."""
+    line = json_line({"seq": 1, "payload": {"x": float("nan"), "y": [float("inf"), -float("inf")], "z": 1.5}})
+
+    def refuse(name: str) -> None:
+        raise ValueError(name)
+
+    assert json.loads(line, parse_constant=refuse)["payload"] == {"x": "NaN", "y": ["Infinity", "-Infinity"],
+                                                                  "z": 1.5}
+
+
+def test_an_empty_correlation_id_is_a_usage_error(tmp_path: Path) -> None:
+    """It printed the whole log."""
+    done = cli(tmp_path, "replay", "--correlation", "", timeout=60.0)
+    assert done.returncode == 2 and "empty" in done.stderr, done.stderr

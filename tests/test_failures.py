@@ -326,6 +326,7 @@ def test_malformed_frames_get_typed_errors_and_the_broker_stays_up(broker: Broke
             [P.JOIN, b"g", b"\xff\xfe"],
             [P.ACK, b"g", P.pack("not a list")],
             [P.REPLAY, b"12345678", P.pack({"patterns": ["a..b"]})],
+            [P.REPLAY, b"12345678", P.pack({"from_seq": float("inf")})],  # was no answer: an internal error
             [P.HELLO, b"\x92"],
         ]
         for frames in cases:
@@ -343,7 +344,8 @@ def test_malformed_frames_get_typed_errors_and_the_broker_stays_up(broker: Broke
         with Bus.connect(broker.home.path, module="test") as bus:
             assert bus.publish("test.after.changed", {"ok": True}) > 0
             counters = bus.status()["counters"]
-        assert counters["malformed"] + counters.get("unknown_commands", 0) >= 8
+        assert counters["malformed"] + counters.get("unknown_commands", 0) >= 9
+        assert counters.get("internal_errors", 0) == 0
         assert broker.alive
     finally:
         s.close(0)
@@ -538,3 +540,23 @@ def test_a_request_nobody_answers_fails_by_itself_after_its_timeout(bus: Bus) ->
     assert fired.wait(30)  # a done callback hears of it too, without anyone calling result()
     with pytest.raises(TimeoutError, match=r"no reply within 1\.0 s"):
         pending.result(0)
+
+
+def test_a_replay_page_of_big_messages_is_bounded_in_bytes(broker: BrokerProcess) -> None:
+    """A page was up to 1000 records whatever their size: 600 messages of 1 MB took the broker to 3 GB and
+    stalled every publisher for seconds while it built one page."""
+    big = "x" * 300_000
+    with Bus.connect(broker.home.path, module="test") as bus:
+        seqs = [bus.publish("test.big.changed", {"i": i, "pad": big}) for i in range(20)]
+        s = _raw_socket(broker)
+        try:
+            s.send_multipart([P.HELLO, P.pack({"client": "raw", "inbox": ""})])
+            assert s.recv_multipart()[0] == P.WELCOME
+            s.send_multipart([P.REPLAY, b"12345678", P.pack({"from_seq": seqs[0], "limit": 1000})])
+            frames = s.recv_multipart()
+            assert frames[0] == P.REPLAYED
+            next_seq, done, records = P.unpack(frames[2])
+            assert 1 <= len(records) <= 8 and not done and next_seq == seqs[0] + len(records)
+        finally:
+            s.close(0)
+        assert [m.payload["i"] for m in bus.replay(topic="test.big.*")] == list(range(20))
