@@ -76,8 +76,16 @@ CONNECT_TIMEOUT_S = 10.0
 def _bus(home: Path | None, module: str = "cli") -> Any:
     from bus.client import Bus
 
-    _say_if_waiting(_home(home))
-    return Bus.connect(home, module=module, timeout=CONNECT_TIMEOUT_S)
+    h = _home(home)
+    _say_if_waiting(h)
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while not h.path.is_dir():  # a mistyped --home is not made into a home (its keys, its run folder)
+        if time.monotonic() > deadline:
+            err.print(f"[bold red]error[/]: no membus home at {h.path} (start one with `membus up --home ...`)",
+                      highlight=False)
+            raise typer.Exit(1)
+        time.sleep(0.1)
+    return Bus.connect(home, module=module, timeout=max(0.1, deadline - time.monotonic()))
 
 
 def _say_if_waiting(h: Home) -> None:
@@ -158,8 +166,12 @@ def up(home: HomeOpt = None,
 
     logs.configure(process="supervisor")
     h = _home(home)
-    names = [w for w in workers.split(",") if w] if workers else [w for w in h.settings().workers
-                                                                  if w in available()]
+    if workers:
+        names = [w for w in workers.split(",") if w]
+    else:
+        for name in h.settings().workers:
+            _known_worker(name, "worker in the `workers` setting (membus.toml or MEMBUS_WORKERS):")
+        names = [w for w in h.settings().workers if w in available()]
     for name in names:
         _known_worker(name)
     err.print(f"membus: home {h.path}, workers: {', '.join(names) or 'none'}")

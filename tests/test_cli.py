@@ -127,3 +127,13 @@ def test_an_empty_correlation_id_is_a_usage_error(tmp_path: Path) -> None:
     """It printed the whole log."""
     done = cli(tmp_path, "replay", "--correlation", "", timeout=60.0)
     assert done.returncode == 2 and "empty" in done.stderr, done.stderr
+
+
+def test_a_misspelt_worker_in_the_settings_is_named_and_a_mistyped_home_is_not_made(tmp_path: Path) -> None:
+    """`workers = lmdb,chromadb` started lmdb alone without a word; `status --home typo` made `typo` a home
+    (its run folder, a client key) before failing."""
+    done = cli(tmp_path / "home", "up", env={"MEMBUS_WORKERS": "lmdb,chromadb"}, timeout=60.0)
+    assert done.returncode == 2 and "'chromadb'" in done.stderr and "MEMBUS_WORKERS" in done.stderr, done.stderr
+    typo = tmp_path / "typo"
+    done = cli(typo, "status", timeout=60.0)
+    assert done.returncode == 1 and "no membus home" in done.stderr and not typo.exists(), done.stderr
