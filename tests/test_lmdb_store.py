@@ -588,6 +588,15 @@ def test_an_id_too_long_for_a_key_fails_naming_the_field(store: LmdbBackend, log
     assert outcome.error is not None and outcome.error.fields["field"] == "conversation_id"
 
 
+def test_a_conversation_id_as_long_as_the_structured_store_takes_is_asked_for_here(store: LmdbBackend,
+                                                                                    log: Log) -> None:
+    """libSQL stores conversation ids up to 200 characters; working memory refused asking for one over 128."""
+    long_id = "c" * 200
+    assert one(store, log(APPEND, message(long_id, 0, message_id="m0"))).status == "applied"
+    recent = one(store, log("working.recent.request", {"conversation_id": long_id}))
+    assert recent.status == "applied" and len(recent.reply.messages) == 1
+
+
 # -- session context ------------------------------------------------------------------------------
 
 
