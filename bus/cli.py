@@ -362,6 +362,8 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
                       str(ws.get("dead_lettered")), str(ws.get("last_batch")), str(ws.get("max_batch")))
         out.print(_fit(w))
         for name, ws in sorted(st["workers"].items()):
+            if ws.get("exited") and not (ws.get("pid") and pid_alive(int(ws["pid"]))):
+                out.print(f"[red]worker {name} ended:[/] {ws['exited']}", highlight=False)
             if ws.get("stalled"):
                 out.print(f"[red]worker {name} cannot write its store, and keeps trying:[/] {ws['stalled']}")
             if ws.get("suspects"):

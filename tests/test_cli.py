@@ -14,6 +14,7 @@ from rich.table import Table
 from bus.cli import _fit, json_line
 from bus.home import Settings
 from contracts.errors import ValidationError
+from tests.conftest import BrokerProcess
 from tests.workers_util import cli
 from workers.runtime import runtime_settings
 
@@ -137,3 +138,16 @@ def test_a_misspelt_worker_in_the_settings_is_named_and_a_mistyped_home_is_not_m
     typo = tmp_path / "typo"
     done = cli(typo, "status", timeout=60.0)
     assert done.returncode == 1 and "no membus home" in done.stderr and not typo.exists(), done.stderr
+
+
+def test_status_says_why_a_worker_ended(broker: BrokerProcess) -> None:
+    """A worker that could not open its store (restarted again and again by `membus up`) showed as stopped,
+    with no reason."""
+    store = broker.home.data_dir("libsql")
+    store.mkdir(parents=True)
+    (store / "membus.db").write_bytes(b"this is not a database " * 200)
+    done = cli(broker.home.path, "worker", "libsql", timeout=120.0)
+    assert done.returncode == 1, done.stderr
+    status = cli(broker.home.path, "status", timeout=60.0)
+    said = " ".join(status.stdout.split())
+    assert status.returncode == 0 and "worker libsql ended:" in said and "not a database" in said, status.stdout

@@ -22,6 +22,7 @@ the store for good. SIGTERM finishes the current batch.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -459,6 +460,29 @@ def runtime_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
 def run(name: str, home: Path | str | None = None) -> None:
     load_all()
     where = Home(home)
+    try:
+        _run(name, where)
+    except Exception as exc:
+        _record_exit(where, name, exc)
+        raise
+
+
+def _record_exit(home: Home, name: str, exc: Exception) -> None:
+    """Why the worker ended, in its status file, for `membus status` (a worker that cannot open its store is
+    restarted by `membus up` again and again; without this, status showed it stopped and no reason)."""
+    path = home.path / "run" / f"worker-{name}.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        status = {}
+    status.update(pid=os.getpid(), exited=f"{getattr(exc, 'message', None) or exc}", exited_at=time.time())
+    with contextlib.suppress(OSError):  # the home may be what is gone: it is not made again here
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status, default=str))
+        tmp.replace(path)
+
+
+def _run(name: str, where: Home) -> None:
     at_rest: dict[str, Any] = {"encryption": store_keyring(where.path, name, where.settings().encryption)}
     runtime = WorkerRuntime(name, where, **runtime_settings(), **{k: v for k, v in at_rest.items() if v})
 
