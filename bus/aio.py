@@ -173,19 +173,55 @@ class AsyncBus:
         return AsyncConsumer(self._bus.consume(group, patterns, **kw))
 
 
+WAKE_CHECK_S = 0.25
+"""A waiting get or fetch looks again this often even unwoken: a closed bus or a failure wakes nobody."""
+
+
+class _Wakeup:
+    """An asyncio event that the client's I/O thread sets when messages arrive for one subscription or consumer,
+    so a waiting coroutine sleeps instead of polling (20 idle subscriptions polling every 5 ms took 4 % of a
+    core)."""
+
+    def __init__(self, owner: Subscription | Consumer) -> None:
+        self._owner = owner
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def event(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if self._event is None or self._loop is not loop:
+            self._loop, event = loop, asyncio.Event()
+
+            def wake() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                    loop.call_soon_threadsafe(event.set)
+
+            self._event = event
+            self._owner.waker = wake
+        return self._event
+
+    async def wait(self, event: asyncio.Event, deadline: float | None) -> None:
+        left = WAKE_CHECK_S if deadline is None else min(WAKE_CHECK_S, deadline - time.monotonic())
+        with contextlib.suppress(builtins.TimeoutError):
+            await asyncio.wait_for(event.wait(), max(0.0, left))
+
+
 class AsyncSubscription:
     def __init__(self, sub: Subscription) -> None:
         self._sub = sub
+        self._wakeup = _Wakeup(sub)
 
     async def get(self, timeout: float | None = None) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
+        event = self._wakeup.event()
         while True:
+            event.clear()  # before looking: a message that arrives after the look sets it again
             try:
                 return self._sub.get(timeout=0)
             except TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"no message within {timeout} s", timeout=timeout) from None
-                await asyncio.sleep(0.005)
+            await self._wakeup.wait(event, deadline)
 
     def __aiter__(self) -> AsyncSubscription:
         return self
@@ -219,15 +255,18 @@ class AsyncSubscription:
 class AsyncConsumer:
     def __init__(self, consumer: Consumer) -> None:
         self._c = consumer
+        self._wakeup = _Wakeup(consumer)
 
     async def fetch(self, max_messages: int = 500, *, timeout: float | None = 1.0) -> list[Delivery]:
-        """Polls the consumer's queue in the loop, not in a thread: a cancelled fetch takes nothing."""
+        """Takes from the consumer's queue in the loop, not in a thread: a cancelled fetch takes nothing."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        event = self._wakeup.event()
         while True:
+            event.clear()
             got = self._c.fetch(max_messages, timeout=0)
             if got or (deadline is not None and time.monotonic() >= deadline):
                 return got
-            await asyncio.sleep(0.005)
+            await self._wakeup.wait(event, deadline)
 
     def __aiter__(self) -> AsyncIterator[Delivery]:
         """Every delivery, until the consumer or its bus is closed (a failure raises)."""

@@ -350,6 +350,8 @@ class Subscription:
         self.sub_id = next(_sub_ids)
         self._state = LiveState(self.sub_id, patterns, self._deliver, self._room, start=from_seq)
         self._closed = False
+        self.waker: Callable[[], None] | None = None
+        """Called (on the I/O thread) when messages arrive: how the asyncio twin waits without polling."""
         conn.add_sub(self._state)
 
     def _room(self) -> bool:
@@ -362,6 +364,8 @@ class Subscription:
         with self._cond:
             self._queue.extend(envs)
             self._cond.notify_all()
+        if self.waker is not None:
+            self.waker()
 
     def get(self, timeout: float | None = None) -> Message:
         """The next message; raises TimeoutError when none arrives in time."""
@@ -433,6 +437,8 @@ class Consumer:
         if from_seq:
             body["from_seq"] = from_seq
         self._closed = False
+        self.waker: Callable[[], None] | None = None
+        """Called (on the I/O thread) when deliveries arrive: how the asyncio twin waits without polling."""
         self._state = GroupState(group, body, self._deliver)
         conn.join_group(self._state)
 
@@ -440,6 +446,8 @@ class Consumer:
         with self._cond:
             self._queue.extend(items)
             self._cond.notify_all()
+        if self.waker is not None:
+            self.waker()
 
     def fetch(self, max_messages: int = 500, *, timeout: float | None = 1.0) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, waiting at most ``timeout`` for the first; [] if none (ConnectionError
