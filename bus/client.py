@@ -86,7 +86,10 @@ def _connection(home: Path | str | None, module: str, endpoint: str | None, serv
             raise conn.fatal
         if time.monotonic() > deadline:
             conn.close()
-            raise ConnectionError(f"the broker at {ep} did not answer within {timeout} s", endpoint=ep)
+            why = ("; it ended every handshake: is the server key the broker's (keys/broker.key of its home)?"
+                   if conn.failed_handshakes >= 2 else "")
+            raise ConnectionError(f"the broker at {ep} did not answer within {timeout} s{why}", endpoint=ep,
+                                  failed_handshakes=conn.failed_handshakes)
         left = max(0.0, deadline - time.monotonic())
     return conn
 

@@ -273,6 +273,8 @@ class Connection(threading.Thread):
         self._frame_limit = P.max_frame(0)
         """The largest PUB frame the broker takes (known from WELCOME)."""
         self.fatal: BusError | None = None
+        self.failed_handshakes = 0
+        """Handshakes the broker ended since the last one that succeeded: a server key that is not the broker's."""
         self.connected = threading.Event()
         self.head = 0
         self.counters = _Counters()
@@ -403,7 +405,8 @@ class Connection(threading.Thread):
         ctx: zmq.Context[Any] = zmq.Context.instance()
         self.sock = self._make_socket(ctx)
         monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -496,6 +499,10 @@ class Connection(threading.Thread):
                     self._closing = True
                 elif evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                     log.warning("client.handshake_failed", endpoint=self.endpoint)
+                elif evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                    self.failed_handshakes += 1
+                elif evt["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.failed_handshakes = 0
         except zmq.Again:
             pass
 

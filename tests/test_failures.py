@@ -18,7 +18,7 @@ import zmq
 from bus import protocol as P
 from bus.client import Bus
 from contracts.envelope import make_envelope
-from contracts.errors import BusError, NotAuthorized, StoreFull, ValidationError
+from contracts.errors import BusError, ConnectionError, NotAuthorized, StoreFull, ValidationError
 from tests.conftest import BrokerProcess, wait_until
 from tests.workers_util import publish_all
 
@@ -560,3 +560,12 @@ def test_a_replay_page_of_big_messages_is_bounded_in_bytes(broker: BrokerProcess
         finally:
             s.close(0)
         assert [m.payload["i"] for m in bus.replay(topic="test.big.*")] == list(range(20))
+
+
+def test_a_wrong_server_key_is_named_when_the_connection_gives_up(broker: BrokerProcess) -> None:
+    """The broker ends every handshake of a client that holds another server key; the client only said the
+    broker "did not answer"."""
+    wrong, _ = zmq.curve_keypair()
+    with pytest.raises(ConnectionError, match="server key") as info:
+        Bus.connect(broker.home.path, module="test", endpoint=broker.endpoint, server_key=wrong, timeout=3.0)
+    assert info.value.fields["failed_handshakes"] >= 2
