@@ -141,6 +141,7 @@ class Broker:
         self._groups_dirty = False
         self.max_frame = P.max_frame(self.settings.max_message_bytes)
         self.permissions = Permissions(home.path / "permissions.toml")
+        self._permissions_read = 0.0
         self._denied_recently: dict[tuple[str, str, str], float] = {}
         self._audit: list[dict[str, Any]] = []
         self._publish_grants: dict[tuple[str, str], bool] = {}
@@ -836,6 +837,9 @@ class Broker:
         if self._groups_dirty:
             self._save_groups()
         self._coverage_heartbeat()
+        if now - self._permissions_read >= 1.0:
+            self._permissions_read = now
+            self.permissions.refresh()
 
     def _coverage_heartbeat(self) -> None:
         head = self.log.head

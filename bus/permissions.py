@@ -83,6 +83,11 @@ class Permissions:
         if self.error:
             raise BusError(self.error, path=str(self.path))
 
+    def refresh(self) -> None:
+        """Reads the file again if it changed (the broker does so every second: ``status`` shows a broken edit
+        without waiting for traffic)."""
+        self._reload()
+
     def _reload(self) -> None:
         try:
             mtime = self.path.stat().st_mtime

@@ -11,7 +11,7 @@ import pytest
 from bus.client import Bus
 from bus.permissions import covers
 from contracts.errors import BusError, NotAuthorized
-from tests.conftest import BrokerProcess
+from tests.conftest import BrokerProcess, wait_until
 from tests.workers_util import cli
 
 RULES = """
@@ -85,3 +85,15 @@ def test_a_broker_whose_permissions_file_is_broken_does_not_start(tmp_path: Path
     (home / "permissions.toml").write_text("[default]\npublish = [\n")
     done = cli(home, "broker", timeout=60.0)
     assert done.returncode == 1 and "cannot be read as permissions" in done.stderr, done.stderr
+
+
+def test_status_shows_a_broken_permissions_file_without_waiting_for_traffic(broker: BrokerProcess) -> None:
+    """`permissions_error` stayed empty until some publish or subscribe made the broker read the file again."""
+    path = broker.home.path / "permissions.toml"
+    path.write_text(RULES)
+    with Bus.connect(broker.home.path, module="guest") as guest:
+        assert guest.publish("app.note.changed", {"ok": 1}) > 0
+        path.write_text("modules = 5\n")
+        os.utime(path, (time.time(), time.time() + 1))
+        wait_until(lambda: "cannot be read" in guest.status()["permissions_error"], timeout=10.0,
+                   what="status naming the broken file")
