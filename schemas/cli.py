@@ -71,6 +71,13 @@ def _connection(ctx: typer.Context, db: Path | None, home: Path | None = None, *
         conn.close()
 
 
+def _known_component(component: str | None) -> None:
+    names = [c.component for c in registry.default_registry().components()]
+    if component is not None and component not in names:
+        raise typer.BadParameter(f"unknown component {component!r}; known: {', '.join(names)}",
+                                 param_hint="--component")
+
+
 def _refuse(path: Path, exc: Exception) -> None:
     message = exc.message if isinstance(exc, BusError) else f"{path}: {exc}"
     err.print(f"[red]error:[/red] {message}", highlight=False)
@@ -110,6 +117,9 @@ def up(
     home: HomeOption = None,
 ) -> None:
     """Applies pending versions, one transaction per component, in priority order."""
+    if to is not None and component is None:
+        raise typer.BadParameter("--to needs --component: every component has its own version line")
+    _known_component(component)
     with _connection(ctx, db, home, create=True) as conn:
         applied = registry.up(conn, component=component, to=to)
     for name, versions in applied.items():
@@ -129,6 +139,7 @@ def rollback(
 
     What those versions' tables held is dropped with them, and a worker does not apply the log again to
     bring it back: `membus rebuild libsql` does (and brings the schema back up)."""
+    _known_component(component)
     running = (_target(ctx, home) if db is None else {}).get("running") or []
     if running:
         err.print(f"[red]error:[/red] stop membus first (a worker holds this store): {', '.join(running)} running")

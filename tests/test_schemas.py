@@ -243,3 +243,13 @@ def test_a_checksum_recorded_by_the_first_code_is_not_drift(conn: Any) -> None:
     assert by_name(reg.status(conn, r))["notes"].drift == []
     conn.execute("UPDATE schema_applied SET checksum = 'tampered' WHERE component = 'notes'")
     assert by_name(reg.status(conn, r))["notes"].drift == [1]
+
+
+def test_cli_an_unknown_component_or_to_without_component_is_a_usage_error(tmp_path: Path) -> None:
+    db = tmp_path / "membus.db"
+    runner = CliRunner()
+    for args in (["up", "--db", str(db), "--component", "nope"], ["up", "--db", str(db), "--to", "2"],
+                 ["rollback", "--db", str(db), "--component", "nope", "--to", "0", "--yes"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+    assert not db.exists()
