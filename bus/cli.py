@@ -283,7 +283,9 @@ def _finite(value: Any) -> Any:
 def _line(msg: Any) -> str:
     d = msg.to_dict()
     when = datetime.fromtimestamp(d["ts"] / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
-    payload = json.dumps(d.get("payload", d.get("payload_error")), default=str, ensure_ascii=False)
+    payload = json.dumps(d.get("payload"), default=str, ensure_ascii=False)
+    if "payload_error" in d:
+        payload = f"(breaks its contract: {d['payload_error']}) {payload}"
     if len(payload) > 160:
         payload = payload[:157] + "..."
     return f"{d['seq']:>8}  {when}  {d['topic']:<36} {d['source']:<14} {d['correlation_id'][-8:]}  {payload}"
@@ -309,7 +311,8 @@ def replay(home: HomeOpt = None,
            topic: Annotated[str | None, typer.Option(help="Topic pattern.", callback=_pattern_arg)] = None,
            from_seq: Annotated[int, typer.Option("--from-seq", min=0, max=2**63 - 1)] = 1,
            to_seq: Annotated[int | None, typer.Option("--to-seq", min=0, max=2**63 - 1)] = None,
-           since: Annotated[str | None, typer.Option(help="How far back, e.g. 10m, 2h, 1d.")] = None,
+           since: Annotated[str | None, typer.Option(help="How far back, by when the broker logged it, e.g. 10m, "
+                                                           "2h, 1d (the time shown is the message's own).")] = None,
            correlation: Annotated[str | None, typer.Option(help="Only this correlation id (one trace).",
                                                            callback=_not_empty)] = None,
            json_out: JsonOpt = False) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from contracts.envelope import Envelope, envelope_dict
 from contracts.registry import decode_payload, to_builtins
 
@@ -40,6 +42,10 @@ class Message:
             out["payload"] = to_builtins(self.payload)
         except Exception as exc:  # show what is there even when it does not match its contract
             out["payload_error"] = str(exc)
+            try:
+                out["payload"] = to_builtins(msgspec.msgpack.decode(self.envelope.payload))
+            except (msgspec.DecodeError, TypeError, ValueError):  # not even MessagePack: the bytes, as base64
+                out["payload"] = to_builtins(bytes(self.envelope.payload))
         return out
 
     def __repr__(self) -> str:

@@ -555,3 +555,15 @@ def test_a_waiting_async_subscription_sleeps_until_a_message_wakes_it(broker: Br
 
     idle_looks, value = asyncio.run(main())
     assert value == 7 and idle_looks <= 10, idle_looks
+
+
+def test_a_logged_payload_that_breaks_its_contract_is_shown_with_the_reason(bus: Bus) -> None:
+    """The broker logs payloads undecoded; one that breaks its topic's contract (published raw by another
+    client) showed only the error, not what was logged."""
+    import contracts.structured  # noqa: F401  (memory.store.request's contract)
+    from contracts.envelope import encode_new
+
+    _, data = encode_new("memory.store.request", msgspec.msgpack.encode({"unexpected": [1, 2]}))
+    seq = bus.publish_raw(data).result(10)
+    [logged] = [m.to_dict() for m in bus.replay(from_seq=seq, to_seq=seq)]
+    assert logged["payload"] == {"unexpected": [1, 2]} and "memory.store.request" in logged["payload_error"]
