@@ -388,8 +388,10 @@ def topics(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
 
     load_all()
     specs = all_specs()
+    followers = _followers()
     if json_out:
-        typer.echo(json.dumps([{"topic": s.topic, "handled_by": s.handled_by, "description": s.description,
+        typer.echo(json.dumps([{"topic": s.topic, "handled_by": s.handled_by,
+                                "followed_by": followers(s.topic, s.handled_by), "description": s.description,
                                 "schema": json_schema(s.topic)} for s in specs], indent=2))
         return
     from rich.padding import Padding
@@ -397,10 +399,28 @@ def topics(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
     for s in specs:  # a list, not a table: topic names stay whole in any terminal, the prose wraps under them
         schema = json_schema(s.topic)
         props = schema.get("$defs", {}).get(s.payload.__name__, schema).get("properties", {})
-        out.print(f"[bold]{s.topic}[/]  [cyan]{s.handled_by or 'no worker'}[/]", highlight=False)
+        followed = followers(s.topic, s.handled_by)
+        who = s.handled_by or ("" if followed else "no worker")
+        if followed:
+            who = f"{who}{'; ' if who else ''}followed by {', '.join(followed)}"
+        out.print(f"[bold]{s.topic}[/]  [cyan]{who}[/]", highlight=False)
         first = s.description.split(". ", 1)[0].rstrip(".")
         lines = [f"{first}." if first else "", f"[dim]fields: {', '.join(props)}[/]"]
         out.print(Padding("\n".join(filter(None, lines)), (0, 0, 0, 4)), highlight=False)
+
+
+def _followers() -> Any:
+    """(topic, its handler) -> the other workers whose groups take it (a change event has no handler: the stores
+    that follow it)."""
+    from contracts.topics import matches
+    from workers.registry import available, load
+
+    patterns = {name: load(name).patterns for name in available()}
+
+    def followed(topic: str, handler: str) -> list[str]:
+        return [n for n, pats in patterns.items() if n != handler and any(matches(p, topic) for p in pats)]
+
+    return followed
 
 
 @app.command()

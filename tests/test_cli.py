@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -37,8 +38,18 @@ def test_the_topic_catalog_shows_every_topic_whole_in_80_columns(tmp_path: Path)
     heads = {line.split()[0]: line.split()[1:] for line in shown.splitlines() if line and line[0] != " "}
     catalog = json.loads(cli(tmp_path, "topics", "--json").stdout)  # its registry (tests here register more)
     assert len(catalog) > 40
-    assert {t["topic"]: [t["handled_by"]] if t["handled_by"] else ["no", "worker"] for t in catalog} == heads
+
+    def who(t: dict[str, Any]) -> list[str]:  # the handler, and the stores that follow the topic as well
+        text = t["handled_by"] or ("" if t["followed_by"] else "no worker")
+        if t["followed_by"]:
+            text = f"{text}{'; ' if text else ''}followed by {', '.join(t['followed_by'])}"
+        return text.split()
+
+    assert {t["topic"]: who(t) for t in catalog} == heads
     assert max(map(len, shown.splitlines())) <= 80
+    followed = {t["topic"]: t["followed_by"] for t in catalog}
+    assert followed["conversation.message.changed"] == ["lmdb", "chroma", "duckdb"]  # was "no worker"
+    assert followed["memory.fact.changed"] == ["chroma", "duckdb"]
 
 
 def test_a_wrong_setting_is_named_and_nothing_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
