@@ -63,7 +63,7 @@ def all_specs() -> list[TopicSpec]:
 
 _FIELD_RE = re.compile(r"at (`key` in )?`\$((?:\.[^`\[]+|\[(?:\d+|\.\.\.)\])*)`")
 """msgspec's path of the bad value: ``$.a.b[0]``, ``$.a[...]`` (a map's value), or ``key` in `$.a`` (a map's key)."""
-_NAMED_RE = re.compile(r"(?:missing required field|unknown field) `([^`]+)`")
+_NAMED_RE = re.compile(r"(?:missing required field|unknown field|Object field) `([^`]+)`")
 
 
 def _validation_error(topic: str, exc: Exception) -> ValidationError:

@@ -18,12 +18,14 @@ from contracts.registry import register
 
 WORKER = "libsql"
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
-OptionalId = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\x00-\x1f]*$")]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$(?!\n)")]
+"""No control character (``$(?!\n)``: Python's ``$`` alone lets one final newline through; ECMA's never does)."""
+OptionalId = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\x00-\x1f]*$(?!\n)")]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)]
 Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
-Offset = Annotated[int, msgspec.Meta(ge=0)]
+Offset = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+"""Bounded: SQLite failed on an offset near 2**63 ("datatype mismatch"), after five retries of a read."""
 UNIX_SECONDS_MAX = 32_503_680_000
 """3000-01-01T00:00:00Z: the latest time a stored record may carry."""
 UnixSeconds = Annotated[float, msgspec.Meta(ge=0, le=UNIX_SECONDS_MAX)]
@@ -33,7 +35,13 @@ Metadata = dict[str, Any]
 
 
 class Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    pass
+    def __post_init__(self) -> None:
+        """A NUL character reaches SQLite as the end of a C string: the text was stored cut short, and a
+        message's or fact's sealed copy then failed every read of its conversation or user."""
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if isinstance(value, str) and "\x00" in value:
+                raise ValueError(f"Object field `{name}` holds a NUL character (U+0000), which the store cannot keep")
 
 
 class Reply(msgspec.Struct, kw_only=True):

@@ -14,7 +14,7 @@ from contracts.registry import register
 
 WORKER = "lmdb"
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$(?!\n)")]
 """As the structured store's ids (contracts.structured.Id): a conversation libSQL holds can be asked for here."""
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3_155_760_000)]
 """Up to a century (no infinity: expiry times are whole milliseconds)."""

@@ -209,3 +209,24 @@ def test_every_topic_in_the_catalog_says_what_it_is() -> None:
     for spec in (s for s in all_specs() if s.payload.__module__.startswith("contracts.")):  # not tests' own
         text = spec.description.strip()
         assert len(text) > 10 and not text.endswith((":", ": .")), f"{spec.topic}: {text!r}"
+
+
+@pytest.mark.parametrize(("topic", "payload", "field"), [
+    ("conversation.message.append.request",
+     {"conversation_id": "c1", "user_id": "u1", "role": "user", "text": "cut\x00here"}, "text"),
+    ("user.create.request", {"name": "Ann", "user_type": "per\x00son"}, "user_type"),
+    ("conversation.message.append.request",
+     {"conversation_id": "c1\n", "user_id": "u1", "role": "user", "text": "hi"}, "conversation_id"),
+    ("working.recent.request", {"conversation_id": "c1\n"}, "conversation_id"),
+    ("conversation.history.request", {"conversation_id": "c1", "offset": 2**63 - 1}, "offset"),
+])
+def test_what_the_structured_store_cannot_keep_is_refused_by_name(topic: str, payload: dict[str, object],
+                                                                  field: str) -> None:
+    """A NUL cut a text short in SQLite (every read of its conversation then failed its sealed-copy check), an id
+    ending in a newline passed the control-character check, and a huge offset failed inside SQLite."""
+    import contracts.structured
+    import contracts.working  # noqa: F401
+
+    with pytest.raises(ValidationError) as info:
+        encode_payload(topic, payload)
+    assert (info.value.topic, info.value.field) == (topic, field), info.value.message
