@@ -494,3 +494,28 @@ def test_encryption_key_is_passed_to_libsql(tmp_path: Path) -> None:
         assert Driver(again).request("user.get.request", {"user_id": "u1"})["name"] == "Ana"
     finally:
         again.close()
+
+
+def test_a_write_whose_event_or_a_read_whose_reply_is_over_the_brokers_limit_fails_and_writes_nothing(
+        drv: Driver, backend: LibsqlBackend) -> None:
+    """A message just under the payload limit was stored, but its change event (a few fields more) was over it:
+    the broker refused it from the outbox for ever, and nothing the worker published after it got through."""
+    from contracts.errors import MessageTooLarge
+    from workers.apply import outgoing
+
+    backend.max_payload_bytes = 4000
+    small = {"conversation_id": "c1", "user_id": "u1", "role": "user", "text": "hello"}
+    assert drv.request("conversation.message.append.request", small)["message_id"]
+    big = {**small, "text": "x" * 3990}  # the request fits the limit, its event does not
+    (outcome,) = drv.apply(env := drv.envelope("conversation.message.append.request", big))
+    err = failed_with(outcome, MessageTooLarge)
+    assert err.fields["topic"] == "conversation.message.changed" and "nothing was written" in err.message
+    assert drv.count("messages") == 1
+    assert [len(item) for item in outgoing("libsql", env, outcome, backend.max_payload_bytes)]  # a .failed reply
+    for i in range(3):
+        assert drv.request("conversation.message.append.request", {**small, "text": "y" * 1500 + str(i)})
+    (read,) = drv.apply(history := drv.envelope("conversation.history.request", {"conversation_id": "c1"}))
+    assert read.status == "applied"  # the read itself worked; its reply is too large to publish
+    [reply] = outgoing("libsql", history, read, backend.max_payload_bytes)
+    assert decode_envelope(reply).topic == "conversation.history.failed"
+    assert decode_payload("conversation.history.failed", decode_envelope(reply).payload)["code"] == "too_large"

@@ -18,7 +18,14 @@ import structlog
 from bus.logs import handling
 from bus.protocol import DEAD_LETTER_TOPIC
 from contracts.envelope import Envelope, encode_new
-from contracts.errors import BusError, HandlerError, StoreRejected, StoreUnavailable, UnknownTopic
+from contracts.errors import (
+    BusError,
+    HandlerError,
+    MessageTooLarge,
+    StoreRejected,
+    StoreUnavailable,
+    UnknownTopic,
+)
 from contracts.registry import decode_payload, encode_payload, to_builtins
 from contracts.topics import reply_topics
 from workers.base import Backend, Context
@@ -36,6 +43,8 @@ class Outcome:
     reply: Any = None
     error: BusError | None = None
     events: list[tuple[str, Any]] = field(default_factory=list)
+    event_bodies: list[tuple[str, bytes]] | None = None
+    """The events' payloads, encoded (and checked against the broker's limit) while the write could be undone."""
 
 
 def derived_id(worker: str, seq: int, index: int) -> str:
@@ -47,11 +56,29 @@ def derived_id(worker: str, seq: int, index: int) -> str:
     return "W" + digest.hex().upper()[:25]
 
 
-def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
-    """The encoded change events, then the reply, that an outcome publishes."""
+def event_bodies(events: list[tuple[str, Any]], limit: int) -> list[tuple[str, bytes]]:
+    """The events' encoded payloads; MessageTooLarge if one is over the broker's limit (the write that made it
+    must be undone: an event the broker refuses would stay in the outbox, and block it, for ever)."""
+    out = []
+    for topic, payload in events:
+        body = encode_payload(topic, payload)
+        if len(body) > limit:
+            raise MessageTooLarge(f"its {topic} event would be {len(body)} bytes, over the broker's limit of "
+                                  f"{limit} (max_message_bytes): nothing was written", topic=topic,
+                                  field="payload", size=len(body), limit=limit)
+        out.append((topic, body))
+    return out
+
+
+def outgoing(worker: str, env: Envelope, outcome: Outcome, limit: int = 1 << 20) -> list[bytes]:
+    """The encoded change events, then the reply, that an outcome publishes; a reply over ``limit`` bytes is
+    replaced by a ``.failed`` one saying so."""
     out: list[bytes] = []
-    for i, (topic, payload) in enumerate(outcome.events):
-        out.append(encode_new(topic, encode_payload(topic, payload), correlation_id=env.correlation_id,
+    bodies = outcome.event_bodies
+    if bodies is None:
+        bodies = [(topic, encode_payload(topic, payload)) for topic, payload in outcome.events]
+    for i, (topic, body) in enumerate(bodies):
+        out.append(encode_new(topic, body, correlation_id=env.correlation_id,
                               causation_id=env.id, message_id=derived_id(worker, env.seq, i))[1])
     if outcome.status == "failed" and isinstance(outcome.error, HandlerError | StoreRejected):
         dead = {"group": worker, "seq": env.seq, "topic": env.topic, "message_id": env.id,
@@ -63,6 +90,11 @@ def outgoing(worker: str, env: Envelope, outcome: Outcome) -> list[bytes]:
         complete, failed = reply_topics(env.topic)
         if outcome.status == "applied":
             topic, body = complete, encode_payload(complete, outcome.reply)
+            if len(body) > limit:
+                too_large = MessageTooLarge(f"the reply would be {len(body)} bytes, over the broker's limit of {limit} "
+                                            "(max_message_bytes): ask for less (a smaller limit)", topic=env.topic,
+                                            size=len(body), limit=limit)
+                topic, body = failed, encode_payload(failed, too_large.to_wire())
         else:
             assert outcome.error is not None
             topic, body = failed, encode_payload(failed, outcome.error.to_wire())
@@ -107,7 +139,7 @@ def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None
             if outcome.status == "retry":
                 blocked = True  # keep log order: nothing after a retried message is applied yet
                 continue
-            items = outgoing(backend.name, env, outcome)
+            items = outgoing(backend.name, env, outcome, backend.max_payload_bytes)
             if items:
                 backend.outbox_add(txn, env.seq, items)
             new_position = env.seq
@@ -129,14 +161,16 @@ def _apply_one(backend: Backend, txn: Any, env: Envelope, final: int) -> Outcome
                     payload = None  # someone else's invalid request: theirs to answer, ours to count
                 with backend.savepoint(txn):
                     backend.observe(txn, payload, ctx)
-                return Outcome(env.seq, env.topic, "observed", events=ctx.events)
+                    bodies = event_bodies(ctx.events, backend.max_payload_bytes)
+                return Outcome(env.seq, env.topic, "observed", events=ctx.events, event_bodies=bodies)
             if handler is None:
                 raise UnknownTopic(f"worker {backend.name!r} has no handler for topic {env.topic!r}",
                                    topic=env.topic, field="topic", expected=", ".join(sorted(backend.handlers)))
             payload = decode_payload(env.topic, env.payload)
             with backend.savepoint(txn):
                 reply = handler(backend, txn, payload, ctx)
-            return Outcome(env.seq, env.topic, "applied", reply=reply, events=ctx.events)
+                bodies = event_bodies(ctx.events, backend.max_payload_bytes)
+            return Outcome(env.seq, env.topic, "applied", reply=reply, events=ctx.events, event_bodies=bodies)
         except (StoreUnavailable, StoreRejected):
             raise  # the whole batch is rolled back: tried again later, or (rejected) in halves by the runtime
         except BusError as exc:

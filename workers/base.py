@@ -65,6 +65,9 @@ class Backend(ABC):
     """The worker's name; also its consumer group and its folder under the data dir."""
     patterns: ClassVar[tuple[str, ...]]
     """Topic patterns the worker's consumer group receives."""
+    max_payload_bytes: int = 1 << 20
+    """The broker's limit on a payload (``max_message_bytes``; the runtime sets the home's): a write whose
+    change event would be larger is refused, a reply that would be larger is answered ``.failed``."""
     ack_timeout_s: ClassVar[float | None] = None
     """How long the broker waits for an ack before it redelivers; None: the broker's default. A store whose
     batches take long sets more (a dead worker is still noticed at once, by its connection and heartbeats)."""

@@ -96,6 +96,7 @@ class WorkerRuntime:
         self.max_attempts = max_attempts
         self.retry_backoff_s = retry_backoff_s
         self.backend: Backend = load(name)(home.data_dir(name), **settings)
+        self.backend.max_payload_bytes = home.settings().max_message_bytes
         self.ack_timeout_s = ack_timeout_s or self.backend.ack_timeout_s
         self.wedged_after_s = wedged_after_s
         self.min_free_mb = min_free_mb
