@@ -569,3 +569,24 @@ def test_a_wrong_server_key_is_named_when_the_connection_gives_up(broker: Broker
     with pytest.raises(ConnectionError, match="server key") as info:
         Bus.connect(broker.home.path, module="test", endpoint=broker.endpoint, server_key=wrong, timeout=3.0)
     assert info.value.fields["failed_handshakes"] >= 2
+
+
+def test_a_group_is_handed_big_messages_a_few_megabytes_at_a_time(broker: BrokerProcess) -> None:
+    """A worker's credit of 1,500 messages of 900 KB each became one 1.3 GB frame, and the broker served no
+    one else while it built it (a rebuild's status polls timed out)."""
+    big = "x" * 300_000
+    with Bus.connect(broker.home.path, module="test") as bus:
+        seqs = [bus.publish("test.bulk.changed", {"i": i, "pad": big}) for i in range(40)]
+    s = _raw_socket(broker)
+    try:
+        s.send_multipart([P.HELLO, P.pack({"client": "raw", "inbox": ""})])
+        assert s.recv_multipart()[0] == P.WELCOME
+        s.send_multipart([P.JOIN, b"bulk", P.pack({"patterns": ["test.bulk.*"], "credit": 100, "ack_timeout": 60})])
+        frames: list[int] = []
+        while sum(frames) < len(seqs):
+            got = s.recv_multipart()
+            if got[0] == P.DELIVER:
+                frames.append(len(P.unpack(got[2])))
+        assert len(frames) >= 3 and max(frames) <= 15, frames
+    finally:
+        s.close(0)
