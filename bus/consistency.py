@@ -328,13 +328,14 @@ def check(bus: Any, home: Home, *, timeout: float = 30.0) -> CheckReport:
         if truth is not None:
             found += compare(name, truth, held, info, time.time())
     if found and truth is not None:
-        found = confirm(bus, found, left())
+        found = confirm(bus, found, left(), truth)
     return CheckReport(int(status["head"]), settled, list(states.values()), differences + found)
 
 
-def confirm(bus: Any, found: list[Difference], timeout: float) -> list[Difference]:
+def confirm(bus: Any, found: list[Difference], timeout: float, first: Truth | None = None) -> list[Difference]:
     """Drops what a later listing of the structured store explains: an "extra" id it now holds (written
-    after the first listing), a "missing" fact it has superseded since."""
+    after the first listing), a "missing" fact it has superseded since, a "stale" fact superseded (or made
+    current) between the two listings (the other store was listed in between)."""
     later = Truth.fetch(bus, timeout)
     out = []
     for d in found:
@@ -342,6 +343,9 @@ def confirm(bus: Any, found: list[Difference], timeout: float) -> list[Differenc
             ids = [i for i in d.ids if i not in getattr(later, d.kind)]
         elif d.problem == "missing" and d.kind == "facts":
             ids = [i for i in d.ids if i in later.indexed_facts()]
+        elif d.problem == "stale" and d.kind == "facts" and first is not None:
+            ids = [i for i in d.ids if i in later.facts and i in first.facts
+                   and later.facts[i].current == first.facts[i].current]
         else:
             out.append(d)
             continue
