@@ -64,6 +64,17 @@ class Settings:
     workers: list[str] = field(default_factory=lambda: ["lmdb", "libsql", "chroma", "duckdb"])
     encryption: bool = True
     """Seal the log and every store at rest (docs/security.md); false only to measure its cost."""
+    stores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each store's own settings, ``[stores.lmdb]`` in membus.toml (``ttl_seconds``, ``max_map_size``, ...),
+    or ``MEMBUS_LMDB_TTL_SECONDS``: see ``store_settings``."""
+
+    def store_settings(self, store: str) -> dict[str, Any]:
+        """``[stores.<store>]`` of membus.toml, then ``MEMBUS_<STORE>_<NAME>`` variables (strings: the store
+        converts and checks them)."""
+        out = dict(self.stores.get(store, {}))
+        prefix = f"MEMBUS_{store.upper()}_"
+        out.update({k.removeprefix(prefix).lower(): v for k, v in os.environ.items() if k.startswith(prefix)})
+        return out
 
     @classmethod
     def load(cls, home: Path) -> Settings:

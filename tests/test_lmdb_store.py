@@ -623,3 +623,20 @@ def test_context_set_get_and_clear(store: LmdbBackend, log: Log) -> None:
     [nothing] = apply(store, [log(CONTEXT_CLEAR, {"session_id": "s1"})])
     assert (nothing.reply.removed, nothing.events) == (0, [])
     assert_consistent(store)
+
+
+def test_a_store_is_configured_from_membus_toml_and_the_environment(tmp_path: Path) -> None:
+    """Under `membus up` working memory's TTL, window and map size could not be set: only per request."""
+    from tests.workers_util import System
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "membus.toml").write_text("[stores.lmdb]\nmax_messages = 2\n")
+    with System(home, worker_env={"MEMBUS_LMDB_TTL_SECONDS": "3"}) as system:
+        system.worker("lmdb")
+        for n in range(3):
+            system.bus.request(APPEND, message("c-set", n, ts=time.time()), timeout=30)
+        kept = system.bus.request(RECENT, {"conversation_id": "c-set"}, timeout=30).payload.messages
+        assert [m.text for m in kept] == ["message 1", "message 2"]  # the window of 2, from membus.toml
+        time.sleep(4)
+        assert system.bus.request(RECENT, {"conversation_id": "c-set"}, timeout=30).payload.messages == []

@@ -426,7 +426,7 @@ class LmdbBackend(Backend):
     def __init__(self, data_dir: Path, **settings: Any) -> None:
         super().__init__(data_dir, **settings)
         try:
-            self.cfg = msgspec.convert(settings, LmdbSettings)
+            self.cfg = msgspec.convert(settings, LmdbSettings, strict=False)  # "3600" from a variable
         except msgspec.ValidationError as exc:
             raise ValidationError(f"invalid lmdb settings: {exc}", field="settings",
                                   expected=str(exc)) from None

@@ -485,7 +485,8 @@ def _record_exit(home: Home, name: str, exc: Exception) -> None:
 
 def _run(name: str, where: Home) -> None:
     at_rest: dict[str, Any] = {"encryption": store_keyring(where.path, name, where.settings().encryption)}
-    runtime = WorkerRuntime(name, where, **runtime_settings(), **{k: v for k, v in at_rest.items() if v})
+    runtime = WorkerRuntime(name, where, **runtime_settings(), **where.settings().store_settings(name),
+                            **{k: v for k, v in at_rest.items() if v})
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("worker.signal", signal=signum)
