@@ -164,8 +164,9 @@ class ChromaBackend(Backend):
             raise StoreError(
                 f"the chroma store's {collection.name} collection holds vectors of the embedding model "
                 f"{made_by.get('model')!r} ({made_by.get('dimensions')} dimensions), and this worker runs "
-                f"{now['model']!r} ({now['dimensions']}): set MEMBUS_EMBEDDING_MODEL to the "
-                "first, or rebuild the store with this one (membus rebuild chroma)", store="chroma")
+                f"{now['model']!r} ({now['dimensions']}): set MEMBUS_EMBEDDING_MODEL (or "
+                "embedding_model in [stores.chroma] of membus.toml) to the first, or rebuild the store with this "
+                "one (membus rebuild chroma)", store="chroma")
         collection.modify(configuration={"embedding_function": function})  # empty: it is this model's now
 
     def close(self) -> None:
