@@ -264,9 +264,10 @@ def _expires_ms(stored: bytes | memoryview) -> int:
     return int(_U64.unpack_from(stored)[0])
 
 
-def _id_bytes(value: str, topic: str, field: str) -> bytes:
+def _id_bytes(value: str, topic: str, field: str, blinded: bool = False) -> bytes:
+    """``blinded``: the id goes into keys as its 16-byte keyed hash, so any length fits."""
     raw = value.encode()
-    if not raw or len(raw) > _ID_MAX_BYTES:
+    if not raw or (len(raw) > _ID_MAX_BYTES and not blinded):
         raise ValidationError(f"invalid payload for topic {topic!r} field {field!r}: expected 1 to "
                               f"{_ID_MAX_BYTES} bytes of UTF-8, got {len(raw)}", topic=topic, field=field,
                               expected=f"1..{_ID_MAX_BYTES} bytes")
@@ -745,7 +746,7 @@ class LmdbBackend(Backend):
                 ctx: Context) -> AppendReply:
         topic = ctx.envelope.topic
         conv = self._conv(conversation_id, topic)
-        msgid = self.ids.message(_id_bytes(message.message_id, topic, "message_id"))
+        msgid = self.ids.message(_id_bytes(message.message_id, topic, "message_id", self.ids.enabled))
         count = self._count(txn, conv)
         expires_at = message.ts + (ttl or self.cfg.ttl_seconds)
         if txn.get(self._db["msgids"], msgid) is not None or expires_at <= _now(ctx):
@@ -922,7 +923,7 @@ class LmdbBackend(Backend):
         return ContextClearReply(payload.session_id, len(held))
 
     def _context_key(self, session_id: str, key: str, topic: str) -> bytes:
-        return self._session(session_id, topic) + self.ids.recurring(_id_bytes(key, topic, "key"))
+        return self._session(session_id, topic) + self.ids.recurring(_id_bytes(key, topic, "key", self.ids.enabled))
 
     def _context_item(self, key: bytes, stored: bytes | memoryview) -> tuple[str, Any]:
         """(context key name, value) of a stored context entry: the name is kept in the value too, since
@@ -931,10 +932,10 @@ class LmdbBackend(Backend):
         return name, value
 
     def _conv(self, conversation_id: str, topic: str) -> bytes:
-        return _prefix(self.ids.recurring(_id_bytes(conversation_id, topic, "conversation_id")))
+        return _prefix(self.ids.recurring(_id_bytes(conversation_id, topic, "conversation_id", self.ids.enabled)))
 
     def _session(self, session_id: str, topic: str) -> bytes:
-        return _prefix(self.ids.recurring(_id_bytes(session_id, topic, "session_id")))
+        return _prefix(self.ids.recurring(_id_bytes(session_id, topic, "session_id", self.ids.enabled)))
 
     # -- inventory (membus check) ------------------------------------------------------------------
 
