@@ -9,6 +9,7 @@ second row.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -42,6 +43,19 @@ class Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             value = getattr(self, name)
             if isinstance(value, str) and "\x00" in value:
                 raise ValueError(f"Object field `{name}` holds a NUL character (U+0000), which the store cannot keep")
+            if isinstance(value, dict | list) and value and _not_finite(value):
+                raise ValueError(f"Object field `{name}` holds NaN or an infinity, which the store (JSON) cannot "
+                                 "keep: it read back as null")
+
+
+def _not_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_not_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_not_finite(v) for v in value)
+    return False
 
 
 class Reply(msgspec.Struct, kw_only=True):

@@ -219,11 +219,15 @@ def test_every_topic_in_the_catalog_says_what_it_is() -> None:
      {"conversation_id": "c1\n", "user_id": "u1", "role": "user", "text": "hi"}, "conversation_id"),
     ("working.recent.request", {"conversation_id": "c1\n"}, "conversation_id"),
     ("conversation.history.request", {"conversation_id": "c1", "offset": 2**63 - 1}, "offset"),
+    ("user.create.request", {"name": "Ann", "metadata": {"score": float("nan")}}, "metadata"),
+    ("conversation.message.append.request", {"conversation_id": "c1", "user_id": "u1", "role": "user",
+                                             "text": "hi", "metadata": {"w": [1.0, float("inf")]}}, "metadata"),
 ])
 def test_what_the_structured_store_cannot_keep_is_refused_by_name(topic: str, payload: dict[str, object],
                                                                   field: str) -> None:
     """A NUL cut a text short in SQLite (every read of its conversation then failed its sealed-copy check), an id
-    ending in a newline passed the control-character check, and a huge offset failed inside SQLite."""
+    ending in a newline passed the control-character check, a huge offset failed inside SQLite, and NaN in
+    metadata was answered as given but read back as null."""
     import contracts.structured
     import contracts.working  # noqa: F401
 
