@@ -243,7 +243,10 @@ class FactChanged(Fact, kw_only=True):
 
 
 class TextSearch(Request):
-    """Full-text search (FTS5, ranked by bm25) over messages and current facts; words are ANDed unless any."""
+    """Full-text search (FTS5, ranked by bm25) over messages and current facts; words are ANDed unless any.
+
+    ``conversation_id`` narrows it to that conversation's messages: facts belong to a user, not to a conversation,
+    so they are left out then. Scores of messages and of facts come from two indexes (lower is better in each)."""
 
     query: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
     user_id: OptionalId = ""
