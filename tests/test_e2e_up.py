@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import pytest
 from bus.client import Bus
 from contracts.registry import to_builtins
 from tests.conftest import wait_until
-from tests.workers_util import UpProcess, caught_up, cli, pid_alive
+from tests.workers_util import REPO, UpProcess, caught_up, child_env, cli, pid_alive
 
 WORKERS = ["lmdb", "libsql"]
 TIMEOUT = 60.0
@@ -285,3 +287,16 @@ def test_membus_up_stops_with_its_children_when_its_home_is_removed(tmp_path: Pa
                    what="the broker and worker stopping with their supervisor")
     finally:
         system.stop()
+
+
+def test_the_readme_module_example_runs_as_written(up: UpProcess, tmp_path: Path) -> None:
+    """It looped for ever on a live subscription and named an undefined variable."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\nfrom bus import Bus")
+    example = readme[start + len("```python\n"):readme.index("```", start + 10)]
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    done = subprocess.run([sys.executable, str(script)], env=child_env({"MEMBUS_HOME": str(up.home.path)}),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "I love hiking" in done.stdout and "conversation.message.append.complete" in done.stdout, done.stdout
