@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -305,6 +307,18 @@ def _raw_socket(broker: BrokerProcess, module: str = "raw") -> zmq.Socket:  # ty
     return s
 
 
+@contextlib.contextmanager
+def _greeted(broker: BrokerProcess) -> Iterator[zmq.Socket]:  # type: ignore[type-arg]
+    """A raw client socket past its HELLO, closed on exit."""
+    s = _raw_socket(broker)
+    try:
+        s.send_multipart([P.HELLO, P.pack({"client": "raw", "inbox": ""})])
+        assert s.recv_multipart()[0] == P.WELCOME
+        yield s
+    finally:
+        s.close(0)
+
+
 def _error(s: zmq.Socket) -> dict:  # type: ignore[type-arg]
     while True:
         frames = s.recv_multipart()
@@ -548,17 +562,12 @@ def test_a_replay_page_of_big_messages_is_bounded_in_bytes(broker: BrokerProcess
     big = "x" * 300_000
     with Bus.connect(broker.home.path, module="test") as bus:
         seqs = [bus.publish("test.big.changed", {"i": i, "pad": big}) for i in range(20)]
-        s = _raw_socket(broker)
-        try:
-            s.send_multipart([P.HELLO, P.pack({"client": "raw", "inbox": ""})])
-            assert s.recv_multipart()[0] == P.WELCOME
+        with _greeted(broker) as s:
             s.send_multipart([P.REPLAY, b"12345678", P.pack({"from_seq": seqs[0], "limit": 1000})])
             frames = s.recv_multipart()
             assert frames[0] == P.REPLAYED
             next_seq, done, records = P.unpack(frames[2])
             assert 1 <= len(records) <= 8 and not done and next_seq == seqs[0] + len(records)
-        finally:
-            s.close(0)
         assert [m.payload["i"] for m in bus.replay(topic="test.big.*")] == list(range(20))
 
 
@@ -577,16 +586,11 @@ def test_a_group_is_handed_big_messages_a_few_megabytes_at_a_time(broker: Broker
     big = "x" * 300_000
     with Bus.connect(broker.home.path, module="test") as bus:
         seqs = [bus.publish("test.bulk.changed", {"i": i, "pad": big}) for i in range(40)]
-    s = _raw_socket(broker)
-    try:
-        s.send_multipart([P.HELLO, P.pack({"client": "raw", "inbox": ""})])
-        assert s.recv_multipart()[0] == P.WELCOME
+    with _greeted(broker) as s:
         s.send_multipart([P.JOIN, b"bulk", P.pack({"patterns": ["test.bulk.*"], "credit": 100, "ack_timeout": 60})])
         frames: list[int] = []
         while sum(frames) < len(seqs):
             got = s.recv_multipart()
             if got[0] == P.DELIVER:
                 frames.append(len(P.unpack(got[2])))
-        assert len(frames) >= 3 and max(frames) <= 15, frames
-    finally:
-        s.close(0)
+    assert len(frames) >= 3 and max(frames) <= 15, frames
