@@ -14,6 +14,7 @@ import structlog
 from structlog.testing import capture_logs
 
 import contracts.structured  # noqa: F401  (the libSQL contract of conversation.message.changed)
+from bus.home import Home
 from bus.keys import DerivedKey, KeyRing
 from bus.logs import add_message_fields
 from contracts.envelope import Envelope, decode_envelope, make_envelope
@@ -649,3 +650,31 @@ def test_a_store_is_configured_from_membus_toml_and_the_environment(tmp_path: Pa
         assert [m.text for m in kept] == ["message 1", "message 2"]  # the window of 2, from membus.toml
         time.sleep(4)
         assert system.bus.request(RECENT, {"conversation_id": "c-set"}, timeout=30).payload.messages == []
+
+
+def test_an_outbox_item_over_the_brokers_limit_is_dropped_not_retried_for_ever(tmp_path: Path) -> None:
+    """An item written before the check (or before max_message_bytes was lowered) was refused on every retry,
+    and held back everything published with it, across restarts."""
+    from contracts.envelope import encode_new
+    from tests.conftest import wait_until
+    from tests.workers_util import System
+
+    home = tmp_path / "home"
+    env = {"MEMBUS_ENCRYPTION": "0", "MEMBUS_MAX_MESSAGE_BYTES": "4096"}
+    with System(home, broker_env=env, worker_env=env) as system:
+        offline = LmdbBackend(Home(home).data_dir("lmdb"))
+        offline.open()
+        with offline.transaction() as txn:
+            offline.outbox_add(txn, 1, [encode_new("test.outbox.changed", msgspec.msgpack.encode("x" * 5000))[1],
+                                        encode_new("test.outbox.changed", msgspec.msgpack.encode("fits"))[1]])
+        offline.close()
+        system.worker("lmdb")
+        wait_until(lambda: [m.payload for m in system.bus.replay(topic="test.outbox.*")] == ["fits"],
+                   timeout=30.0, what="the item that fits, published")
+        system.workers["lmdb"].stop()
+    reopened = LmdbBackend(Home(home).data_dir("lmdb"))
+    reopened.open()
+    try:
+        assert reopened.outbox_pending() == []
+    finally:
+        reopened.close()

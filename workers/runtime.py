@@ -45,7 +45,7 @@ from bus.message import Delivery
 from bus.sealing import store_keyring
 from bus.supervisor import SUPERVISOR_ENV, supervised
 from contracts.catalog import load_all
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, decode_envelope
 from contracts.errors import BusError, HandlerError, StoreError, StoreRejected, StoreUnavailable, ValidationError
 from workers.apply import Outcome, apply_batch
 from workers.base import Backend
@@ -355,7 +355,33 @@ class WorkerRuntime:
         """Publishes everything the store's outbox holds (at start, when idle, after a failed publish)."""
         self._remove_logged(force=True)
         self._resync = False
-        self._settle_outbox(self._publish_outbox(bus, self.backend.outbox_pending()))
+        self._settle_outbox(self._publish_outbox(bus, self._publishable(self.backend.outbox_pending())))
+
+    def _publishable(self, entries: list[tuple[int, list[bytes]]]) -> list[tuple[int, list[bytes]]]:
+        """The entries without their items the broker refuses as too large (written by code that did not check,
+        or before ``max_message_bytes`` was lowered): such an item would be refused on every retry, and hold
+        back everything published with it. Each one dropped is logged, with its topic and size."""
+        limit = self.backend.max_payload_bytes
+        if not any(len(item) > limit for _, items in entries for item in items):  # a payload is within its item
+            return entries
+        out = []
+        for seq, items in entries:
+            kept = []
+            for item in items:
+                env = decode_envelope(item) if len(item) > limit else None
+                if env is not None and len(env.payload) > limit:
+                    self.stats["errors"] += 1
+                    log.error("outbox.dropped_too_large", seq=seq, topic=env.topic, size=len(env.payload),
+                              limit=limit)
+                    continue
+                kept.append(item)
+            if kept:
+                out.append((seq, kept))
+            else:  # nothing of it can be published: cleared from the store like a logged entry
+                if not self._logged:
+                    self._logged_since = time.monotonic()
+                self._logged.append(seq)
+        return out
 
     def _publish_outbox(self, bus: Bus, entries: list[tuple[int, list[bytes]]] | None = None) -> _Sending | None:
         """Publishes outbox entries not already on their way, in one publish: by default what the last batch
