@@ -2,7 +2,8 @@
 
 The database is ``--db PATH``, or ``ctx.obj["db_path"]`` set by the parent CLI (with
 ``ctx.obj["encryption_key"]``: bytes or None). Exit codes: 0 done, 1 a schema error
-(drift, a failed migration, an impossible target), 2 bad usage, 3 ``status`` found drift.
+(drift, a failed migration, an impossible target), 2 bad usage, 3 ``status`` found drift, 4 the store's key
+could not be unlocked.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from contracts.errors import BusError
+from contracts.errors import BusError, NotAuthorized
 from schemas import registry
 
 app = typer.Typer(help="Versioned schemas of the libSQL store: status, up, rollback.", no_args_is_help=True)
@@ -81,7 +82,7 @@ def _known_component(component: str | None) -> None:
 def _refuse(path: Path, exc: Exception) -> None:
     message = exc.message if isinstance(exc, BusError) else f"{path}: {exc}"
     err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(1) from None
+    raise typer.Exit(4 if isinstance(exc, NotAuthorized) else 1) from None  # 4: as every membus command
 
 
 @app.command()

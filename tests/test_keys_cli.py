@@ -144,3 +144,11 @@ def test_migrate_takes_home_after_its_command_and_never_writes_a_store_without_k
     assert not (Home(home).data_dir("libsql") / DB_FILE).read_bytes().startswith(b"SQLite format 3")
     done = cli(home, "migrate", "status", "--json")
     assert done.returncode == 0 and json.loads(done.stdout)[0]["current"] == 3, done.stderr
+
+
+def test_migrate_with_a_wrong_passphrase_exits_4_like_every_command(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    keys.init(home, "right passphrase", params=Argon2Params(64, 1, 1), remember=False)
+    done = cli(home, "migrate", "up", env={keys.ENV_PASSPHRASE: "wrong"})
+    assert done.returncode == 4 and "Traceback" not in done.stderr, done.stderr
+    assert not (Home(home).data_dir("libsql") / DB_FILE).exists()
