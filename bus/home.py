@@ -189,7 +189,7 @@ class Home:
     def write_supervisor_file(self) -> None:
         """That ``membus up`` runs on this home (its children may be between restarts): offline work waits."""
         self.supervisor_file.parent.mkdir(parents=True, exist_ok=True)
-        self.supervisor_file.write_text(json.dumps({"pid": os.getpid()}))
+        write_json(self.supervisor_file, {"pid": os.getpid()})
 
     def remove_supervisor_file(self) -> None:
         self.supervisor_file.unlink(missing_ok=True)
@@ -203,9 +203,7 @@ class Home:
 
     def write_run_file(self, endpoint: str) -> None:
         self.run_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"endpoint": endpoint, "pid": os.getpid()}))
-        tmp.replace(self.run_file)
+        write_json(self.run_file, {"endpoint": endpoint, "pid": os.getpid()})
 
     def read_run_file(self) -> dict[str, Any] | None:
         try:
@@ -213,3 +211,10 @@ class Home:
             return data
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Replaces ``path`` with ``data`` as JSON in one step (a reader never sees half a file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    tmp.replace(path)

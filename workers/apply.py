@@ -70,7 +70,7 @@ def event_bodies(events: list[tuple[str, Any]], limit: int) -> list[tuple[str, b
     return out
 
 
-def outgoing(worker: str, env: Envelope, outcome: Outcome, limit: int = 1 << 20) -> list[bytes]:
+def outgoing(worker: str, env: Envelope, outcome: Outcome, limit: int) -> list[bytes]:
     """The encoded change events, then the reply, that an outcome publishes; a reply over ``limit`` bytes is
     replaced by a ``.failed`` one saying so."""
     out: list[bytes] = []

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from bus.home import Settings
 from contracts.envelope import Envelope
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,7 +66,7 @@ class Backend(ABC):
     """The worker's name; also its consumer group and its folder under the data dir."""
     patterns: ClassVar[tuple[str, ...]]
     """Topic patterns the worker's consumer group receives."""
-    max_payload_bytes: int = 1 << 20
+    max_payload_bytes: int = Settings.max_message_bytes
     """The broker's limit on a payload (``max_message_bytes``; the runtime sets the home's): a write whose
     change event would be larger is refused, a reply that would be larger is answered ``.failed``."""
     ack_timeout_s: ClassVar[float | None] = None

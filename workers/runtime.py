@@ -40,7 +40,7 @@ import structlog
 
 from bus.client import Bus
 from bus.connection import Pending
-from bus.home import Home
+from bus.home import Home, write_json
 from bus.message import Delivery
 from bus.sealing import store_keyring
 from bus.supervisor import SUPERVISOR_ENV, supervised
@@ -437,11 +437,8 @@ class WorkerRuntime:
             return
         self._last_status = now
         path = self.home.path / "run" / f"worker-{self.name}.json"
-        status = dict(self.stats, head=head, lag=max(0, head - int(self.stats["position"])), updated=time.time(),
-                      store=self.backend.stats())
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status, default=str))
-        tmp.replace(path)
+        write_json(path, dict(self.stats, head=head, lag=max(0, head - int(self.stats["position"])),
+                              updated=time.time(), store=self.backend.stats()))
 
 
 def read_worker_status(home: Home) -> dict[str, dict[str, Any]]:
@@ -504,9 +501,7 @@ def _record_exit(home: Home, name: str, exc: Exception) -> None:
         status = {}
     status.update(pid=os.getpid(), exited=f"{getattr(exc, 'message', None) or exc}", exited_at=time.time())
     with contextlib.suppress(OSError):  # the home may be what is gone: it is not made again here
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status, default=str))
-        tmp.replace(path)
+        write_json(path, status)
 
 
 def _run(name: str, where: Home) -> None:
