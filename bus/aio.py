@@ -113,7 +113,7 @@ class AsyncBus:
                       headers: dict[str, str] | None = None) -> Message:
         loop = asyncio.get_running_loop()
         env = build_request(topic, payload, self._conn.inbox, correlation_id, headers, None)
-        waiter = _future(loop, self._conn.await_reply(env.id, topic))
+        waiter = _future(loop, self._conn.await_reply(env.id, topic, env.correlation_id))
         try:
             await _wait(_future(loop, self._conn.submit_publish(encode_envelope(env), timeout)), timeout, topic)
             reply = await _wait(waiter, timeout, f"request {topic!r}")

@@ -40,7 +40,7 @@ from contracts.envelope import DECODE_ERRORS, Envelope, decode_batch, decode_env
 from contracts.errors import BusError, NotAuthorized
 from contracts.ids import new_id
 from contracts.registry import encode_payload
-from contracts.topics import check_pattern, check_topic, matches_any, reply_topics
+from contracts.topics import COMPLETE, FAILED, check_pattern, check_topic, matches_any, reply_topics
 
 log = structlog.get_logger("membus.broker")
 
@@ -299,6 +299,8 @@ class Broker:
                 self._leave(client, frames[2].bytes.decode())
             elif cmd == P.REPLAY:
                 self._replay(client, frames[2].bytes, P.unpack(frames[3].buffer))
+            elif cmd == P.REPLIES:
+                self._resend_replies(client, P.replies_body.decode(frames[2].buffer))
             elif cmd == P.STATUS:
                 self._send(rid, P.STATUSR, frames[2].bytes, P.pack(self.status()))
             elif cmd == P.BYE:
@@ -904,6 +906,25 @@ class Broker:
             correlation_id=str(body.get("correlation_id") or ""), limit=min(int(body.get("limit") or 1000), 5000))
         self._send(client.rid, P.REPLAYED, req_id, P.pack([next_seq, done, [_raw(r) for r in records]]))
 
+    def _resend_replies(self, client: Client, requests: list[tuple[str, str]]) -> None:
+        """Replies logged while a client was away (its inbox unknown to this broker, or dropped for silence) are
+        looked up in the log for the requests it still awaits, and sent to its inbox now."""
+        if len(requests) > P.MAX_REPLIES_ASKED:
+            raise ValueError(f"at most {P.MAX_REPLIES_ASKED} requests per REPLIES, got {len(requests)}")
+        if not client.inbox:
+            return
+        found: list[msgspec.Raw] = []
+        for request_id, correlation_id in requests:
+            for rec in self.log.traced_after(request_id, correlation_id):
+                if rec.topic.endswith(_REPLY_SUFFIXES):
+                    env = decode_envelope(rec.body)
+                    if env.causation_id == request_id and env.recipient == client.inbox:
+                        found.append(_raw(rec))
+        if found:
+            self.counters["replies_resent"] += len(found)
+            log.info("client.replies_resent", client=client.name, count=len(found))
+            self._send(client.rid, P.INBOX, P.pack(found))
+
     def status(self) -> dict[str, Any]:
         head = self.log.head
         groups = {}
@@ -923,6 +944,7 @@ class Broker:
                 "permissions_error": self.permissions.error}
 
 
+_REPLY_SUFFIXES = ("." + COMPLETE, "." + FAILED)
 _payload_of = operator.attrgetter("payload")
 _source_of = operator.attrgetter("source")
 _topic_of = operator.attrgetter("topic")

@@ -262,7 +262,7 @@ class Bus:
             check_header_fields(None, correlation_id, "", headers)
         mid, data = encode_new(topic, encode_payload(topic, payload), correlation_id=correlation_id,
                                reply_to=self._conn.inbox, headers=headers)
-        waiter = self._conn.await_reply(mid, topic, timeout)
+        waiter = self._conn.await_reply(mid, topic, correlation_id or mid, timeout)
         self._conn.submit_publish(data, timeout).add_done_callback(functools.partial(self._conn.reply_refused, mid))
         return waiter
 
@@ -270,7 +270,7 @@ class Bus:
                 headers: dict[str, str] | None = None) -> Message:
         """Publishes a request and waits for its ``.complete`` reply; a ``.failed`` reply raises its error."""
         env = build_request(topic, payload, self._conn.inbox, correlation_id, headers, None)
-        waiter = self._conn.await_reply(env.id, topic)
+        waiter = self._conn.await_reply(env.id, topic, env.correlation_id)
         try:
             self._conn.submit_publish(encode_envelope(env), timeout).result(timeout)
             reply = waiter.result(timeout)

@@ -121,11 +121,12 @@ class Pending:
 class _ReplyWaiter(Pending):
     """The waiter of a request's reply, with the topics that may answer it."""
 
-    __slots__ = ("topics",)
+    __slots__ = ("correlation_id", "topics")
 
-    def __init__(self, cond: threading.Condition, topics: tuple[str, str]) -> None:
+    def __init__(self, cond: threading.Condition, topics: tuple[str, str], correlation_id: str) -> None:
         super().__init__(cond)
         self.topics = topics
+        self.correlation_id = correlation_id
 
 
 class _PubItem(Pending):
@@ -353,13 +354,15 @@ class Connection(threading.Thread):
         self.call(op)
         return pending
 
-    def await_reply(self, request_id: str, topic: str, timeout: float | None = None) -> Pending:
+    def await_reply(self, request_id: str, topic: str, correlation_id: str, timeout: float | None = None) -> Pending:
         """A waiter for the reply to ``request_id``, a request on ``topic``: only its ``.complete`` or ``.failed``
         is taken (whoever else may address this inbox). With ``timeout``, it fails with TimeoutError by itself
-        once that has passed without a reply (and is forgotten), so its callbacks run and nothing is kept."""
+        once that has passed without a reply (and is forgotten), so its callbacks run and nothing is kept.
+        After a reconnect, the broker is asked for a reply logged while this client was away (by
+        ``correlation_id``, the request's trace)."""
         if timeout is not None:
             seconds(timeout)
-        pending = _ReplyWaiter(self.cond, reply_topics(topic))
+        pending = _ReplyWaiter(self.cond, reply_topics(topic), correlation_id)
         with self.cond:
             self._waiters[request_id] = pending
             if timeout is not None:
@@ -659,7 +662,17 @@ class Connection(threading.Thread):
         if not first:
             for _, frames in self._requests.values():
                 self._send(frames)
+            self._ask_missed_replies()
         self.connected.set()
+
+    def _ask_missed_replies(self) -> None:
+        """A reply logged while this client was away was sent to no one (the broker that logged it did not know
+        its inbox): the broker looks each awaited one up in the log. The PUB frames resent just before are read
+        first, so a request that was logged before the break but never acked is looked up too."""
+        with self.cond:
+            asked = [(rid, w.correlation_id) for rid, w in self._waiters.items()]
+        for start in range(0, len(asked), P.MAX_REPLIES_ASKED):
+            self._send([P.REPLIES, P.pack(asked[start:start + P.MAX_REPLIES_ASKED])])
 
     def _on_error(self, ref: bytes, body: dict[str, Any]) -> None:
         err = error_from_wire(body)

@@ -751,6 +751,14 @@ class EventLog:
             v = txn.get(id_b, db=self._ids)
             return None if v is None else int(_SEQ.unpack(v)[0])
 
+    def traced_after(self, message_id: str, correlation_id: str, budget: int = 1000) -> list[Record]:
+        """The records of trace ``correlation_id`` logged after message ``message_id`` (at most ``budget`` of them,
+        a page at most): where the replies to a request are."""
+        seq = self.seq_of_id(message_id)
+        if seq is None or not correlation_id:
+            return []
+        return self._read_correlated(correlation_id, seq + 1, self.head, (), None, budget, PAGE_BYTES, budget)[0]
+
     def topic_scan(self, from_seq: int, limit: int) -> Iterator[tuple[int, str, memoryview | None]]:
         """(seq, topic, raw record) from ``from_seq`` on, without decoding bodies: for routing. The raw record
         is None for a record not yet in LMDB (``body_of`` finds it in memory)."""

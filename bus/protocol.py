@@ -21,6 +21,9 @@ Client -> broker
                                      "correlation_id", "limit"}: one page, answered by REPLAYED
     STATUS   [STATUS, ID]
     PING     [PING]                 heartbeat
+    REPLIES  [REPLIES, requests]    array of [request id, correlation id] (at most MAX_REPLIES_ASKED) of
+                                    requests still awaiting a reply, asked after a reconnect: the logged replies
+                                    to them addressed to this client's inbox come back as INBOX frames
     BYE      [BYE]
 
 Broker -> client
@@ -57,6 +60,7 @@ LEAVE = b"LEAVE"
 REPLAY = b"REPLAY"
 STATUS = b"STATUS"
 PING = b"PING"
+REPLIES = b"REPLIES"
 BYE = b"BYE"
 
 WELCOME = b"WELCOME"
@@ -71,7 +75,7 @@ ERROR = b"ERROR"
 
 CLIENT_COMMANDS = {
     HELLO: 2, PUB: 3, SUB: 3, UNSUB: 2, JOIN: 3, ACK: 3, NACK: 3, TOUCH: 2, LEAVE: 2, REPLAY: 3, STATUS: 2, PING: 1,
-    BYE: 1,
+    REPLIES: 2, BYE: 1,
 }
 """Command -> the exact number of frames it has."""
 
@@ -84,6 +88,10 @@ _decoder = msgspec.msgpack.Decoder()
 
 ack_body = msgspec.msgpack.Decoder(list[int])
 nack_body = msgspec.msgpack.Decoder(list[tuple[int, str, float]])
+replies_body = msgspec.msgpack.Decoder(list[tuple[str, str]])
+
+MAX_REPLIES_ASKED = 1000
+"""Requests one REPLIES frame may ask about (each is an index lookup in the broker's loop)."""
 
 MAX_CREDIT = 100_000
 """Deliveries one group member may hold unacknowledged: what it asks for is a bound on its queue."""

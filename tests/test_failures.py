@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import zmq
 
 from bus import protocol as P
 from bus.client import Bus
-from contracts.envelope import make_envelope
+from contracts.envelope import encode_envelope, make_envelope
 from contracts.errors import BusError, ConnectionError, NotAuthorized, StoreFull, ValidationError
 from tests.conftest import BrokerProcess, wait_until
 from tests.workers_util import publish_all
@@ -341,6 +342,8 @@ def test_malformed_frames_get_typed_errors_and_the_broker_stays_up(broker: Broke
             [P.ACK, b"g", P.pack("not a list")],
             [P.REPLAY, b"12345678", P.pack({"patterns": ["a..b"]})],
             [P.REPLAY, b"12345678", P.pack({"from_seq": float("inf")})],  # was no answer: an internal error
+            [P.REPLIES, P.pack({"not": "pairs"})],
+            [P.REPLIES, P.pack([["id", "corr"]] * (P.MAX_REPLIES_ASKED + 1))],
             [P.HELLO, b"\x92"],
         ]
         for frames in cases:
@@ -358,7 +361,7 @@ def test_malformed_frames_get_typed_errors_and_the_broker_stays_up(broker: Broke
         with Bus.connect(broker.home.path, module="test") as bus:
             assert bus.publish("test.after.changed", {"ok": True}) > 0
             counters = bus.status()["counters"]
-        assert counters["malformed"] + counters.get("unknown_commands", 0) >= 9
+        assert counters["malformed"] + counters.get("unknown_commands", 0) >= 11
         assert counters.get("internal_errors", 0) == 0
         assert broker.alive
     finally:
@@ -463,6 +466,47 @@ def test_client_survives_broker_restart_and_resumes_subscriptions(broker: Broker
         assert (msg.seq, msg.payload["i"]) == (seq, 1)
         assert bus._conn.counters.reconnects >= 1
     assert os.path.exists(broker.home.run_file)
+
+
+def test_a_reply_logged_while_its_requester_was_away_reaches_it_when_it_comes_back(broker: BrokerProcess) -> None:
+    """The requester is frozen while the broker is killed and restarted and the reply is logged: the new broker
+    has no inbox of it to send the reply to. When it comes back, its request still gets that reply."""
+    assert broker.proc is not None
+    script = textwrap.dedent("""
+        import json, sys
+        from bus.client import Bus
+        with Bus.connect(sys.argv[1], module="asker", timeout=30) as b:
+            print(json.dumps(b.request("test.echo.request", {"q": 1}, timeout=30).payload), flush=True)
+    """)
+    asker = subprocess.Popen([sys.executable, "-c", script, str(broker.home.path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        with Bus.connect(broker.home.path, module="echo", timeout=30) as b, \
+                b.consume("echo", ["test.echo.request"]) as c:
+            deliveries = []
+            deadline = time.monotonic() + 30
+            while not deliveries and time.monotonic() < deadline:
+                deliveries = c.fetch(timeout=0.5)
+            assert deliveries, "the request never reached the group"
+            os.kill(asker.pid, signal.SIGSTOP)
+            try:
+                broker.kill()
+                broker.start()
+                env = deliveries[0].message.envelope
+                reply = make_envelope("test.echo.complete", msgspec.msgpack.encode({"echo": 1}),
+                                      correlation_id=env.correlation_id, causation_id=env.id,
+                                      recipient=env.reply_to)
+                b.publish_raw(encode_envelope(reply)).result(30)
+                c.ack(deliveries)
+            finally:
+                os.kill(asker.pid, signal.SIGCONT)
+        out, err = asker.communicate(timeout=60)
+        assert asker.returncode == 0, err[-2000:]
+        assert json.loads(out) == {"echo": 1}
+    finally:
+        if asker.poll() is None:
+            asker.kill()
+            asker.wait(10)
 
 
 def test_log_grows_its_map_under_load_and_refuses_with_store_full_at_its_limit(tmp_path: Path) -> None:
