@@ -152,11 +152,20 @@ class MessageChanged(Reply):
 
 
 class ConversationHistory(Request):
-    """The messages of a conversation in order (by timestamp, then arrival), one page at a time."""
+    """The messages of a conversation in order (by timestamp, then arrival), one page at a time.
+
+    Page with ``after`` / ``before`` (a message id of the previous page: the page holds the messages after the
+    last one / before the first one), which stays right while messages are added, back-dated ones too; an
+    ``offset`` shifts when they are. ``newest`` (implied by ``before``) takes the last ``limit`` messages.
+    A page is always oldest first; ``has_more`` says whether there are more in the direction of paging.
+    """
 
     conversation_id: Id
     limit: Limit = 50
     offset: Offset = 0
+    after: OptionalId = ""
+    before: OptionalId = ""
+    newest: bool = False
 
 
 class MessagePage(Reply):

@@ -140,6 +140,35 @@ def test_conversation_messages_in_order_paged_with_change_events(drv: Driver) ->
     failed_with(drv.request("conversation.history.request", {"conversation_id": "nope"}), NotFound)
 
 
+def test_history_pages_by_message_stay_right_while_messages_are_added_and_back_dated(drv: Driver) -> None:
+    """Offsets shift when a message lands before the page (a back-dated one): the next page repeats one.
+    Pages after / before a message of the previous page neither skip nor repeat."""
+    def append(mid: str, second: int) -> None:
+        drv.request("conversation.message.append.request",
+                    {"conversation_id": "c1", "user_id": "u1", "role": "user", "text": mid, "message_id": mid,
+                     "timestamp": f"2025-11-07T18:00:{second:02d}Z"})
+
+    def page(**ask: Any) -> tuple[list[str], bool]:
+        reply = drv.request("conversation.history.request", {"conversation_id": "c1", "limit": 2, **ask})
+        return [m["message_id"] for m in reply["messages"]], reply["has_more"]
+
+    for i in range(1, 6):
+        append(f"m{i}", 10 * i)
+    first, more = page()
+    assert (first, more) == (["m1", "m2"], True)
+    append("early", 5)  # sorts before the whole first page
+    assert page(offset=2)[0] == ["m2", "m3"]  # what offsets do: m2 again
+    assert page(after=first[-1]) == (["m3", "m4"], True)
+    assert page(after="m4") == (["m5"], False)
+    assert page(newest=True) == (["m4", "m5"], True)
+    assert page(before="m4") == (["m2", "m3"], True)
+    assert page(before="m2") == (["early", "m1"], False)
+    assert page(after="m1", before="m4") == (["m2", "m3"], False)
+    missing = drv.request("conversation.history.request", {"conversation_id": "c1", "after": "nope"})
+    failed_with(missing, NotFound)
+    assert missing.error.fields["field"] == "after"
+
+
 def test_a_message_starts_its_conversation_when_needed(drv: Driver) -> None:
     drv.request(
         "conversation.message.append.request",

@@ -367,13 +367,20 @@ class LibsqlBackend(Backend):
     def conversation_history(self, txn: Txn, p: c.ConversationHistory, ctx: Context) -> c.MessagePage:
         if repo.get(txn, repo.CONVERSATIONS, p.conversation_id) is None:
             raise _not_found(ctx, "conversation", p.conversation_id)
-        messages, total = repo.message_page(txn, p.conversation_id, p.limit, p.offset)
+        keys = {}
+        for name in ("after", "before"):
+            if message_id := getattr(p, name):
+                keys[name] = repo.message_key(txn, p.conversation_id, message_id)
+                if keys[name] is None:
+                    raise NotFound(f"{name}: message {message_id!r} is not in conversation {p.conversation_id!r}",
+                                   topic=ctx.envelope.topic, field=name, entity="message", id=message_id)
+        messages, total, more = repo.message_page(txn, p.conversation_id, p.limit, p.offset, newest=p.newest, **keys)
         return c.MessagePage(
             conversation_id=p.conversation_id,
             messages=messages,
             total=total,
             offset=p.offset,
-            has_more=p.offset + len(messages) < total,
+            has_more=more,
         )
 
     # -- semantic facts --------------------------------------------------------------------------------------

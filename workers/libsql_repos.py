@@ -228,14 +228,34 @@ def update(txn: Txn, table: Table, item: msgspec.Struct, fields: Sequence[str]) 
 # -- messages ------------------------------------------------------------------------------------------------
 
 
-def message_page(txn: Txn, conversation_id: str, limit: int, offset: int) -> tuple[list[Message], int]:
-    """One page of a conversation's messages in order, and how many it has in all."""
+def message_page(txn: Txn, conversation_id: str, limit: int, offset: int, after: tuple[str, int] | None = None,
+                 before: tuple[str, int] | None = None, newest: bool = False) -> tuple[list[Message], int, bool]:
+    """One page of a conversation's messages in order, how many it has in all, and whether there are more past
+    the page (in the direction of paging). ``after`` / ``before`` are the (timestamp, seq) keys of messages."""
+    where = "conversation_id = ?"
+    params: list[Any] = [conversation_id]
+    if after is not None:
+        where += " AND (timestamp, seq) > (?, ?)"
+        params += after
+    if before is not None:
+        where += " AND (timestamp, seq) < (?, ?)"
+        params += before
+    order = "DESC" if newest or before is not None else "ASC"
     rows = txn.all(
-        f"{MESSAGES.select} WHERE conversation_id = ? ORDER BY timestamp, seq LIMIT ? OFFSET ?",
-        (conversation_id, limit, offset),
+        f"{MESSAGES.select} WHERE {where} ORDER BY timestamp {order}, seq {order} LIMIT ? OFFSET ?",
+        (*params, limit + 1, offset),
     )
+    more = len(rows) > limit
+    rows = rows[:limit] if order == "ASC" else rows[:limit][::-1]
     total = txn.one("SELECT count(*) FROM messages WHERE conversation_id = ?", (conversation_id,))
-    return [MESSAGES.load(r, txn.sealer) for r in rows], int(total[0])
+    return [MESSAGES.load(r, txn.sealer) for r in rows], int(total[0]), more
+
+
+def message_key(txn: Txn, conversation_id: str, message_id: str) -> tuple[str, int] | None:
+    """Where message ``message_id`` of the conversation sorts: (timestamp, seq)."""
+    row = txn.one("SELECT timestamp, seq FROM messages WHERE id = ? AND conversation_id = ?",
+                  (message_id, conversation_id))
+    return None if row is None else (str(row[0]), int(row[1]))
 
 
 # -- semantic facts: the temporal fields live in the JSON column temporal_metadata (as in AICO's AMS) --
