@@ -176,6 +176,14 @@ def test_a_message_starts_its_conversation_when_needed(drv: Driver) -> None:
     )
     page = drv.request("conversation.history.request", {"conversation_id": "c9"})
     assert [m["text"] for m in page["messages"]] == ["first words"]
+    # a start that comes after (a module saying what the conversation is) names it, once
+    start = {"user_id": "u1", "conversation_id": "c9", "title": "Hiking plans", "metadata": {"lang": "en"}}
+    started = drv.request("conversation.start.request", start)
+    assert (started["title"], started["metadata"]) == ("Hiking plans", {"lang": "en"})
+    assert drv.request("conversation.start.request", start) == started
+    failed_with(drv.request("conversation.start.request", {**start, "title": "Other"}), IntegrityError)
+    failed_with(drv.request("conversation.start.request", {"user_id": "u2", "conversation_id": "c9", "title": "x"}),
+                IntegrityError)
 
 
 def test_facts_store_update_supersede_and_temporal_metadata(drv: Driver) -> None:

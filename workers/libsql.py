@@ -167,6 +167,12 @@ def insert_once(txn: Txn, ctx: Context, table: repo.Table, item: S, same: Sequen
     return existing, False
 
 
+def _started_by_a_message(existing: c.Conversation, start: c.Conversation) -> bool:
+    """A conversation a message started (no title, no metadata) that this start of the same user describes."""
+    return (existing.user_id == start.user_id and not existing.title and not existing.metadata
+            and bool(start.title or start.metadata))
+
+
 def fact_event(op: Literal["created", "superseded"], fact: c.Fact) -> c.FactChanged:
     return c.FactChanged(op=op, updated_at=fact.last_updated, **msgspec.structs.asdict(fact))
 
@@ -332,6 +338,11 @@ class LibsqlBackend(Backend):
             metadata=p.metadata,
             started_at=now_of(ctx),
         )
+        existing = repo.get(txn, repo.CONVERSATIONS, conv.conversation_id)
+        if existing is not None and _started_by_a_message(existing, conv):  # the start's title and metadata count
+            conv = msgspec.structs.replace(existing, title=conv.title, metadata=conv.metadata)
+            repo.update(txn, repo.CONVERSATIONS, conv, ("title", "metadata"))
+            return conv
         return insert_once(txn, ctx, repo.CONVERSATIONS, conv, ("user_id", "title", "metadata"))[0]
 
     @handles("conversation.message.append.request")
