@@ -43,19 +43,24 @@ class Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             value = getattr(self, name)
             if isinstance(value, str) and "\x00" in value:
                 raise ValueError(f"Object field `{name}` holds a NUL character (U+0000), which the store cannot keep")
-            if isinstance(value, dict | list) and value and _not_finite(value):
-                raise ValueError(f"Object field `{name}` holds NaN or an infinity, which the store (JSON) cannot "
-                                 "keep: it read back as null")
+            if isinstance(value, dict | list) and value and (why := _not_json(value)):
+                raise ValueError(f"Object field `{name}` holds {why}, which the store (JSON) cannot keep: it "
+                                 "would read back changed")
 
 
-def _not_finite(value: Any) -> bool:
+def _not_json(value: Any) -> str:
+    """What in ``value`` JSON cannot keep as it is (NaN read back as null, the key 1 as "1", bytes as base64)."""
     if isinstance(value, float):
-        return not math.isfinite(value)
+        return "" if math.isfinite(value) else "NaN or an infinity"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "bytes"
     if isinstance(value, dict):
-        return any(_not_finite(v) for v in value.values())
+        if not all(isinstance(k, str) for k in value):
+            return "a key that is not a string"
+        return next((why for v in value.values() if (why := _not_json(v))), "")
     if isinstance(value, list | tuple):
-        return any(_not_finite(v) for v in value)
-    return False
+        return next((why for v in value if (why := _not_json(v))), "")
+    return ""
 
 
 class Reply(msgspec.Struct, kw_only=True):
