@@ -338,7 +338,7 @@ class LibsqlBackend(Backend):
             metadata=p.metadata,
             started_at=now_of(ctx),
         )
-        existing = repo.get(txn, repo.CONVERSATIONS, conv.conversation_id)
+        existing: c.Conversation | None = repo.get(txn, repo.CONVERSATIONS, conv.conversation_id)
         if existing is not None and _started_by_a_message(existing, conv):  # the start's title and metadata count
             conv = msgspec.structs.replace(existing, title=conv.title, metadata=conv.metadata)
             repo.update(txn, repo.CONVERSATIONS, conv, ("title", "metadata"))
