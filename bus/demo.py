@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -158,8 +160,34 @@ def running_bus(home: Home) -> Bus | None:
 
 
 @contextlib.contextmanager
+def cleaned_up_on_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the demo through its ``finally`` blocks: their default action would end it at once,
+    leaving the membus it started running in a temporary home nobody knows about."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal does not cut the cleanup short
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
 def temporary_membus(console: Console, timeout: float = 180.0) -> Iterator[Bus]:
     """``membus up`` in a temporary home, stopped and deleted afterwards."""
+    with cleaned_up_on_termination():
+        yield from _temporary_membus(console, timeout)
+
+
+def _temporary_membus(console: Console, timeout: float) -> Iterator[Bus]:
     folder = Path(tempfile.mkdtemp(prefix="membus-demo-"))
     home = Home(folder / "home")
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
