@@ -235,6 +235,28 @@ def test_parquet_export_reads_back(backend: DuckdbBackend) -> None:
     assert outcomes[0].error.code == "validation"
 
 
+def test_a_replayed_export_request_does_not_write_its_file_again(tmp_path: Path) -> None:
+    """An in-memory store (an encrypted home) applies the whole log again at every start: an export its user had
+    deleted since was written again, plaintext, at each one."""
+    log = Log()
+    batch = corpus(log)
+    batch.append(log.env("analytics.export.request", {"table": "messages", "path": "m.parquet"}, reply_to="i"))
+    first = DuckdbBackend(tmp_path / "duckdb", encryption="in memory")
+    first.open()
+    apply_batch(first, batch)
+    first.close()
+    (first.export_dir / "m.parquet").unlink()
+    again = DuckdbBackend(tmp_path / "duckdb", encryption="in memory")
+    again.open()
+    try:
+        outcomes, _ = apply_batch(again, batch)
+        assert outcomes[-1].status == "applied" and outcomes[-1].reply.rows == 5
+        assert not (again.export_dir / "m.parquet").exists()
+        assert ask(again, log, "analytics.export.request", {"table": "messages", "path": "m.parquet"}).rows == 5
+        assert (again.export_dir / "m.parquet").exists()  # a new request writes it
+    finally:
+        again.close()
+
 def test_an_export_onto_a_folder_fails_alone_in_a_batch_that_already_wrote(backend: DuckdbBackend) -> None:
     """The batch's transaction is open when the export runs (it flushed the message before it): a COPY failing
     there would abort the transaction, and the batch could never commit."""

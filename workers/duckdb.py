@@ -186,6 +186,17 @@ class DuckdbBackend(Backend):
     def export_dir(self) -> Path:
         return self.data_dir / "exports"
 
+    @property
+    def exported_through(self) -> Path:
+        """The seq of the last export written: a replayed request (an in-memory store's start) is not written again."""
+        return self.data_dir / "exported-through"
+
+    def _last_export(self) -> int:
+        try:
+            return int(self.exported_through.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
     def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -403,6 +414,9 @@ class DuckdbBackend(Backend):
             raise ValidationError(f"export path {req.path!r} leaves the export folder",
                                   topic=ctx.envelope.topic, field="path",
                                   expected="a relative path inside the export folder")
+        if ctx.seq <= self._last_export():  # written when first applied, perhaps deleted since by its user
+            return an.ExportResult(path=str(target.relative_to(base)),
+                                   rows=int(self.rows(f"SELECT count(*) FROM {req.table}")[0][0]))
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             in_the_way = target.is_dir()  # COPY onto it would fail inside the batch's transaction
@@ -419,6 +433,9 @@ class DuckdbBackend(Backend):
             partial.replace(target)  # a reader never sees half a file
         finally:
             partial.unlink(missing_ok=True)
+        ledger = self.exported_through.with_suffix(".tmp")
+        ledger.write_text(str(ctx.seq))
+        ledger.replace(self.exported_through)
         count = int(self.rows(f"SELECT count(*) FROM {req.table}")[0][0])
         return an.ExportResult(path=str(target.relative_to(base)), rows=count)
 
