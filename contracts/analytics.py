@@ -18,6 +18,12 @@ class Window(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     since: float | None = None
     until: float | None = None
 
+    def __post_init__(self) -> None:
+        """NaN compares false with every time: the window was silently empty."""
+        for name in ("since", "until"):
+            if (bound := getattr(self, name)) is not None and bound != bound:
+                raise ValueError(f"Object field `{name}` is NaN, not unix seconds (an infinity is an open bound)")
+
 
 class MessagesPerDay(Window, kw_only=True, forbid_unknown_fields=True):
     """How many conversation messages were written each day."""
@@ -93,11 +99,12 @@ Table = Literal["messages", "feedback", "facts", "events"]
 
 
 class ExportQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Writes a table to a Parquet file inside the worker's export folder."""
+    """Writes a table to a Parquet file in the worker's export folder, `<home>/data/duckdb/exports`."""
 
     table: Table
     path: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-    """Relative to the export folder; may not leave it."""
+    """Relative to the export folder, which it may not leave; Parquet whatever its extension. A file already
+    there is replaced (whole: a reader never sees half a file)."""
 
 
 class ExportResult(msgspec.Struct, kw_only=True):

@@ -224,12 +224,14 @@ def test_every_topic_in_the_catalog_says_what_it_is() -> None:
                                              "text": "hi", "metadata": {"w": [1.0, float("inf")]}}, "metadata"),
     ("user.create.request", {"name": "Ann", "metadata": {"scores": {1: 0.5}}}, "metadata"),
     ("memory.store.request", {"user_id": "u1", "text": "t", "metadata": {"raw": [b"\x01"]}}, "metadata"),
+    ("analytics.sentiment.request", {"since": float("nan")}, "since"),
 ])
 def test_what_the_structured_store_cannot_keep_is_refused_by_name(topic: str, payload: dict[str, object],
                                                                   field: str) -> None:
     """A NUL cut a text short in SQLite (every read of its conversation then failed its sealed-copy check), an id
     ending in a newline passed the control-character check, a huge offset failed inside SQLite, and NaN in
     metadata was answered as given but read back as null (an int key as a string, bytes as base64)."""
+    import contracts.analytics
     import contracts.structured
     import contracts.working  # noqa: F401
 

@@ -366,7 +366,9 @@ class DuckdbBackend(Backend):
         self._ask(txn, ctx)
         where, params = _where(("sentiment IS NOT NULL", []), _window("created_at", req),
                                _equal("user_id", req.user_id), _equal("conversation_id", req.conversation_id))
-        average, count = self.rows(f"SELECT avg(sentiment), count(*) FROM messages{where}", params)[0]
+        # summed in one order (a float sum depends on it): a rebuild, which ingests in another, answers the same
+        average, count = self.rows(
+            f"SELECT avg(sentiment ORDER BY message_id), count(*) FROM messages{where}", params)[0]
         return an.SentimentResult(average=None if average is None else float(average), messages=int(count))
 
     @handles("analytics.latency.request")
