@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class Demo:
     conversation: str
     hiking_fact: str = ""
     hiking_correlation: str = ""
+    started: float = field(default_factory=time.time)
 
     def ask(self, topic: str, payload: dict[str, Any]) -> Any:
         return self.bus.request(topic, payload, timeout=60.0)
@@ -84,7 +85,7 @@ class Demo:
         where = Table(box=None, padding=(0, 1), show_header=False)
         where.add_row("[cyan]LMDB[/] working memory", f"{len(recent.messages)} recent messages")
         where.add_row("[cyan]libSQL[/] history", f"{history.total} messages stored")
-        where.add_row("[cyan]DuckDB[/] analytics", f"{counted} messages counted today")
+        where.add_row("[cyan]DuckDB[/] analytics", f"{counted} messages counted in this conversation")
         return Group(t, Text(""), where)
 
     def facts_step(self) -> Any:
@@ -105,7 +106,8 @@ class Demo:
 
     def analytics_step(self) -> Any:
         mood = self.ask("analytics.sentiment.request", {"conversation_id": self.conversation}).payload
-        latency = self.ask("analytics.latency.request", {"topic": "memory.store.request"}).payload
+        latency = self.ask("analytics.latency.request",
+                           {"topic": "memory.store.request", "since": self.started}).payload
         expect(mood.messages == len(CONVERSATION), f"sentiment over {mood.messages} messages")
         average = sum(s for _, _, s in CONVERSATION) / len(CONVERSATION)
         expect(mood.average is not None and abs(mood.average - average) < 1e-6, "unexpected average sentiment")

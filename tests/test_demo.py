@@ -25,7 +25,7 @@ def test_demo_runs_every_step_and_exits_0(tmp_path: Path) -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "temporary home" in done.stdout
-    for shown in ("hiking trip in the Alps", "4 messages counted today", "Loves hiking in the mountains",
+    for shown in ("hiking trip in the Alps", "4 messages counted in this conversation", "Loves hiking in the mountains",
                   "memory.store.complete", "every step worked"):
         assert shown in done.stdout
     assert not (home / "run").exists()  # it did not start anything in the home it was given
