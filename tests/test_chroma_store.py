@@ -413,6 +413,18 @@ def test_a_store_embedded_by_another_model_is_refused_at_open_naming_both(tmp_pa
         same.close()
 
 
+@pytest.mark.parametrize("model", ["all-MiniLM-L12-v9", "/no/such/model/folder"])
+def test_an_embedding_model_that_cannot_be_loaded_is_refused_naming_it_and_the_setting(
+        tmp_path: Path, model: str) -> None:
+    """A mistyped model name failed with "We couldn't connect to 'https://huggingface.co' ... Check your internet
+    connection", naming neither the model nor the setting."""
+    backend = ChromaBackend(tmp_path / "chroma", embedding_model=model, embedding_device="cpu")
+    with pytest.raises(StoreError) as refused:
+        backend.open()
+    backend.close()
+    assert repr(model) in refused.value.message and "MEMBUS_EMBEDDING_MODEL" in refused.value.message
+
+
 def test_a_search_that_fails_after_indexing_the_batch_so_far_leaves_that_indexing_in_place(
         hashed: ChromaBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A search first writes what earlier messages of its batch queued (BM25 is written in the sidecar's

@@ -20,6 +20,8 @@ import structlog
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Space
 from numpy.typing import NDArray
 
+from contracts.errors import StoreError
+
 log = structlog.get_logger("membus.embedding")
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -69,7 +71,14 @@ class SentenceEmbedder:
         path = bundled_model_path() if source in _DEFAULT_ALIASES else Path(source)
         self.device = pick_device(device)
         self.batch_size = batch_size
-        self.model = SentenceTransformer(str(path) if path.exists() else source, device=self.device)
+        try:
+            self.model = SentenceTransformer(str(path) if path.exists() else source, device=self.device)
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"the embedding model {source!r} cannot be loaded ({type(exc).__name__}: {exc}): "
+                "MEMBUS_EMBEDDING_MODEL (or embedding_model in [stores.chroma] of membus.toml) names a folder, or "
+                f"a sentence-transformers model already on disk (nothing is downloaded); {DEFAULT_MODEL!r} is "
+                "the bundled one", store="chroma") from None
         self.name = DEFAULT_MODEL if source in _DEFAULT_ALIASES else source
         dims = self.model.get_embedding_dimension()
         self.dimensions = int(dims or len(self.embed(["probe"])[0]))
