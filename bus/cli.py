@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bus import logs
@@ -126,7 +127,7 @@ TopicArg = Annotated[str, typer.Argument(callback=_topic_arg)]
 
 
 def _fail(exc: BusError) -> None:
-    err.print(f"[bold red]error[/]: {exc.message}", highlight=False)
+    err.print(f"[bold red]error[/]: {escape(exc.message)}", highlight=False)
     raise typer.Exit(exit_code(exc))
 
 
@@ -366,16 +367,16 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
         out.print(_fit(w))
         for name, ws in sorted(st["workers"].items()):
             if ws.get("exited") and not (ws.get("pid") and pid_alive(int(ws["pid"]))):
-                out.print(f"[red]worker {name} ended:[/] {ws['exited']}", highlight=False)
+                out.print(f"[red]worker {name} ended:[/] {escape(ws['exited'])}", highlight=False)
             if ws.get("stalled"):
-                out.print(f"[red]worker {name} cannot write its store, and keeps trying:[/] {ws['stalled']}")
+                out.print(f"[red]worker {name} cannot write its store, and keeps trying:[/] {escape(ws['stalled'])}")
             if ws.get("suspects"):
                 out.print(f"[yellow]worker {name} isolates what it was applying when its process ended:[/] "
                           f"{ws['suspects']}")
     out.print("clients: " + ", ".join(f"{c['name']} ({c['source']})" for c in st["clients"]))
     out.print("counters: " + json.dumps(st["counters"]))
     if st.get("permissions_error"):
-        out.print(f"[bold red]permissions[/]: {st['permissions_error']} (the rules read before are in force)",
+        out.print(f"[bold red]permissions[/]: {escape(st['permissions_error'])} (the rules read before are in force)",
                   highlight=False)
 
 
@@ -694,5 +695,5 @@ def main() -> None:
     try:
         app()
     except BusError as exc:
-        err.print(f"[bold red]error[/]: {exc.message}", highlight=False)
+        err.print(f"[bold red]error[/]: {escape(exc.message)}", highlight=False)
         sys.exit(exit_code(exc))

@@ -162,3 +162,15 @@ def test_status_says_why_a_worker_ended(broker: BrokerProcess) -> None:
     status = cli(broker.home.path, "status", timeout=60.0)
     said = " ".join(status.stdout.split())
     assert status.returncode == 0 and "worker libsql ended:" in said and "not a database" in said, status.stdout
+
+
+def test_status_shows_why_a_worker_ended_with_its_brackets(broker: BrokerProcess) -> None:
+    """Rich read "[stores.chroma]" in a worker's error as markup: status said "embedding_model in  of membus.toml",
+    and an error with "[/...]" in it made status fail with a MarkupError."""
+    done = cli(broker.home.path, "worker", "chroma", timeout=120.0,
+               env={"MEMBUS_EMBEDDING_MODEL": "no-such-model-[/v9]"})
+    assert done.returncode == 1, done.stderr
+    status = cli(broker.home.path, "status", timeout=60.0)
+    said = " ".join(status.stdout.split())
+    assert status.returncode == 0 and "worker chroma ended:" in said, status.stdout + status.stderr
+    assert "'no-such-model-[/v9]'" in said and "embedding_model in [stores.chroma] of membus.toml" in said, said
