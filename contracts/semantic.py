@@ -16,6 +16,10 @@ from contracts.registry import register
 Collection = Literal["memory", "conversation", "all"]
 """``memory``: facts and memories; ``conversation``: conversation messages and segments."""
 MetaValue = str | int | float | bool
+FilterValue = (str | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+               | Annotated[float, msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)] | bool)
+"""A metadata value Chroma can filter on: a 64-bit integer, a finite number (its ``where`` refuses others)."""
+Searchable = Annotated[str, msgspec.Meta(min_length=1, pattern=r"\S", description="more than whitespace")]
 MetaKey = Annotated[str, msgspec.Meta(pattern=r"^[^#$]", max_length=256,
                                       description="not empty, and not starting with # or $ (Chroma's own keys)")]
 """A metadata field's name as Chroma can store and filter it."""
@@ -26,13 +30,13 @@ Relevance = Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)]
 class SemanticSearch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Finds the texts closest in meaning to ``query``."""
 
-    query: Annotated[str, msgspec.Meta(min_length=1)]
+    query: Searchable
     user_id: str | None = None
     collection: Collection = "memory"
     k: K = 5
     min_relevance: Relevance = 0.0
     """Cosine similarity below which a hit is left out."""
-    where: dict[MetaKey, MetaValue] = {}
+    where: dict[MetaKey, FilterValue] = {}
     """Metadata fields that must be equal, e.g. ``{"conversation_id": "c1"}``."""
 
 
@@ -62,10 +66,12 @@ class IndexText(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Indexes (or re-indexes) an arbitrary text under a caller-chosen id."""
 
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    text: str
+    text: Searchable
+    """A blank text would be embedded all the same, and found by every search (facts and messages without
+    text are left out of the index)."""
     collection: Literal["memory", "conversation"] = "memory"
     user_id: str | None = None
-    metadata: dict[MetaKey, MetaValue] = {}
+    metadata: dict[MetaKey, FilterValue] = {}
 
 
 class RemoveText(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

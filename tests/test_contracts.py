@@ -238,3 +238,23 @@ def test_what_the_structured_store_cannot_keep_is_refused_by_name(topic: str, pa
     with pytest.raises(ValidationError) as info:
         encode_payload(topic, payload)
     assert (info.value.topic, info.value.field) == (topic, field), info.value.message
+
+
+@pytest.mark.parametrize(("topic", "payload", "field"), [
+    ("semantic.index.request", {"id": "d1", "text": "  \n"}, "text"),
+    ("memory.search.semantic.request", {"query": " "}, "query"),
+    ("memory.search.hybrid.request", {"query": "\t"}, "query"),
+    ("memory.search.semantic.request", {"query": "x", "where": {"n": float("inf")}}, "where"),
+    ("memory.search.hybrid.request", {"query": "x", "where": {"n": 2**63}}, "where"),
+    ("semantic.index.request", {"id": "d1", "text": "x", "metadata": {"n": float("nan")}}, "metadata"),
+])
+def test_what_semantic_memory_cannot_search_is_refused_by_name(topic: str, payload: dict[str, object],
+                                                               field: str) -> None:
+    """A blank text was embedded and then found by every search (an empty one ranked first for "🎉"), and a
+    ``where`` of inf or 2**63 failed inside Chroma ("Invalid where clause", naming no field) and was
+    dead-lettered."""
+    import contracts.semantic  # noqa: F401
+
+    with pytest.raises(ValidationError) as info:
+        encode_payload(topic, payload)
+    assert (info.value.topic, info.value.field.split("[")[0]) == (topic, field), info.value.message
