@@ -37,7 +37,10 @@ class SemanticSearch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     min_relevance: Relevance = 0.0
     """Cosine similarity below which a hit is left out."""
     where: dict[MetaKey, FilterValue] = {}
-    """Metadata fields that must be equal, e.g. ``{"conversation_id": "c1"}``."""
+    """Metadata fields that must be equal, e.g. ``{"conversation_id": "c1"}``. A fact has ``kind`` ("fact"),
+    ``user_id``, ``fact_type``, ``category``, ``confidence``, ``version`` and its own metadata as ``meta_<key>``; a
+    conversation message ``kind`` ("message"), ``user_id``, ``conversation_id``, ``role``, ``sentiment``; a text
+    indexed by ``semantic.index.request`` its metadata as given."""
 
 
 class HybridSearch(SemanticSearch, kw_only=True, forbid_unknown_fields=True):

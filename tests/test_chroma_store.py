@@ -489,3 +489,15 @@ def test_search_sees_writes_earlier_in_its_batch(hashed: ChromaBackend) -> None:
     outcomes, _ = apply_batch(hashed, [write, ask])
     assert [h.id for h in outcomes[1].reply.hits] == ["n1"]
     assert outcomes[1].reply.hits[0].collection == "conversation"
+
+
+def test_an_indexed_text_owned_through_its_metadata_is_found_by_its_user(hashed: ChromaBackend) -> None:
+    """``metadata: {"user_id": ...}`` without a top-level ``user_id`` lost its owner: a search of that user
+    found nothing."""
+    log = Log()
+    apply_batch(hashed, [log.env("semantic.index.request",
+                                 {"id": "n1", "text": "piano lessons", "metadata": {"user_id": "u9"}}),
+                         log.env("semantic.index.request",
+                                 {"id": "n2", "text": "piano lessons", "user_id": "u8", "metadata": {"user_id": "u9"}})])
+    assert [h.id for h in search(hashed, log, "piano lessons", user_id="u9")] == ["n1"]
+    assert [h.id for h in search(hashed, log, "piano lessons", user_id="u8")] == ["n2"]

@@ -390,7 +390,8 @@ class ChromaBackend(Backend):
 
     @handles("semantic.index.request")
     def on_index(self, txn: ChromaTxn, req: sem.IndexText, ctx: Context) -> sem.Indexed:
-        metadata = clean_metadata({**req.metadata, "user_id": req.user_id})
+        owner = {} if req.user_id is None else {"user_id": req.user_id}  # else the metadata's own user_id, if any
+        metadata = clean_metadata({**req.metadata, **owner})
         self.index(txn, req.collection, req.id, req.text, metadata)
         return sem.Indexed(id=req.id, collection=req.collection)
 
