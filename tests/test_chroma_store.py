@@ -498,6 +498,7 @@ def test_an_indexed_text_owned_through_its_metadata_is_found_by_its_user(hashed:
     apply_batch(hashed, [log.env("semantic.index.request",
                                  {"id": "n1", "text": "piano lessons", "metadata": {"user_id": "u9"}}),
                          log.env("semantic.index.request",
-                                 {"id": "n2", "text": "piano lessons", "user_id": "u8", "metadata": {"user_id": "u9"}})])
+                                 {"id": "n2", "text": "piano lessons", "user_id": "u8",
+                                  "metadata": {"user_id": "u9"}})])
     assert [h.id for h in search(hashed, log, "piano lessons", user_id="u9")] == ["n1"]
     assert [h.id for h in search(hashed, log, "piano lessons", user_id="u8")] == ["n2"]
