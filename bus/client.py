@@ -442,11 +442,18 @@ class Consumer:
         self._closed = False
         self.waker: Callable[[], None] | None = None
         """Called (on the I/O thread) when deliveries arrive: how the asyncio twin waits without polling."""
+        self._held: set[int] = set()
+        """Seqs handed to this member and not yet acked (nor dead-lettered by a nack): a rejoin with ``from_seq``
+        resumes at the lowest, so nothing nacked or still being worked on is skipped."""
+        self._top = 0
+        """The highest seq settled: with nothing held, a rejoin resumes after it."""
         self._state = GroupState(group, body, self._deliver)
         conn.join_group(self._state)
 
     def _deliver(self, items: list[tuple[int, Envelope]]) -> None:
         with self._cond:
+            if "from_seq" in self._state.body:
+                self._held.update(seq for seq, _ in items)
             self._queue.extend(items)
             self._cond.notify_all()
         if self.waker is not None:
@@ -486,14 +493,27 @@ class Consumer:
         seqs = [d if isinstance(d, int) else d.seq for d in deliveries]
         if seqs:
             self._conn.ack(self.group, seqs)
-            if "from_seq" in self._state.body:  # a rejoin after a broker restart resumes from here
-                self._state.body["from_seq"] = max(int(self._state.body["from_seq"]), max(seqs) + 1)
+            self._settled(seqs)
+
+    def _settled(self, seqs: list[int]) -> None:
+        """A rejoin after a broker restart resumes at the first message not yet settled."""
+        if "from_seq" not in self._state.body:
+            return
+        with self._cond:
+            self._held.difference_update(seqs)
+            body = self._state.body
+            self._top = max(self._top, *seqs)
+            body["from_seq"] = min(self._held) if self._held else max(int(body["from_seq"]), self._top + 1)
 
     def nack(self, deliveries: list[Delivery] | list[int], reason: str, *, delay: float = 0.0) -> None:
         """Hands messages back for redelivery after ``delay`` s; dead-lettered after the group's max attempts."""
         items = [(d if isinstance(d, int) else d.seq, reason, delay) for d in deliveries]
         if items:
             self._conn.nack(self.group, items)
+            last = self._state.body.get("max_attempts")  # else the broker's default, unknown here: kept held
+            dead = [d.seq for d in deliveries if not isinstance(d, int) and last and d.attempt >= last]
+            if dead:
+                self._settled(dead)
 
     def touch(self) -> None:
         """Tells the broker this member is still working on every message it was handed (fetched or not): each

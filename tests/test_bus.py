@@ -567,3 +567,19 @@ def test_a_logged_payload_that_breaks_its_contract_is_shown_with_the_reason(bus:
     seq = bus.publish_raw(data).result(10)
     [logged] = [m.to_dict() for m in bus.replay(from_seq=seq, to_seq=seq)]
     assert logged["payload"] == {"unexpected": [1, 2]} and "memory.store.request" in logged["payload_error"]
+
+
+def test_a_positioned_consumer_gets_what_it_left_unacked_again_after_a_broker_restart(
+        bus: Bus, broker: BrokerProcess) -> None:
+    seqs = [bus.publish("test.rejoin.changed", {"i": i}) for i in range(4)]
+    with bus.consume("rejoiner", ["test.rejoin.*"], from_seq=seqs[0], credit=10) as c:
+        got: list = []
+        while len(got) < 4:
+            got += c.fetch(10, timeout=5)
+        c.nack(got[:1], "not now", delay=600)  # handed back for later; the later ones are done
+        c.ack(got[1:])
+        wait_until(lambda: bus.status()["groups"]["rejoiner"]["inflight"] == 0, what="acks processed")
+        broker.kill()
+        broker.start()
+        again = c.fetch(10, timeout=15)
+        assert seqs[0] in [d.seq for d in again]
