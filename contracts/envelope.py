@@ -67,9 +67,13 @@ def check_header_fields(message_id: str | None, correlation_id: str, causation_i
     publishes too)."""
     for name, value in (("message_id", message_id), ("correlation_id", correlation_id),
                         ("causation_id", causation_id)):
+        if value is not None and not isinstance(value, str):
+            raise ValidationError(f"{name} is a {type(value).__name__}, not text", field=name, expected="str")
         if value is not None and len(value) > ID_MAX:
             raise ValidationError(f"{name} is {len(value)} characters, more than {ID_MAX}", field=name,
                                   expected=f"at most {ID_MAX} characters")
+    if headers and not all(isinstance(s, str) for kv in headers.items() for s in kv):
+        raise ValidationError("headers: every key and value is text", field="headers", expected="dict[str, str]")
     if headers and (len(headers) > HEADERS_MAX or max(len(s) for kv in headers.items() for s in kv) > HEADER_MAX):
         raise ValidationError(f"headers: at most {HEADERS_MAX} entries of at most {HEADER_MAX} characters each",
                               field="headers", expected=f"at most {HEADERS_MAX} short entries")

@@ -583,3 +583,15 @@ def test_a_positioned_consumer_gets_what_it_left_unacked_again_after_a_broker_re
         broker.start()
         again = c.fetch(10, timeout=15)
         assert seqs[0] in [d.seq for d in again]
+
+
+@pytest.mark.parametrize("bad", [{"headers": {"k": ["v"]}}, {"headers": {"k": b"v"}}, {"headers": {"k": None}},
+                                 {"correlation_id": b"c1"}, {"message_id": 7}])
+def test_a_publish_with_ids_or_headers_that_are_not_text_is_refused_alone_before_sending(bus: Bus, bad: dict) -> None:
+    others = [bus.publish_nowait("test.hdr.changed", {"i": i}) for i in range(50)]
+    with pytest.raises(ValidationError) as refused:
+        bus.publish_nowait("test.hdr.changed", {"i": -1}, **bad)
+    assert refused.value.field == next(iter(bad))
+    with pytest.raises(ValidationError):
+        bus.publish_many("test.hdr.changed", [{"i": -1}], message_ids=[b"01JBYTES0000000000000000AA"])  # type: ignore[list-item]
+    assert all(isinstance(p.result(10), int) for p in others)  # the frame they shared was not refused for it
