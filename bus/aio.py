@@ -212,7 +212,7 @@ class AsyncSubscription:
         self._wakeup = _Wakeup(sub)
 
     async def get(self, timeout: float | None = None) -> Message:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout)
         event = self._wakeup.event()
         while True:
             event.clear()  # before looking: a message that arrives after the look sets it again
@@ -259,7 +259,7 @@ class AsyncConsumer:
 
     async def fetch(self, max_messages: int = 500, *, timeout: float | None = 1.0) -> list[Delivery]:
         """Takes from the consumer's queue in the loop, not in a thread: a cancelled fetch takes nothing."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout)
         event = self._wakeup.event()
         while True:
             event.clear()

@@ -36,6 +36,7 @@ from bus.connection import (
     LiveState,
     Pending,
     decode_replayed,
+    seconds,
 )
 from bus.home import Home
 from bus.message import Delivery, Message
@@ -372,7 +373,7 @@ class Subscription:
 
     def get(self, timeout: float | None = None) -> Message:
         """The next message; raises TimeoutError when none arrives in time."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout)
         with self._cond:
             while not self._queue:
                 if self._closed:
@@ -462,7 +463,7 @@ class Consumer:
     def fetch(self, max_messages: int = 500, *, timeout: float | None = 1.0) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, waiting at most ``timeout`` for the first; [] if none (ConnectionError
         once the consumer or its bus is closed)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout)
         with self._cond:
             while not self._queue:
                 if self._closed:

@@ -595,3 +595,23 @@ def test_a_publish_with_ids_or_headers_that_are_not_text_is_refused_alone_before
     with pytest.raises(ValidationError):
         bus.publish_many("test.hdr.changed", [{"i": -1}], message_ids=[b"01JBYTES0000000000000000AA"])  # type: ignore[list-item]
     assert all(isinstance(p.result(10), int) for p in others)  # the frame they shared was not refused for it
+
+
+def test_a_wait_for_messages_with_a_timeout_that_is_not_a_number_of_seconds_is_refused(bus: Bus) -> None:
+    outcome: list[BaseException] = []
+
+    def wait(call) -> None:  # type: ignore[no-untyped-def]
+        try:
+            call()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with bus.subscribe("test.nan.*") as sub, bus.consume("nan", ["test.nan.*"]) as consumer:
+        aio_sub, aio_consumer = AsyncSubscription(sub), AsyncConsumer(consumer)
+        for call in (lambda: sub.get(timeout=float("nan")), lambda: consumer.fetch(timeout=float("nan")),
+                     lambda: asyncio.run(aio_sub.get(timeout=float("nan"))),
+                     lambda: asyncio.run(aio_consumer.fetch(timeout=float("nan")))):
+            waiter = threading.Thread(target=wait, args=(call,), daemon=True)  # it span for ever
+            waiter.start()
+            waiter.join(10)
+            assert isinstance(outcome.pop(), ValidationError)
