@@ -603,11 +603,11 @@ class Broker:
             raise NotAuthorized(f"group {name!r} belongs to module {group.owner!r}: module {client.source!r} may "
                                 "not join it", group=name, module=client.source)
         self._require_subscribe(client, patterns or (group.patterns if group else ()))
-        start = body.from_seq
+        start = body.position
         if group is None:
             if not patterns:
                 raise BusError(f"group {name!r} does not exist; give patterns to create it", group=name)
-            next_seq = start if start else 1
+            next_seq = start or body.from_seq or 1
             group = Group(name, patterns, next_seq, body.ack_timeout or self.settings.ack_timeout_s,
                           body.max_attempts or self.settings.max_attempts, owner=client.source)
             self.groups[name] = group

@@ -318,10 +318,16 @@ class Bus:
 
     def consume(self, group: str, patterns: list[str] | tuple[str, ...] = (), *, credit: int = 500,
                 ack_timeout: float | None = None, max_attempts: int | None = None,
-                from_seq: int | None = None) -> Consumer:
-        """Joins a durable consumer group: every matching message, at least once, in log order."""
+                from_seq: int | None = None, position: int | None = None) -> Consumer:
+        """Joins a durable consumer group: every matching message, at least once, in log order.
+
+        A new group starts at the beginning of the log, or at ``from_seq``; an existing one where its members
+        left it. ``position`` is for a member that keeps its own log position in its store (a store worker):
+        the next seq it needs. The group is moved there (back, for a store that lost or wiped its latest
+        writes), and a member of the same module left by an earlier run of it is replaced: one such member
+        per group."""
         return Consumer(self._conn, group, [check_pattern(p) for p in patterns], credit, ack_timeout,
-                        max_attempts, from_seq)
+                        max_attempts, from_seq, position)
 
     @property
     def head(self) -> int:
@@ -421,7 +427,8 @@ class Consumer:
     """A member of a durable consumer group, with credit-based flow control and explicit acks."""
 
     def __init__(self, conn: Connection, group: str, patterns: list[str], credit: int,
-                 ack_timeout: float | None, max_attempts: int | None, from_seq: int | None) -> None:
+                 ack_timeout: float | None, max_attempts: int | None, from_seq: int | None,
+                 position: int | None = None) -> None:
         try:
             P.check_group_name(group)
         except ValueError as exc:
@@ -440,11 +447,13 @@ class Consumer:
             body["max_attempts"] = max_attempts
         if from_seq:
             body["from_seq"] = from_seq
+        if position:
+            body["position"] = position
         self._closed = False
         self.waker: Callable[[], None] | None = None
         """Called (on the I/O thread) when deliveries arrive: how the asyncio twin waits without polling."""
         self._held: set[int] = set()
-        """Seqs handed to this member and not yet acked (nor dead-lettered by a nack): a rejoin with ``from_seq``
+        """Seqs handed to this member and not yet acked (nor dead-lettered by a nack): a rejoin with a ``position``
         resumes at the lowest, so nothing nacked or still being worked on is skipped."""
         self._top = 0
         """The highest seq settled: with nothing held, a rejoin resumes after it."""
@@ -453,7 +462,7 @@ class Consumer:
 
     def _deliver(self, items: list[tuple[int, Envelope]]) -> None:
         with self._cond:
-            if "from_seq" in self._state.body:
+            if "position" in self._state.body:
                 self._held.update(seq for seq, _ in items)
             self._queue.extend(items)
             self._cond.notify_all()
@@ -498,13 +507,13 @@ class Consumer:
 
     def _settled(self, seqs: list[int]) -> None:
         """A rejoin after a broker restart resumes at the first message not yet settled."""
-        if "from_seq" not in self._state.body:
+        if "position" not in self._state.body:
             return
         with self._cond:
             self._held.difference_update(seqs)
             body = self._state.body
             self._top = max(self._top, *seqs)
-            body["from_seq"] = min(self._held) if self._held else max(int(body["from_seq"]), self._top + 1)
+            body["position"] = min(self._held) if self._held else max(int(body["position"]), self._top + 1)
 
     def nack(self, deliveries: list[Delivery] | list[int], reason: str, *, delay: float = 0.0) -> None:
         """Hands messages back for redelivery after ``delay`` s; dead-lettered after the group's max attempts."""

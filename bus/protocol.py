@@ -11,7 +11,8 @@ Client -> broker
     PUB      [PUB, ID, ENVS]        durable publish of a batch; answered by PUBACK
     SUB      [SUB, ID, body]        live subscription ID: {"patterns": [...], "from_seq": int}
     UNSUB    [UNSUB, ID]
-    JOIN     [JOIN, group, body]    {"patterns": [...], "credit": int, "ack_timeout": s, "max_attempts": int}
+    JOIN     [JOIN, group, body]    {"patterns": [...], "credit": int, "ack_timeout": s, "max_attempts": int,
+                                     "from_seq": int (a new group's start), "position": int (see JoinBody)}
     ACK      [ACK, group, seqs]     seqs: array of int; each ack also returns one credit
     NACK     [NACK, group, items]   items: array of [seq, reason, delay_s]: redeliver (or dead-letter)
     TOUCH    [TOUCH, group]         every message in flight to this member gets a new ack deadline (it is still
@@ -111,6 +112,10 @@ class JoinBody(msgspec.Struct, kw_only=True):
     ack_timeout: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None
     from_seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    """Where a new group starts (an existing group keeps its own position)."""
+    position: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
+    """The next seq this member needs, for a member that keeps its own log position (a store worker): the group
+    is moved there, and a member of the same module left by an earlier run is replaced."""
 
 
 join_body = msgspec.msgpack.Decoder(JoinBody)

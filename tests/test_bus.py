@@ -430,13 +430,38 @@ def test_a_consumer_that_keeps_its_own_position_repositions_its_group(bus: Bus) 
         c.ack(got)
         assert [d.seq for d in got] == seqs
     wait_until(lambda: bus.status()["groups"]["positioned"]["members"] == 0, what="left")
-    # a rebuilt store starts again from the beginning of the log
+    # from_seq is where a new group starts: this one goes on where it was
     with bus.consume("positioned", from_seq=1, credit=10) as c:
+        assert c.fetch(10, timeout=0.5) == []
+    wait_until(lambda: bus.status()["groups"]["positioned"]["members"] == 0, what="left")
+    # a rebuilt store starts again from the beginning of the log
+    with bus.consume("positioned", position=1, credit=10) as c:
         assert [d.seq for d in c.fetch(10, timeout=5)] == seqs
     wait_until(lambda: bus.status()["groups"]["positioned"]["members"] == 0, what="left")
     # a store ahead of the broker's floor skips what it already applied
-    with bus.consume("positioned", from_seq=seqs[4], credit=10) as c:
+    with bus.consume("positioned", position=seqs[4], credit=10) as c:
         assert [d.seq for d in c.fetch(10, timeout=5)] == seqs[4:]
+
+
+def test_members_of_one_module_joining_a_group_with_from_seq_share_it(bus: Bus, broker: BrokerProcess) -> None:
+    """from_seq used to mean "I keep my own position": each member joining with it replaced the other (a new
+    run of a store worker), which rejoined and replaced it in turn, every message delivered to both."""
+    start = bus.publish("test.share.changed", {"i": -1}) + 1
+    with Bus.connect(broker.home.path, module="test") as other, \
+            bus.consume("shared", ["test.share.*"], from_seq=start, credit=5) as a, \
+            other.consume("shared", ["test.share.*"], from_seq=start, credit=5) as b:
+        wait_until(lambda: bus.status()["groups"]["shared"]["members"] == 2, what="both joined")
+        seqs = bus.publish_many("test.share.changed", [{"i": i} for i in range(60)])
+        got: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(got) < len(seqs) and time.monotonic() < deadline:
+            for member in (a, b):
+                batch = member.fetch(5, timeout=0.1)
+                member.ack(batch)
+                got += [d.seq for d in batch]
+        assert sorted(got) == seqs  # each once, none before from_seq
+        assert bus.status()["groups"]["shared"]["members"] == 2
+        assert bus._conn.counters.reconnects == other._conn.counters.reconnects == 0
 
 
 def test_publish_many_logs_every_payload_once_in_order_and_returns_their_seqs(bus: Bus) -> None:
@@ -572,7 +597,7 @@ def test_a_logged_payload_that_breaks_its_contract_is_shown_with_the_reason(bus:
 def test_a_positioned_consumer_gets_what_it_left_unacked_again_after_a_broker_restart(
         bus: Bus, broker: BrokerProcess) -> None:
     seqs = [bus.publish("test.rejoin.changed", {"i": i}) for i in range(4)]
-    with bus.consume("rejoiner", ["test.rejoin.*"], from_seq=seqs[0], credit=10) as c:
+    with bus.consume("rejoiner", ["test.rejoin.*"], position=seqs[0], credit=10) as c:
         got: list = []
         while len(got) < 4:
             got += c.fetch(10, timeout=5)

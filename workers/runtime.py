@@ -155,7 +155,7 @@ class WorkerRuntime:
                 log.info("worker.started", position=position, patterns=list(self.backend.patterns))
                 with bus.consume(self.name, list(self.backend.patterns),
                                  credit=(MAX_FLIGHTS + 1) * self.batch_size, ack_timeout=self.ack_timeout_s,
-                                 from_seq=position + 1) as consumer:
+                                 position=position + 1) as consumer:
                     threading.Thread(target=self._touch_while_busy, args=(consumer,), name="membus-touch",
                                      daemon=True).start()
                     # Batches overlap: while the broker logs the outbox of up to MAX_FLIGHTS applied batches, the
