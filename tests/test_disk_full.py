@@ -202,3 +202,23 @@ def test_a_worker_wedged_in_a_store_call_keeps_its_messages_then_ends_so_a_new_p
             assert "poison_backend.py" in worker.log_tail(20_000)  # the stuck call's stack, for the bug report
     finally:
         worker.stop()
+
+
+def test_a_worker_that_cannot_write_its_status_file_goes_on_applying(broker: BrokerProcess) -> None:
+    """On a full disk the status file (run/worker-NAME.json, written through a new .tmp file) failed with ENOSPC
+    and the OSError ended the worker, again at every restart, instead of letting it stall and wait for room. A
+    folder where the .tmp file goes makes that write fail the same way."""
+    worker = WorkerProcess(broker.home.path, "lmdb").start()
+    try:
+        (broker.home.path / "run" / "worker-lmdb.tmp").mkdir()
+        with Bus.connect(broker.home.path, module="test") as bus:
+            wait_until(lambda: "worker.status_unwritten" in worker.log_tail() or not worker.alive, timeout=30,
+                       what="the worker writing its status")
+            assert worker.alive, worker.log_tail()
+            for i in range(3):
+                bus.request(APPEND["lmdb"], {"conversation_id": "c1", "user_id": "u1", "role": "user",
+                                             "text": f"message {i}"}, timeout=30)
+            assert sorted(_held(bus, "lmdb", "c1")) == [f"message {i}" for i in range(3)]
+            assert worker.alive, worker.log_tail()
+    finally:
+        worker.stop()

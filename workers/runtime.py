@@ -117,6 +117,8 @@ class WorkerRuntime:
         ``suspects``: the seqs a process ended while applying, now applied in chunks, then alone ("" otherwise).
         ``supervisor``: the pid of the ``membus up`` that restarts this worker when it ends (None: nothing does)."""
         self._last_status = 0.0
+        self._status_unwritten = False
+        """Whether the last status write failed: logged once, not every second, while the disk stays full."""
         self._sending: set[int] = set()
         """Outbox entries (by seq) published and not yet acknowledged by the broker."""
         self._added: list[tuple[int, list[bytes]]] = []
@@ -437,8 +439,15 @@ class WorkerRuntime:
             return
         self._last_status = now
         path = self.home.path / "run" / f"worker-{self.name}.json"
-        write_json(path, dict(self.stats, head=head, lag=max(0, head - int(self.stats["position"])),
-                              updated=time.time(), store=self.backend.stats()))
+        try:
+            write_json(path, dict(self.stats, head=head, lag=max(0, head - int(self.stats["position"])),
+                                  updated=time.time(), store=self.backend.stats()))
+        except OSError as exc:  # a full disk: the status stays as it was, the worker goes on (and waits for room)
+            if not self._status_unwritten:
+                log.warning("worker.status_unwritten", path=str(path), error=repr(exc))
+            self._status_unwritten = True
+        else:
+            self._status_unwritten = False
 
 
 def read_worker_status(home: Home) -> dict[str, dict[str, Any]]:
