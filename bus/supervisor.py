@@ -20,6 +20,7 @@ import structlog
 
 from bus import keys
 from bus.home import Home
+from contracts.errors import BusError
 
 log = structlog.get_logger("membus.supervisor")
 
@@ -95,6 +96,7 @@ class Supervisor:
         self._stop = True
 
     def run(self, *, ready_timeout: float = 60.0) -> None:
+        self._refuse_a_second_one()
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self.home.ensure()
@@ -103,6 +105,16 @@ class Supervisor:
             self._supervise(ready_timeout)
         finally:
             self.home.remove_supervisor_file()
+
+    def _refuse_a_second_one(self) -> None:
+        """Another ``membus up`` on this home: said at once, and its run/up.json is left to it (this one removed it
+        on its way out, after its broker had failed to open the log)."""
+        from bus.consistency import pid_alive
+
+        running = self.home.supervisor_pid()
+        if running and running != os.getpid() and pid_alive(running):
+            raise BusError(f"membus up is already running on {self.home.path} (pid {running})",
+                           home=str(self.home.path), pid=running)
 
     def _supervise(self, ready_timeout: float) -> None:
         self._hand_out_keys()

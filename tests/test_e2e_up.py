@@ -200,6 +200,17 @@ def test_a_store_rebuilt_under_up_is_back_in_service_when_rebuild_returns(up: Up
     assert "consistent" in checked.stdout
 
 
+def test_a_second_membus_up_on_the_same_home_is_refused_and_leaves_the_first_one_alone(up: UpProcess) -> None:
+    """It derived the keys, started a broker that could not open the log, and on its way out deleted the first one's
+    run/up.json, so offline commands (`keys rotate`, `migrate`) no longer saw that `membus up` ran on the home."""
+    assert up.proc is not None
+    done = cli(up.home.path, "up", "--workers", ",".join(WORKERS), timeout=TIMEOUT)
+    assert done.returncode == 1 and f"already running on {up.home.path} (pid {up.proc.pid})" in done.stderr, \
+        done.stderr
+    assert "Traceback" not in done.stderr and "broker" not in done.stderr
+    assert up.home.supervisor_pid() == up.proc.pid and up.worker_pid(WORKERS[0])
+
+
 def test_sigterm_stops_membus_up_and_every_child_cleanly(tmp_path: Path) -> None:
     system = UpProcess(tmp_path / "home", WORKERS)
     try:
