@@ -126,8 +126,8 @@ def _pattern_arg(value: str | None) -> str | None:
 TopicArg = Annotated[str, typer.Argument(callback=_topic_arg)]
 
 
-def _fail(exc: BusError) -> None:
-    err.print(f"[bold red]error[/]: {escape(exc.message)}", highlight=False)
+def _fail(exc: BusError, who: str = "") -> None:
+    err.print(f"[bold red]error[/]: {escape(who)}{': ' if who else ''}{escape(exc.message)}", highlight=False)
     raise typer.Exit(exit_code(exc))
 
 
@@ -207,8 +207,8 @@ def worker(name: str, home: HomeOpt = None) -> None:
     follow_supervisor()
     try:
         run(name, home)
-    except BusError as exc:  # its keys or its store cannot be opened: say why, no traceback
-        _fail(exc)
+    except BusError as exc:  # its keys or its store cannot be opened: say why (and which worker), no traceback
+        _fail(exc, f"worker {name}")
 
 
 @app.command()

@@ -159,6 +159,8 @@ def test_status_says_why_a_worker_ended(broker: BrokerProcess) -> None:
     (store / "membus.db").write_bytes(b"this is not a database " * 200)
     done = cli(broker.home.path, "worker", "libsql", timeout=120.0)
     assert done.returncode == 1, done.stderr
+    # under `membus up` the four workers share one stream: the error names which one it is
+    assert "error: worker libsql: " in done.stderr and "not a database" in done.stderr, done.stderr
     status = cli(broker.home.path, "status", timeout=60.0)
     said = " ".join(status.stdout.split())
     assert status.returncode == 0 and "worker libsql ended:" in said and "not a database" in said, status.stdout
