@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -39,6 +40,15 @@ def _home_folder(path: Path | None) -> Path | None:
 HomeOpt = Annotated[Path | None, typer.Option("--home", envvar="MEMBUS_HOME", help="The membus home folder.",
                                               callback=_home_folder)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@app.callback()
+def _main(home: Annotated[Path | None, typer.Option("--home", help="The membus home folder, for the command that "
+                                                    "follows (as `COMMAND --home DIR`).", callback=_home_folder)] = None
+          ) -> None:
+    """membus: a durable local bus in front of your AI companion's memory stores."""
+    if home is not None:  # every command's own --home falls back to MEMBUS_HOME
+        os.environ["MEMBUS_HOME"] = str(home)
 
 
 def _fit(table: Table) -> Table:

@@ -211,6 +211,15 @@ def test_a_second_membus_up_on_the_same_home_is_refused_and_leaves_the_first_one
     assert up.home.supervisor_pid() == up.proc.pid and up.worker_pid(WORKERS[0])
 
 
+def test_home_may_be_given_before_the_command_as_after_it(up: UpProcess) -> None:
+    """`membus --home DIR status` was refused (No such option: --home), though `membus migrate --home DIR status`
+    was taken."""
+    before = subprocess.run([sys.executable, "-m", "bus", "--home", str(up.home.path), "status", "--json"],
+                            env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout)["pid"] == up.home.read_run_file()["pid"]  # type: ignore[index]
+
+
 def test_sigterm_stops_membus_up_and_every_child_cleanly(tmp_path: Path) -> None:
     system = UpProcess(tmp_path / "home", WORKERS)
     try:
