@@ -137,9 +137,12 @@ class Home:
 
     def ensure(self) -> None:
         for d in (self.path, self.keys, self.modules, self.path / "run"):
-            d.mkdir(parents=True, exist_ok=True)
-            if os.name != "nt":
-                os.chmod(d, 0o700)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                if os.name != "nt":
+                    os.chmod(d, 0o700)
+            except OSError as exc:  # a read-only or full disk, another user's folder: one line, not a traceback
+                raise BusError(f"cannot set up the home folder {d}: {exc.strerror or exc}", path=str(d)) from None
 
     # -- CurveZMQ keys ---------------------------------------------------------------------------
 

@@ -93,6 +93,18 @@ def test_an_unknown_worker_or_a_home_that_is_a_file_is_a_usage_error(tmp_path: P
         assert done.returncode == 2 and "is a file" in said and "Traceback" not in done.stderr, done.stderr
 
 
+def test_up_on_a_home_it_cannot_write_says_so_in_one_line(tmp_path: Path) -> None:
+    """On a read-only home `membus up` ended in a traceback (OSError: Read-only file system, from os.chmod); a
+    home whose keys folder is a file fails the same way, for any user."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "keys").write_text("")
+    done = cli(home, "up", "--workers", "lmdb", timeout=60.0)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot set up the home folder {home / 'keys'}" in said, done.stderr
+
+
 def test_a_payload_with_nan_or_infinity_and_a_rebuild_timeout_below_a_second_are_usage_errors(tmp_path: Path) -> None:
     """NaN went into the log and came out of `replay --json` as invalid JSON; a 0 s rebuild wiped the store, then
     gave up."""
