@@ -353,6 +353,10 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
         _fail(exc)
         return
     st["workers"] = read_worker_status(_home(home))
+    for name, ws in st["workers"].items():
+        ws["running"] = bool(ws.get("pid")) and pid_alive(int(ws["pid"]))
+        # the group's lag: the worker's own position stays at the last message of its topics
+        ws["lag"] = st["groups"].get(name, {}).get("lag", ws.get("lag")) if ws["running"] else None
     if json_out:
         typer.echo(json.dumps(st, default=str, indent=2))
         return
@@ -368,15 +372,13 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
         w = Table("worker", "pid", "position", "lag", "applied", "failed", "dead letters", "last batch",
                   "max batch")
         for name, ws in sorted(st["workers"].items()):
-            running = bool(ws.get("pid")) and pid_alive(int(ws["pid"]))
-            # the group's lag: the worker's own position stays at the last message of its topics
-            lag = st["groups"].get(name, {}).get("lag", ws.get("lag"))
+            running = ws["running"]
             w.add_row(name, str(ws.get("pid")) if running else "[red]stopped[/]", str(ws.get("position")),
-                      str(lag) if running else "-", str(ws.get("applied")), str(ws.get("failed")),
+                      str(ws["lag"]) if running else "-", str(ws.get("applied")), str(ws.get("failed")),
                       str(ws.get("dead_lettered")), str(ws.get("last_batch")), str(ws.get("max_batch")))
         out.print(_fit(w))
         for name, ws in sorted(st["workers"].items()):
-            if ws.get("exited") and not (ws.get("pid") and pid_alive(int(ws["pid"]))):
+            if ws.get("exited") and not ws["running"]:
                 out.print(f"[red]worker {name} ended:[/] {escape(ws['exited'])}", highlight=False)
             if ws.get("stalled"):
                 out.print(f"[red]worker {name} cannot write its store, and keeps trying:[/] {escape(ws['stalled'])}")

@@ -23,6 +23,7 @@ from bus.client import Bus
 from contracts.registry import to_builtins
 from tests.conftest import wait_until
 from tests.workers_util import REPO, UpProcess, caught_up, child_env, cli, pid_alive
+from workers.runtime import read_worker_status
 
 WORKERS = ["lmdb", "libsql"]
 TIMEOUT = 60.0
@@ -169,6 +170,21 @@ def test_the_cli_publishes_requests_replays_and_reports_status(up: UpProcess, co
     with_correlation = cli(home, "publish", "companion.mood.changed", "-", "--correlation", "c", stdin='{"mood": "x"}')
     assert with_correlation.returncode == 2 and "--correlation" in with_correlation.stderr
     assert not [m for m in companion.replay(from_seq=head + 1, topic="companion.mood.changed")]  # nothing sent
+
+
+def test_status_json_gives_each_worker_the_lag_and_the_running_state_the_table_shows(up: UpProcess,
+                                                                                    companion: Bus) -> None:
+    """`status --json` gave a worker's lag as the log head minus the last message of its own topics: after traffic
+    the worker does not take, a worker at lag 0 in its group (and in the table) showed thousands behind; and
+    nothing said whether it still ran, other than a pid to test."""
+    last = companion.publish_many("companion.mood.changed", [{"mood": "calm"}] * 50)[-1]
+    wait_until(lambda: all(caught_up(companion, w) for w in WORKERS), timeout=TIMEOUT, what="workers at lag 0")
+    wait_until(lambda: all(s.get("head", 0) >= last for s in read_worker_status(up.home).values()), timeout=TIMEOUT,
+               what="the workers' status files seeing the new head")
+    st = json.loads(cli(up.home.path, "status", "--json").stdout)
+    for w in WORKERS:
+        assert st["groups"][w]["lag"] == 0 and st["workers"][w]["lag"] == 0, st["workers"][w]
+        assert st["workers"][w]["running"] is True
 
 
 def test_check_is_clean_after_a_conversation_is_cleared_from_working_memory(up: UpProcess, companion: Bus) -> None:
