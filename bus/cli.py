@@ -147,7 +147,7 @@ def exit_code(exc: BusError) -> int:
 
 def _parse_json(text: str, what: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_not_json)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except (json.JSONDecodeError, ValueError) as exc:
         err.print(f"[bold red]error[/]: {what} is not valid JSON: {exc}")
         raise typer.Exit(2) from None
@@ -155,6 +155,14 @@ def _parse_json(text: str, what: str) -> Any:
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    """A number too large for a float (1e999) would be logged as infinity, as a bare Infinity would."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")

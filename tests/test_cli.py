@@ -108,7 +108,7 @@ def test_up_on_a_home_it_cannot_write_says_so_in_one_line(tmp_path: Path) -> Non
 def test_a_payload_with_nan_or_infinity_and_a_rebuild_timeout_below_a_second_are_usage_errors(tmp_path: Path) -> None:
     """NaN went into the log and came out of `replay --json` as invalid JSON; a 0 s rebuild wiped the store, then
     gave up."""
-    for text in ('{"score": NaN}', '{"big": Infinity}', '{"small": -Infinity}'):
+    for text in ('{"score": NaN}', '{"big": Infinity}', '{"small": -Infinity}', '{"big": 1e999}', '[-1e400]'):
         done = cli(tmp_path, "publish", "app.note.changed", text)
         assert done.returncode == 2 and "not valid JSON" in done.stderr, done.stderr
     done = cli(tmp_path, "rebuild", "lmdb", "--yes", "--timeout", "0")
