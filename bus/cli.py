@@ -168,6 +168,12 @@ def _finite_float(text: str) -> float:
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 
 
+def _duration_arg(value: str | None) -> str | None:
+    if value is not None:
+        parse_duration(value)  # a bad one is refused here, where the error names the option
+    return value
+
+
 def parse_duration(text: str) -> float:
     m = _DURATION.match(text.strip())
     if not m:
@@ -331,7 +337,8 @@ def replay(home: HomeOpt = None,
            from_seq: Annotated[int, typer.Option("--from-seq", min=0, max=2**63 - 1)] = 1,
            to_seq: Annotated[int | None, typer.Option("--to-seq", min=0, max=2**63 - 1)] = None,
            since: Annotated[str | None, typer.Option(help="How far back, by when the broker logged it, e.g. 10m, "
-                                                           "2h, 1d (the time shown is the message's own).")] = None,
+                                                           "2h, 1d (the time shown is the message's own).",
+                                                           callback=_duration_arg)] = None,
            correlation: Annotated[str | None, typer.Option(help="Only this correlation id (one trace).",
                                                            callback=_not_empty)] = None,
            json_out: JsonOpt = False) -> None:

@@ -124,6 +124,13 @@ def test_a_bad_topic_or_pattern_is_a_usage_error_named_before_any_wait(tmp_path:
         assert done.returncode == 2 and "invalid topic" in said and "waiting" not in said, (args, done.stderr)
 
 
+def test_a_bad_since_names_the_option(tmp_path: Path) -> None:
+    """`replay --since 5` said only "Invalid value: '5'", naming no option."""
+    done = cli(tmp_path, "replay", "--since", "5", timeout=60.0)
+    said = " ".join(re.sub("[│╭╮╰╯─]", " ", done.stderr).split())
+    assert done.returncode == 2 and "Invalid value for '--since'" in said and "waiting" not in said, done.stderr
+
+
 def test_a_command_with_no_broker_says_what_it_waits_for(tmp_path: Path) -> None:
     """It waited 10 s in silence; with a run file left by a killed broker it said only "did not answer"."""
     done = cli(tmp_path, "status", timeout=60.0)
