@@ -247,7 +247,7 @@ class Connection(threading.Thread):
         """Named after the module: the broker gives a client only an inbox of its own module."""
         self.heartbeat_s = heartbeat_s
         self.cond = threading.Condition()
-        self._ops: collections.deque[Callable[[], None]] = collections.deque()
+        self._ops: collections.deque[Callable[[], object]] = collections.deque()
         self._pubq: collections.deque[_PubItem] = collections.deque()
         self.max_outstanding = max_outstanding
         self._submitted = 0
@@ -283,10 +283,15 @@ class Connection(threading.Thread):
         self._last_ping = 0.0
         self._last_hello = 0.0
         self._hello_backoff = 0.1
+        self._hello_sent = -1.0
+        """When a HELLO last went out on a connection (not dropped for want of one)."""
+        self._greeted = False
+        """Whether a broker has welcomed this client before: every later WELCOME is a reconnect (``welcome`` is
+        cleared while the broker is silent, so it cannot say)."""
 
     # -- called from any thread ------------------------------------------------------------------
 
-    def call(self, op: Callable[[], None]) -> None:
+    def call(self, op: Callable[[], object]) -> None:
         """Runs ``op`` on the I/O thread."""
         self._ops.append(op)
         with contextlib.suppress(BlockingIOError, OSError):
@@ -470,14 +475,20 @@ class Connection(threading.Thread):
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        # nothing is queued for a broker that is not there: what needs it again is sent again on WELCOME, and
+        # HELLOs queued through an outage each made the broker drop and greet this client once more
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.connect(self.endpoint)
         return sock  # type: ignore[no-any-return]
 
-    def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[bytes]) -> bool:
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("client.send_dropped", command=frames[0].decode())
+            return True
+        except zmq.Again:  # no connection to the broker (or a full pipe)
+            if frames[0] not in (P.PING, P.HELLO):
+                log.warning("client.send_dropped", command=frames[0].decode())
+            return False
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -485,8 +496,9 @@ class Connection(threading.Thread):
 
     def _hello(self) -> None:
         self._last_hello = time.monotonic()
-        self._send([P.HELLO, P.pack({"client": self.client_name, "inbox": self.inbox,
-                                     "proto": P.PROTOCOL_VERSION})])
+        if self._send([P.HELLO, P.pack({"client": self.client_name, "inbox": self.inbox,
+                                        "proto": P.PROTOCOL_VERSION})]):
+            self._hello_sent = self._last_hello
 
     def _on_monitor(self, monitor: zmq.Socket[Any]) -> None:
         try:
@@ -506,6 +518,8 @@ class Connection(threading.Thread):
                     self.failed_handshakes += 1
                 elif evt["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.failed_handshakes = 0
+                    if time.monotonic() - self._hello_sent > 0.5:  # else this connection already has it
+                        self._hello()  # a new connection (a restarted broker): greet it now
         except zmq.Again:
             pass
 
@@ -643,7 +657,8 @@ class Connection(threading.Thread):
             self.cond.notify_all()
 
     def _on_welcome(self, body: dict[str, Any]) -> None:
-        first = self.welcome is None
+        first = not self._greeted
+        self._greeted = True
         self.welcome = body
         self._frame_limit = P.max_frame(int(body.get("max_message", 0)))
         self.head = int(body.get("head", 0))

@@ -509,6 +509,27 @@ def test_a_reply_logged_while_its_requester_was_away_reaches_it_when_it_comes_ba
             asker.wait(10)
 
 
+def test_a_client_greets_a_broker_back_from_a_long_outage_once(broker: BrokerProcess) -> None:
+    """Every HELLO (and PING) said while the broker was away was queued and delivered when it came back: the
+    broker dropped and greeted the client once per HELLO, and the client joined its groups, resent its publishes
+    and asked for its replies once per WELCOME."""
+    with Bus.connect(broker.home.path, module="test", timeout=30) as bus, \
+            bus.consume("greeted", ["test.greet.*"]) as consumer:
+        bus.publish("test.greet.changed", {"i": 0})
+        consumer.ack(consumer.fetch(timeout=10))
+        broker.kill()
+        time.sleep(12)  # several re-HELLOs' worth of silence (heartbeat 1 s, back-off up to 2 s)
+        broker.start()
+        seq = bus.publish("test.greet.changed", {"i": 1}, timeout=30)
+        got: list[int] = []
+        deadline = time.monotonic() + 30
+        while seq not in got and time.monotonic() < deadline:  # the first again too, if its ack was not saved
+            got += [d.seq for d in consumer.fetch(timeout=1)]
+        assert seq in got
+        time.sleep(2)  # any WELCOME still to come has come
+        assert bus._conn.counters.reconnects == 1
+
+
 def test_log_grows_its_map_under_load_and_refuses_with_store_full_at_its_limit(tmp_path: Path) -> None:
     small = {"MEMBUS_LOG_MAP_SIZE": str(256 << 10), "MEMBUS_LOG_MAX_SIZE": str(4 << 20)}
     broker = BrokerProcess(tmp_path / "home", env=small).start()
