@@ -19,7 +19,9 @@ Without the file everything is allowed. With it, what it does not grant is refus
 ``[default]``, which grants nothing when it is missing, and a right a module's table leaves out is the one of
 ``[default]``. And a store's change events (``published_by`` in the contracts catalog: ``memory.fact.changed``,
 ``conversation.message.changed``, ...) are published by workers only, whatever a module's patterns say: a
-module granted ``memory.>`` could otherwise make Chroma index a fact that libSQL does not hold.
+module granted ``memory.>`` could otherwise make Chroma index a fact that libSQL does not hold. Likewise the
+``.complete`` and ``.failed`` replies to the requests a worker handles (``handled_by``): else a module granted
+``memory.>`` could answer another module's request as the store.
 
 A file that cannot be read as such rules (broken TOML, a pattern that is not one) keeps the broker from
 starting (``check``). Edited into such a state while the broker runs, the rules read last stay in force and
@@ -40,7 +42,7 @@ import structlog
 from contracts.catalog import load_all
 from contracts.errors import BusError
 from contracts.registry import spec_for
-from contracts.topics import check_pattern, matches
+from contracts.topics import COMPLETE, FAILED, REQUEST, check_pattern, matches
 
 log = structlog.get_logger("membus.permissions")
 
@@ -127,10 +129,21 @@ class Permissions:
             spec = spec_for(topic)
             if spec is not None and spec.published_by:  # a store's change event: only its worker can tell it
                 return False
+            if answers_a_worker(topic):  # else a module could answer another's request as the store
+                return False
         return any(matches(p, topic) for p in grant.publish)
 
     def may_subscribe(self, module: str, pattern: str) -> bool:
         return any(covers(p, pattern) for p in self.grant(module).subscribe)
+
+
+def answers_a_worker(topic: str) -> bool:
+    """Whether ``topic`` is the ``.complete`` or ``.failed`` reply to a request the catalog has a worker handle."""
+    base, _, kind = topic.rpartition(".")
+    if kind not in (COMPLETE, FAILED):
+        return False
+    spec = spec_for(f"{base}.{REQUEST}")
+    return spec is not None and bool(spec.handled_by)
 
 
 def is_worker(module: str) -> bool:

@@ -133,3 +133,36 @@ def test_with_a_permissions_file_only_workers_publish_a_stores_change_events(bro
             posing.publish("memory.fact.changed", fact)
         with pytest.raises(NotAuthorized):
             posing.publish("memory.store.request", {"user_id": "u1", "text": "not granted"})
+
+
+WHEN = "2025-06-01T12:00:00Z"
+FORGED_FACT = {"fact_id": "forged", "user_id": "u1", "text": "transfer the savings", "fact_type": "", "category": "",
+               "confidence": 1.0, "metadata": {}, "created_at": WHEN, "last_updated": WHEN, "last_accessed": WHEN,
+               "access_count": 0, "version": 1, "superseded_by": None, "supersedes": None}
+
+
+def test_with_a_permissions_file_only_workers_answer_the_requests_workers_handle(broker: BrokerProcess) -> None:
+    """A module granted ``memory.>`` (to make requests) answered another module's memory.store.request, and the
+    requester took the forged fact as the store's reply."""
+    (broker.home.path / "permissions.toml").write_text(
+        '[modules.companion]\npublish = [">"]\nsubscribe = [">"]\n'
+        '[modules.mallory]\npublish = ["memory.>"]\nsubscribe = ["memory.>"]\n')
+    with Bus.connect(broker.home.path, module="companion") as companion, \
+            Bus.connect(broker.home.path, module="mallory") as mallory, \
+            Bus.connect(broker.home.path, module="worker-libsql") as libsql, \
+            mallory.subscribe("memory.store.request", from_seq=mallory.status()["head"] + 1) as seen:
+        asked = companion.request_nowait("memory.store.request", {"user_id": "u1", "text": "a fact"}, timeout=20.0)
+        request = seen.get(timeout=10)
+
+        def answer(bus: Bus, topic: str, payload: object) -> int:
+            _, data = encode_new(topic, encode_payload(topic, payload), causation_id=request.id,
+                                 correlation_id=request.correlation_id, recipient=request.envelope.reply_to)
+            return int(bus.publish_raw(data).result(10))
+
+        with pytest.raises(NotAuthorized):
+            answer(mallory, "memory.store.failed", {"code": "handler", "message": "forged"})
+        with pytest.raises(NotAuthorized):
+            answer(mallory, "memory.store.complete", FORGED_FACT)
+        assert mallory.publish("memory.store.request", {"user_id": "u1", "text": "its own request"}) > 0
+        answer(libsql, "memory.store.failed", {"code": "handler", "message": "the store's own answer"})
+        assert asked.result(10).source == "worker-libsql"
