@@ -381,6 +381,12 @@ class Broker:
         source = str(frames[1].get("User-Id") or client.source)
         for env in envs:
             env.source = source
+        taken = self.permissions.worker_id_taken(source, map(_id_of, envs))
+        if taken is not None:  # else it could take the id of a worker's next reply or event, which is then dropped
+            self._denied(source, "publish", f"message id {taken}")
+            self._error(client.rid, batch_id, "not_authorized", f"module {source!r} may not publish message id "
+                        f"{taken!r}: ids of the form W + 20 hex digits are the workers'", module=source)
+            return
         pubs.append((client, batch_id, envs))
 
     def _check(self, env: Envelope) -> None:
@@ -948,6 +954,7 @@ _REPLY_SUFFIXES = ("." + COMPLETE, "." + FAILED)
 _payload_of = operator.attrgetter("payload")
 _source_of = operator.attrgetter("source")
 _topic_of = operator.attrgetter("topic")
+_id_of = operator.attrgetter("id")
 
 
 def _raw(record: Record) -> msgspec.Raw:

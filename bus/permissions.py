@@ -21,7 +21,8 @@ Without the file everything is allowed. With it, what it does not grant is refus
 ``conversation.message.changed``, ...) are published by workers only, whatever a module's patterns say: a
 module granted ``memory.>`` could otherwise make Chroma index a fact that libSQL does not hold. Likewise the
 ``.complete`` and ``.failed`` replies to the requests a worker handles (``handled_by``): else a module granted
-``memory.>`` could answer another module's request as the store.
+``memory.>`` could answer another module's request as the store. And a module may not publish a message id
+of the form of a worker's (``worker_id_taken``).
 
 A file that cannot be read as such rules (broken TOML, a pattern that is not one) keeps the broker from
 starting (``check``). Edited into such a state while the broker runs, the rules read last stay in force and
@@ -32,7 +33,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ from contracts.topics import COMPLETE, FAILED, REQUEST, check_pattern, matches
 log = structlog.get_logger("membus.permissions")
 
 ALL = (">",)
+_WORKER_ID = re.compile(r"W[0-9A-F]{20}\Z")
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,16 @@ class Permissions:
             if answers_a_worker(topic):  # else a module could answer another's request as the store
                 return False
         return any(matches(p, topic) for p in grant.publish)
+
+    def worker_id_taken(self, module: str, ids: Iterable[str]) -> str | None:
+        """The first of ``ids`` a module may not publish: a worker's message ids (``workers.apply.derived_id``)
+        follow from the log seq they answer, and a module that took one first would make the broker drop the
+        worker's reply or change event as a duplicate of it."""
+        taken = next(filter(_WORKER_ID.match, ids), None)
+        if taken is None or is_worker(module):
+            return None
+        self._reload()
+        return taken if self.configured else None
 
     def may_subscribe(self, module: str, pattern: str) -> bool:
         return any(covers(p, pattern) for p in self.grant(module).subscribe)

@@ -166,3 +166,30 @@ def test_with_a_permissions_file_only_workers_answer_the_requests_workers_handle
         assert mallory.publish("memory.store.request", {"user_id": "u1", "text": "its own request"}) > 0
         answer(libsql, "memory.store.failed", {"code": "handler", "message": "the store's own answer"})
         assert asked.result(10).source == "worker-libsql"
+
+
+def test_with_a_permissions_file_a_module_may_not_take_a_workers_next_message_ids(broker: BrokerProcess) -> None:
+    """A worker's message ids follow from the log seq it answers (``derived_id``): a module granted only ``app.>``
+    published those of the next seqs first, and the broker dropped the worker's reply and change event as
+    duplicates (the requester timed out, Chroma and DuckDB never heard of the fact)."""
+    from workers.apply import derived_id
+
+    (broker.home.path / "permissions.toml").write_text(
+        '[modules.companion]\npublish = [">"]\nsubscribe = [">"]\n[default]\npublish = ["app.>"]\n')
+    with Bus.connect(broker.home.path, module="companion") as companion, \
+            Bus.connect(broker.home.path, module="spy") as spy, \
+            Bus.connect(broker.home.path, module="worker-libsql") as libsql, \
+            libsql.subscribe("memory.store.request", from_seq=spy.status()["head"] + 1) as seen:
+        target = spy.status()["head"] + 1  # the request's seq (the squat attempt is refused, so takes none)
+        reply_id = derived_id("libsql", target, 1000)
+        with pytest.raises(NotAuthorized):
+            spy.publish_many("app.noise", [{"i": 1}], message_ids=[reply_id])
+        asked = companion.request_nowait("memory.store.request", {"user_id": "u1", "text": "a fact"}, timeout=20.0)
+        request = seen.get(timeout=10)
+        assert request.seq == target
+        _, data = encode_new("memory.store.complete", encode_payload("memory.store.complete", FORGED_FACT),
+                             causation_id=request.id, correlation_id=request.correlation_id,
+                             recipient=request.envelope.reply_to, message_id=reply_id)
+        assert libsql.publish_raw(data).result(10) > target
+        assert asked.result(10).source == "worker-libsql"
+        assert spy.publish("app.noise", {"i": 2}, message_id="W-not-a-worker-id") > 0
