@@ -28,6 +28,8 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 
 _MODULE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_RESERVED_NAMES = frozenset({"broker", "unknown"})
+"""The broker's own source (its messages skip every permission) and the one of a key it cannot name."""
 
 
 def default_home() -> Path:
@@ -159,14 +161,18 @@ class Home:
     def module_keys(self, module: str, *, create: bool = True) -> tuple[bytes, bytes]:
         if not _MODULE_NAME.match(module):
             raise BusError(f"invalid module name {module!r}: lower-case letters, digits, - and _", module=module)
+        if module in _RESERVED_NAMES:
+            raise BusError(f"module name {module!r} is reserved for the broker: choose another", module=module)
         return self._keypair(self.modules / module, create)
 
     def allowed_modules(self) -> dict[bytes, str]:
-        """Public key (z85) -> module name, read from keys/modules/*.key."""
+        """Public key (z85) -> module name, read from keys/modules/*.key (a file named for no module, or for a
+        reserved name, allows nothing)."""
         out: dict[bytes, str] = {}
         if self.modules.exists():
             for p in self.modules.glob("*.key"):
-                out[p.read_bytes().strip()] = p.stem
+                if _MODULE_NAME.match(p.stem) and p.stem not in _RESERVED_NAMES:
+                    out[p.read_bytes().strip()] = p.stem
         return out
 
     def _keypair(self, stem: Path, create: bool) -> tuple[bytes, bytes]:

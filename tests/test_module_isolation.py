@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import zmq
 
 from bus.client import Bus
 from bus.connection import Connection
@@ -193,3 +194,14 @@ def test_with_a_permissions_file_a_module_may_not_take_a_workers_next_message_id
         assert libsql.publish_raw(data).result(10) > target
         assert asked.result(10).source == "worker-libsql"
         assert spy.publish("app.noise", {"i": 2}, message_id="W-not-a-worker-id") > 0
+
+
+def test_no_module_connects_as_the_broker(broker: BrokerProcess) -> None:
+    """A key enrolled as ``keys/modules/broker.key`` connected with the broker's own name, which skips every
+    permission: it published ``security.access.denied`` audit events and, with a permissions file, anything."""
+    (broker.home.path / "permissions.toml").write_text('[default]\npublish = ["app.>"]\n')
+    with pytest.raises(BusError, match="reserved"):
+        Bus.connect(broker.home.path, module="broker")
+    public, secret = zmq.curve_keypair()
+    (broker.home.modules / "broker.key").write_bytes(public)
+    assert isinstance(refused(raw_connection(broker, public, secret, "broker")), NotAuthorized)
