@@ -40,7 +40,7 @@ import structlog
 from bus.filelock import try_lock, unlock
 from bus.home import Home
 from contracts.catalog import load_all
-from contracts.errors import BusError, StoreError, TimeoutError
+from contracts.errors import BusError, NotAuthorized, StoreError, TimeoutError
 from contracts.inventory import InventoryItem
 
 log = structlog.get_logger("membus.consistency")
@@ -312,6 +312,8 @@ def check(bus: Any, home: Home, *, timeout: float = 30.0) -> CheckReport:
             truth = Truth.fetch(bus, left())
             states["libsql"].counts = {"facts": len(truth.facts), "messages": len(truth.messages),
                                        "feedback": len(truth.feedback)}
+        except NotAuthorized:  # this module may not ask: nothing is known of the store
+            raise
         except BusError as exc:
             differences.append(Difference("libsql", "inventory", "unanswered", 0, [], exc.message))
     found: list[Difference] = []
@@ -321,6 +323,8 @@ def check(bus: Any, home: Home, *, timeout: float = 30.0) -> CheckReport:
             info: dict[str, float] = {}
             for kind in KINDS.get(name, ()):
                 held[kind], info = inventory(bus, name, kind, timeout=left())
+        except NotAuthorized:
+            raise
         except BusError as exc:
             differences.append(Difference(name, "inventory", "unanswered", 0, [], exc.message))
             continue

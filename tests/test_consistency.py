@@ -13,6 +13,7 @@ import pytest
 from bus.client import Bus
 from bus.consistency import Difference, Truth, check, confirm, expected_in_working_memory, rebuild
 from bus.home import Home
+from contracts.errors import NotAuthorized
 from contracts.inventory import InventoryItem
 from contracts.registry import to_builtins
 from tests.conftest import wait_until
@@ -223,6 +224,16 @@ def test_check_without_the_structured_store_is_not_called_consistent(tmp_path: P
         report = check(s.bus, Home(s.home), timeout=30)
         assert not report.ok
         assert [(d.store, d.problem) for d in report.differences] == [("libsql", "not running")]
+
+
+def test_check_by_a_module_the_permissions_do_not_let_ask_fails_instead_of_naming_differences(tmp_path: Path) -> None:
+    """With a permissions file that does not list ``cli``, ``membus check`` exited 1 with "differs lmdb: 0
+    inventory unanswered (module 'cli' may not publish ...)": stores called different that nobody had asked."""
+    with System(tmp_path / "home") as s:
+        s.worker("lmdb")
+        (s.home / "permissions.toml").write_text('[modules.test]\npublish = [">"]\nsubscribe = [">"]\n')
+        with Bus.connect(s.home, module="cli") as cli, pytest.raises(NotAuthorized, match="may not publish"):
+            check(cli, Home(s.home), timeout=30)
 
 
 def test_status_shows_a_caught_up_worker_without_lag_and_a_stopped_one_as_stopped(tmp_path: Path) -> None:
