@@ -26,7 +26,7 @@ from bus.client import Bus, Consumer, Subscription, build_request, replay_body, 
 from bus.connection import MAX_OUTSTANDING, Pending, decode_replayed, seconds
 from bus.message import Delivery, Message
 from contracts.envelope import encode_envelope
-from contracts.errors import ConnectionError, TimeoutError
+from contracts.errors import BusError, ConnectionError, TimeoutError
 
 
 def _future(loop: asyncio.AbstractEventLoop, pending: Pending) -> asyncio.Future[Any]:
@@ -123,6 +123,19 @@ class AsyncBus:
         finally:
             self._conn.forget_reply(env.id)
         return reply_message(reply)
+
+    def reply_nowait(self, request: Message, payload: Any = None, *, error: BusError | None = None,
+                     timeout: float = 10.0) -> asyncio.Future[Any]:
+        """A future of the seq of the reply to ``request`` (see Bus.reply_nowait)."""
+        loop = asyncio.get_running_loop()
+        return _future(loop, self._bus.reply_nowait(request, payload, error=error, timeout=timeout))
+
+    async def reply(self, request: Message, payload: Any = None, *, error: BusError | None = None,
+                    timeout: float = 10.0) -> int:
+        """Answers ``request`` with its ``.complete`` (or, with ``error``, its ``.failed``); returns the reply's
+        seq once logged (see Bus.reply)."""
+        fut = self.reply_nowait(request, payload, error=error, timeout=timeout)
+        return int(await _wait(fut, timeout + 1.0, f"reply to {request.topic!r}"))
 
     def request_nowait(self, topic: str, payload: Any, **kw: Any) -> asyncio.Future[Any]:
         """A future of the reply envelope (see Bus.request_nowait); lets one task keep many requests in flight."""

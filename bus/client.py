@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import logging
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import msgspec
 import structlog
 
 from bus import protocol as P
@@ -52,7 +54,7 @@ from contracts.envelope import (
 )
 from contracts.errors import BusError, ConnectionError, TimeoutError, ValidationError, error_from_wire
 from contracts.registry import encode_payload
-from contracts.topics import FAILED, check_pattern, check_topic
+from contracts.topics import FAILED, check_pattern, check_topic, reply_topics
 
 log = structlog.get_logger("membus.client")
 T = TypeVar("T")
@@ -162,7 +164,8 @@ class Bus:
         room, and raises TimeoutError after its timeout if none comes: memory stays bounded."""
         load_all()  # every built-in topic's contract: payloads are checked before they are sent
         if not structlog.is_configured():  # an app that left structlog alone: its defaults print to stdout
-            structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+            structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+                                wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
         return cls(_connection(home, module, endpoint, server_key, timeout, max_outstanding), Home(home))
 
     @property
@@ -282,11 +285,35 @@ class Bus:
             self._conn.forget_reply(env.id)
         return reply_message(reply)
 
+    def reply_nowait(self, request: Message, payload: Any = None, *, error: BusError | None = None,
+                     timeout: float = 10.0) -> Pending:
+        """Answers ``request`` (a message on ``<...>.request`` that has a reply_to): its ``.complete`` carrying
+        ``payload``, or with ``error`` its ``.failed``, which the requester's ``request()`` raises as that typed
+        error. ``.result()`` of what it returns is the reply's seq, once logged."""
+        env = request.envelope
+        if not env.reply_to:
+            raise ValidationError(f"message {env.id} on {env.topic!r} asks for no reply (it has no reply_to)",
+                                  topic=env.topic, field="reply_to")
+        complete, failed = reply_topics(env.topic)
+        topic, body = ((failed, encode_payload(failed, error.to_wire())) if error is not None
+                       else (complete, encode_payload(complete, payload)))
+        _, data = encode_new(topic, body, correlation_id=env.correlation_id, causation_id=env.id,
+                             recipient=env.reply_to)
+        return self._conn.submit_publish(data, timeout)
+
+    def reply(self, request: Message, payload: Any = None, *, error: BusError | None = None,
+              timeout: float = 10.0) -> int:
+        """``reply_nowait``, waiting until the reply is logged; returns its seq."""
+        return int(self.reply_nowait(request, payload, error=error, timeout=timeout).result(timeout))
+
+    # -- subscriptions, replay, groups, status ---------------------------------------------------
     # -- subscriptions, replay, groups, status ---------------------------------------------------
 
     def subscribe(self, *patterns: str, from_seq: int | None = None, max_queued: int = 10_000) -> Subscription:
         """Follows live messages matching ``patterns`` (``*`` one segment, ``>`` the rest), in log order,
         each exactly once; with ``from_seq``, first everything logged since then."""
+        if not patterns:
+            raise ValidationError("subscribe needs at least one pattern (\">\" for every topic)", field="patterns")
         return Subscription(self._conn, [check_pattern(p) for p in patterns], from_seq, max_queued)
 
     def replay(self, *, topic: str | None = None, from_seq: int = 1, to_seq: int | None = None,
@@ -423,6 +450,18 @@ class Subscription:
         self.close()
 
 
+def _check_join(ack_timeout: float | None, max_attempts: int | None, from_seq: int | None,
+                position: int | None) -> None:
+    """What the broker would refuse at the first fetch (as a malformed JOIN), refused here by name."""
+    try:
+        P.join_body.decode(P.pack({k: v for k, v in (("ack_timeout", ack_timeout), ("max_attempts", max_attempts),
+                                                      ("from_seq", from_seq), ("position", position))
+                                   if v is not None}))
+    except msgspec.ValidationError as exc:
+        field = str(exc).rpartition("`$.")[2].rstrip("`") or "consume"
+        raise ValidationError(f"consume: {exc}", field=field) from None
+
+
 class Consumer:
     """A member of a durable consumer group, with credit-based flow control and explicit acks."""
 
@@ -436,6 +475,7 @@ class Consumer:
         if not 1 <= credit <= P.MAX_CREDIT:
             raise ValidationError(f"credit is {credit}: a member holds 1 to {P.MAX_CREDIT} messages", field="credit",
                                   expected=f"1..{P.MAX_CREDIT}")
+        _check_join(ack_timeout, max_attempts, from_seq, position)
         self._conn = conn
         self.group = group
         self._queue: collections.deque[tuple[int, Envelope]] = collections.deque()

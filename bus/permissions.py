@@ -141,11 +141,9 @@ class Permissions:
         """The first of ``ids`` a module may not publish: a worker's message ids (``workers.apply.derived_id``)
         follow from the log seq they answer, and a module that took one first would make the broker drop the
         worker's reply or change event as a duplicate of it."""
-        taken = next(filter(_WORKER_ID.match, ids), None)
-        if taken is None or is_worker(module):
+        if not self.configured or is_worker(module):  # the file is read again every second (``refresh``)
             return None
-        self._reload()
-        return taken if self.configured else None
+        return next(filter(_WORKER_ID.match, ids), None)
 
     def may_subscribe(self, module: str, pattern: str) -> bool:
         return any(covers(p, pattern) for p in self.grant(module).subscribe)

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from bus.aio import AsyncBus, AsyncConsumer, AsyncSubscription
-from bus.client import Bus, Consumer, Subscription
+from bus.client import Bus, Consumer, Subscription, reply_message
 from bus.message import Message
 from contracts.errors import BusError, ConnectionError, MessageTooLarge, NotAuthorized, ValidationError
 from contracts.errors import TimeoutError as BusTimeout
@@ -105,6 +105,59 @@ def _reply(env, payload) -> bytes:  # type: ignore[no-untyped-def]
     out = make_envelope("test.echo.complete", encode_payload("test.echo.complete", payload),
                         correlation_id=env.correlation_id, causation_id=env.id, recipient=env.reply_to)
     return encode_envelope(out)
+
+
+def test_a_module_answers_requests_with_reply_and_its_errors_reach_the_requester_typed(
+        bus: Bus, broker: BrokerProcess) -> None:
+    with Bus.connect(broker.home.path, module="echo") as server, server.consume("echo", ["test.echo.request"]) as c:
+        asked = bus.request_nowait("test.echo.request", {"n": 1}, timeout=20)
+        refused = bus.request_nowait("test.echo.request", {"n": -1}, timeout=20)
+        done = 0
+        while done < 2:
+            for d in c.fetch(timeout=5):
+                n = d.message.payload["n"]
+                if n < 0:
+                    server.reply(d.message, error=ValidationError("n is negative", field="n"))
+                else:
+                    server.reply(d.message, {"echo": n})
+                c.ack([d])
+                done += 1
+        reply = reply_message(asked.result(20))
+        assert (reply.topic, reply.payload, reply.source) == ("test.echo.complete", {"echo": 1}, "echo")
+        with pytest.raises(ValidationError) as failed:
+            reply_message(refused.result(20))
+        assert failed.value.field == "n" and "negative" in failed.value.message
+        plain = next(bus.replay(from_seq=bus.publish("test.plain.changed", {})))
+        with pytest.raises(ValidationError):  # nobody waits for an answer to it: it has no reply_to
+            server.reply(plain, {})
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    ({"ack_timeout": -1}, "ack_timeout"), ({"ack_timeout": 0}, "ack_timeout"),
+    ({"max_attempts": 2**40}, "max_attempts"), ({"from_seq": -5}, "from_seq"), ({"position": 0}, "position")])
+def test_what_a_join_may_not_ask_is_refused_by_name_when_consuming(bus: Bus, options: dict, field: str) -> None:
+    """The broker refused it at the first fetch, as a malformed JOIN naming no field (ack_timeout=0: ignored)."""
+    with pytest.raises(ValidationError) as info:
+        bus.consume("bounded", ["test.bounded.*"], **options)
+    assert info.value.field == field
+
+
+def test_an_app_that_left_structlog_alone_sees_only_the_librarys_warnings(broker: BrokerProcess) -> None:
+    """Its reconnects and gap fills (info and debug lines) were printed in the application's own output."""
+    script = ("import sys, structlog\nfrom bus.client import Bus\n"
+              "with Bus.connect(sys.argv[1], module='quiet') as b:\n"
+              "    log = structlog.get_logger('membus.client')\n"
+              "    log.debug('hidden.debug'); log.info('hidden.info'); log.warning('shown.warning')\n")
+    run = subprocess.run([sys.executable, "-c", script, str(broker.home.path)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "shown.warning" in run.stderr and "hidden" not in run.stderr + run.stdout
+
+
+def test_a_subscription_without_a_pattern_is_refused_at_once(bus: Bus) -> None:
+    with pytest.raises(ValidationError) as info:
+        bus.subscribe()
+    assert info.value.field == "patterns"
 
 
 def test_request_without_a_handler_times_out_with_a_typed_error(bus: Bus) -> None:
