@@ -31,7 +31,7 @@ from bus import protocol as P
 from bus.auth import ModuleAuthenticator
 from bus.home import Home, Settings
 from bus.log import EventLog, Prepared, Record, Rejected
-from bus.permissions import Permissions
+from bus.permissions import Permissions, is_worker
 from bus.sealing import log_cipher
 from bus.supervisor import supervised
 from bus.tail import TailCache
@@ -413,7 +413,7 @@ class Broker:
         except BusError as exc:
             return "invalid", Rejected(exc.code, exc.message)
         if topic.startswith(("bus.", "security.")) and not (
-                source == "broker" or (source.startswith("worker-") and topic.startswith("bus."))):
+                source == "broker" or (is_worker(source) and topic.startswith("bus."))):  # a worker's dead letters
             return "unauthorized", Rejected("not_authorized", f"topic {topic!r} is reserved for the broker")
         if source != "broker" and not self._may_publish(source, topic):
             return "denied", Rejected("not_authorized", f"module {source!r} may not publish {topic!r}")

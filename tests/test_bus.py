@@ -470,10 +470,12 @@ def test_a_publish_the_broker_refuses_whole_frees_its_place_and_takes_no_other_d
         assert isinstance(bus.publish("test.big.changed", {"i": 9}, timeout=20), int)
 
 
-def test_publish_to_a_reserved_topic_is_refused(bus: Bus) -> None:
+def test_publish_to_a_reserved_topic_is_refused(bus: Bus, broker: BrokerProcess) -> None:
     with pytest.raises(BusError) as info:
         bus.publish("bus.deadletter", {"fake": True})
     assert info.value.code == "not_authorized"
+    with Bus.connect(broker.home.path, module="worker-evil") as evil, pytest.raises(NotAuthorized):
+        evil.publish("bus.deadletter", {"fake": True})  # only the workers that exist write dead letters
 
 
 def test_a_consumer_that_keeps_its_own_position_repositions_its_group(bus: Bus) -> None:

@@ -313,7 +313,7 @@ POISON_ENV = {"MEMBUS_EXTRA_BACKENDS": "poison=tests.poison_backend:PoisonBacken
 def test_a_message_whose_handler_keeps_raising_is_dead_lettered_once(tmp_path: Path) -> None:
     from tests.poison_backend import TOPIC
 
-    with System(tmp_path / "home", worker_env=POISON_ENV) as system:
+    with System(tmp_path / "home", broker_env=POISON_ENV, worker_env=POISON_ENV) as system:
         bus = system.bus
         worker = system.worker("poison")
         assert bus.request(TOPIC, {"n": 1}, timeout=REQUEST_TIMEOUT).payload["n"] == 1
@@ -346,7 +346,7 @@ def test_a_message_that_kills_its_worker_is_isolated_then_dead_lettered_and_the_
     ``.failed`` and dead-lettered without running again."""
     from tests.poison_backend import TOPIC
 
-    with System(tmp_path / "home", worker_env=POISON_ENV) as system:
+    with System(tmp_path / "home", broker_env=POISON_ENV, worker_env=POISON_ENV) as system:
         bus = system.bus
         pending = [bus.request_nowait(TOPIC, {"n": i, "crash": i == 30}, timeout=REQUEST_TIMEOUT,
                                       correlation_id=f"c{i}") for i in range(40)]
