@@ -170,6 +170,7 @@ class Broker:
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.auth = ModuleAuthenticator(self.ctx, self.home)
         self.auth.start()
+        self._allowed = self.auth.allowed_names()
         public, secret = self.home.broker_keys(create=True)
         sock = self.ctx.socket(zmq.ROUTER)
         sock.curve_server = True
@@ -321,6 +322,10 @@ class Broker:
             self._malformed(rid, b"", f"bad HELLO body: {exc}")
             return
         source = str(frames[1].get("User-Id") or "unknown")
+        if source not in self._allowed and source not in (allowed := self.auth.allowed_names()):
+            self._allowed = allowed
+            self._refuse_revoked(rid, source)  # revoked since its connection was made
+            return
         if inbox and not inbox.startswith(f"inbox.{source}."):  # else one module could take another's replies
             self.counters["inbox_refused"] += 1
             log.warning("client.inbox_refused", source=source, inbox=inbox[:120])
@@ -858,6 +863,22 @@ class Broker:
         if now - self._permissions_read >= 1.0:
             self._permissions_read = now
             self.permissions.refresh()
+            self._cut_off_revoked()
+
+    def _cut_off_revoked(self) -> None:
+        """A module whose key left the allow-list (``membus modules revoke``) loses its clients now: CurveZMQ
+        authenticates a connection once, so it would otherwise go on until the connection ended."""
+        self._allowed = self.auth.allowed_names()
+        for client in list(self.clients.values()):
+            if client.source not in self._allowed:
+                self._refuse_revoked(client.rid, client.source)
+                self._drop_client(client, "revoked", requeue=True)
+
+    def _refuse_revoked(self, rid: bytes, source: str) -> None:
+        self.counters["revoked"] += 1
+        log.warning("client.revoked", source=source)
+        self._error(rid, b"", "not_authorized", f"module {source!r} is no longer on this broker's allow-list "
+                                                f"(its key was revoked)", module=source)
 
     def _coverage_heartbeat(self) -> None:
         head = self.log.head

@@ -541,6 +541,51 @@ def demo(home: HomeOpt = None) -> None:
 
 # -- membus keys: the master key of the home (docs/security.md) ---------------------------------------------
 
+modules_app = typer.Typer(help="The modules on the broker's allow-list: list, revoke.", no_args_is_help=True)
+app.add_typer(modules_app, name="modules")
+
+
+@modules_app.command("list")
+def modules_list(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
+    """Every module whose key is on the allow-list (keys/modules), with its public key and when it enrolled."""
+    h = _home(home)
+    rows = [{"module": name, "public_key": key.decode(), "enrolled": _enrolled(h, name)}
+            for key, name in sorted(h.allowed_modules().items(), key=lambda kv: kv[1])]
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("module", "public key", "enrolled")
+    for row in rows:
+        table.add_row(row["module"], row["public_key"][:16] + "...", row["enrolled"])
+    out.print(_fit(table))
+
+
+def _enrolled(home: Home, name: str) -> str:
+    when = (home.modules / f"{name}.key").stat().st_mtime
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+@modules_app.command("revoke")
+def modules_revoke(module: str, home: HomeOpt = None,
+                   yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False
+                   ) -> None:
+    """Takes a module off the allow-list: its key pair is deleted and a running broker cuts its connections
+    within a second. A module that can write the home's keys folder can enrol again (docs/security.md)."""
+    from bus.permissions import is_worker
+
+    h = _home(home)
+    if module not in h.allowed_modules().values():
+        err.print(f"[bold red]error[/]: module {escape(module)!r} is not on the allow-list of {h.path}")
+        raise typer.Exit(1)
+    if is_worker(module):
+        err.print(f"[bold red]error[/]: {escape(module)} is a store worker's identity: stop the worker instead")
+        raise typer.Exit(2)
+    if not yes and not typer.confirm(f"Revoke module {module!r}? Its clients are cut off"):
+        raise typer.Exit(1)
+    h.revoke_module(module)
+    out.print(f"module {module} revoked: its key pair is deleted; a running broker cuts it off within a second")
+
+
 keys_app = typer.Typer(help="The master key: init, status, change-passphrase, rotate.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 _REBUILT_FROM_LOG = ("lmdb", "chroma", "duckdb")

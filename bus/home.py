@@ -165,6 +165,16 @@ class Home:
             raise BusError(f"module name {module!r} is reserved for the broker: choose another", module=module)
         return self._keypair(self.modules / module, create)
 
+    def revoke_module(self, module: str) -> bool:
+        """Takes ``module`` off the allow-list (its key pair deleted); False if it was not on it."""
+        found = False
+        for suffix in (".key", ".key_secret"):
+            path = self.modules / f"{module}{suffix}"
+            if path.exists() and _MODULE_NAME.match(module):
+                path.unlink()
+                found = True
+        return found
+
     def allowed_modules(self) -> dict[bytes, str]:
         """Public key (z85) -> module name, read from keys/modules/*.key (a file named for no module, or for a
         reserved name, allows nothing)."""

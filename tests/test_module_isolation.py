@@ -5,6 +5,9 @@ Each was found by trying it from a second module against a real broker.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -94,6 +97,35 @@ def test_a_key_removed_from_the_allow_list_no_longer_connects(broker: BrokerProc
         first.close()
     (broker.home.modules / "temp.key").unlink()
     assert isinstance(refused(raw_connection(broker, public, secret, "temp")), NotAuthorized)
+
+
+def test_a_revoked_module_is_cut_off_while_connected(broker: BrokerProcess) -> None:
+    """CurveZMQ authenticates a connection once: a module whose key file was deleted went on publishing and
+    reading until its connection ended. `membus modules revoke` now cuts it off within a second."""
+    def membus(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bus", *args, "--home", str(broker.home.path)],
+                              capture_output=True, text=True, timeout=60)
+
+    public, secret = broker.home.module_keys("revokee")
+    conn = raw_connection(broker, public, secret, "revokee")
+    try:
+        assert conn.connected.wait(10)
+        listed = membus("modules", "list", "--json")
+        assert "revokee" in [m["module"] for m in json.loads(listed.stdout)], listed.stderr
+        assert membus("modules", "revoke", "revokee", "--yes").returncode == 0
+        deadline = time.monotonic() + 10
+        while conn.fatal is None:
+            assert time.monotonic() < deadline, "the revoked module was not cut off"
+            time.sleep(0.05)
+        assert isinstance(conn.fatal, NotAuthorized) and "revoked" in conn.fatal.message
+    finally:
+        conn.close()
+    assert "revokee" not in [m["module"] for m in json.loads(membus("modules", "list", "--json").stdout)]
+    assert membus("modules", "revoke", "revokee", "--yes").returncode == 1  # no longer there
+    broker.home.module_keys("worker-lmdb")
+    assert membus("modules", "revoke", "worker-lmdb", "--yes").returncode == 2  # a worker is stopped instead
+    with Bus.connect(broker.home.path, module="test") as bus:
+        assert bus.status()["counters"]["revoked"] >= 1
 
 
 def test_with_a_permissions_file_what_it_does_not_grant_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
