@@ -217,7 +217,7 @@ def test_an_index_made_before_postings_carried_lengths_is_migrated_on_open(tmp_p
     conn = sqlite3.connect(path, isolation_level=None)
     index = Bm25Index(conn)
     index.create()
-    assert [(s.component, s.current) for s in schema_registry.status(conn, bm25_schemas)] == [("bm25", 2)]
+    assert [(s.component, s.current) for s in schema_registry.status(conn, bm25_schemas)] == [("bm25", 3)]
     for query, user in [("tea", None), ("tea jazz", "u1"), ("coffee knees berlin", None)]:
         expected = bm25_by_hand(docs, query, user)
         got = index.search("m", query, k=10, user_id=user)
@@ -226,6 +226,63 @@ def test_an_index_made_before_postings_carried_lengths_is_migrated_on_open(tmp_p
     index.add("m", "d9", "tea lemonade")  # written by this code after the migration
     assert index.search("m", "lemonade")[0][0] == "d9"
     conn.close()
+
+
+def test_cjk_text_is_indexed_as_character_pairs_so_a_word_finds_its_sentence(bm25: Bm25Index) -> None:
+    """\\w+ kept a Japanese or Chinese sentence as one token: the keyword half of hybrid search found nothing."""
+    assert tokenize("我住在東京都。") == ["我住", "住在", "在東", "東京", "京都"]
+    assert tokenize("Tokyo東京2024 と") == ["tokyo", "東京", "2024", "と"]
+    assert tokenize("서울에서 만나요") == ["서울", "울에", "에서", "만나", "나요"]
+    bm25.add("m", "ja", "昨日は友達と寿司を食べました")
+    bm25.add("m", "zh", "我喜欢在东京吃寿司")
+    bm25.add("m", "en", "sushi in Tokyo")
+    assert {doc for doc, _ in bm25.search("m", "寿司")} == {"ja", "zh"}
+    assert [doc for doc, _ in bm25.search("m", "东京")] == ["zh"]
+
+
+def made_before_cjk_pairs(backend: ChromaBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes ``backend``'s BM25 index what the code before version 3 made: version 2, every text indexed with
+    that code's tokenizer (a CJK sentence one token)."""
+    import re
+
+    from workers import bm25 as bm25_module
+
+    conn = backend.conn
+    schema_registry.rollback(conn, "bm25", 2, bm25_schemas)
+    with monkeypatch.context() as patched:
+        patched.setattr(bm25_module, "tokenize",
+                        lambda text: [w for w in re.findall(r"\w+", text.lower()) if w not in bm25_module.STOPWORDS])
+        for kind in ("memory", "conversation"):
+            got = backend.collection(kind).get(include=["documents", "metadatas"])
+            for doc_id, document, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
+                text, metadata = backend._opened(kind, doc_id, document, meta)
+                assert backend.bm25 is not None
+                backend.bm25.add(kind, doc_id, text, metadata.get("user_id"))
+
+
+def check_cjk_reindexed_at_open(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = make()
+    backend.open()
+    log = Log()
+    apply_batch(backend, [log.env("memory.fact.changed", fact("f1", "昨日は友達と寿司を食べました")),
+                          log.env("memory.fact.changed", fact("f2", "plays the cello"))])
+    made_before_cjk_pairs(backend, monkeypatch)
+    assert backend.bm25 is not None and backend.bm25.search("memory", "寿司") == []
+    backend.close()
+    backend = make()
+    backend.open()  # the first start after the upgrade indexes the CJK text again
+    try:
+        assert backend.bm25 is not None and not backend.bm25.retokenize_pending()
+        assert [doc for doc, _ in backend.bm25.search("memory", "寿司")] == ["f1"]
+        assert [doc for doc, _ in backend.bm25.search("memory", "cello")] == ["f2"]
+        assert search(backend, log, "寿司", hybrid=True)[0].id == "f1"
+    finally:
+        backend.close()
+
+
+def test_an_index_made_before_cjk_pairs_is_indexed_again_once_at_open(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    check_cjk_reindexed_at_open(lambda: ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder()), monkeypatch)
 
 
 def test_bm25_filters_by_user(bm25: Bm25Index) -> None:

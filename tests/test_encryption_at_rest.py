@@ -650,3 +650,12 @@ def test_log_reseal_after_rotation_and_of_plaintext_records(tmp_path: Path) -> N
             old_only.get(seq)
         assert caught.value.fields["check"] == "key_id"
     old_only.close()
+
+
+def test_an_encrypted_index_made_before_cjk_pairs_is_indexed_again_once_at_open(
+        tmp_path: Path, ring: KeyRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The texts are read back from their sealed records (Chroma keeps no document) and their tokens blinded."""
+    from tests.test_chroma_store import check_cjk_reindexed_at_open
+
+    check_cjk_reindexed_at_open(
+        lambda: ChromaBackend(tmp_path / "chroma", embedder=HashEmbedder(), encryption=ring), monkeypatch)

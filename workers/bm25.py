@@ -69,15 +69,50 @@ V2_POSTING_LENGTH = SchemaVersion(2, "posting_length", (
 ), description="Each posting carries its document's length, so scoring reads no document row per posting "
                "(a common term has tens of thousands of postings at 100k documents).")
 
+V3_CJK_BIGRAMS = SchemaVersion(3, "cjk_bigrams", (
+    "CREATE TABLE IF NOT EXISTS bm25_retokenize (pending INTEGER NOT NULL)",
+    "INSERT INTO bm25_retokenize VALUES (1)",
+), rollback=(
+    "DROP TABLE IF EXISTS bm25_retokenize",
+), description="Chinese, Japanese and Korean text is indexed as overlapping pairs of characters (a sentence was "
+               "one token that no query matched): the documents indexed before are indexed again once, by the "
+               "chroma worker at its next start (``Bm25Index.retokenize_pending``).")
+
 SCHEMAS = SchemaRegistry()
 """The index's own version line, kept apart from the libSQL store's (schemas.registry.REGISTRY): the index
 lives in the chroma worker's sidecar database."""
-SCHEMAS.register("bm25", [V1_INDEX, V2_POSTING_LENGTH])
+SCHEMAS.register("bm25", [V1_INDEX, V2_POSTING_LENGTH, V3_CJK_BIGRAMS])
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
+"""Kana, CJK ideographs and Hangul: scripts written without spaces between words (or, in Korean, with
+particles joined to them), indexed as overlapping character pairs, as Lucene's CJK analyzer does."""
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words without stopwords."""
-    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+    """Lower-cased words without stopwords; a run of CJK characters as its overlapping pairs (東京都 -> 東京,
+    京都), so that a word of two characters finds a sentence holding it."""
+    out: list[str] = []
+    for word in _WORD.findall(text.lower()):
+        if word in STOPWORDS:
+            continue
+        if _CJK.search(word) is None:
+            out.append(word)
+            continue
+        start = 0
+        for run in _CJK.finditer(word):
+            if run.start() > start:
+                out.append(word[start:run.start()])
+            chars = run.group()
+            out += [chars] if len(chars) == 1 else [chars[i:i + 2] for i in range(len(chars) - 1)]
+            start = run.end()
+        if start < len(word):
+            out.append(word[start:])
+    return out
+
+
+def has_cjk(text: str) -> bool:
+    return _CJK.search(text) is not None
 
 
 def token_key(token: str, blinder: Blinder | None = None) -> str:
@@ -108,6 +143,13 @@ class Bm25Index:
         """Creates the index, or brings one made by earlier code to the latest version (no transaction may be
         open)."""
         apply_all(self.conn, SCHEMAS)
+
+    def retokenize_pending(self) -> bool:
+        """Whether documents indexed by an earlier tokenizer must be indexed again (``V3_CJK_BIGRAMS``)."""
+        return self.conn.execute("SELECT 1 FROM bm25_retokenize LIMIT 1").fetchone() is not None
+
+    def retokenized(self) -> None:
+        self.conn.execute("DELETE FROM bm25_retokenize")
 
     def add(self, collection: str, doc_id: str, text: str, user_id: str | None = None) -> None:
         """Indexes ``text`` as ``doc_id``, replacing what was indexed under that id before."""

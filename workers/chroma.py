@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import itertools
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from bus.sealing import Blinder, open_sealed, seal
 from contracts.errors import BusError, IntegrityError, StoreError, StoreRejected
 from contracts.inventory import InventoryItem, InventoryPage
 from workers.base import Backend, Context, handles
-from workers.bm25 import Bm25Index
+from workers.bm25 import Bm25Index, has_cjk
 from workers.change_events import FactChanged, MessageChanged, read_event, timestamp
 from workers.embedding import Embedder, MembusEmbeddingFunction, load_embedder
 
@@ -40,6 +41,8 @@ log = structlog.get_logger("membus.chroma")
 IDS_FILTER_MAX = 50_000
 """Up to this many documents of one user, a search names them by id rather than filtering on metadata."""
 COLLECTIONS = {"memory": "memory_facts", "conversation": "conversation_segments"}
+_PAGE = 1000
+"""Records read from Chroma at a time when the worker reads a whole collection."""
 SEALED_METADATA = "_sealed"
 RRF_K = 60
 _msgpack = msgspec.msgpack.Encoder()
@@ -151,7 +154,33 @@ class ChromaBackend(Backend):
             )
             self._check_embedder(collection, function)
             self._collections[kind] = collection
+        if self.bm25.retokenize_pending():
+            self._retokenize()
         log.info("chroma.opened", path=str(self.data_dir), model=self.embedder.name)
+
+    def _retokenize(self) -> None:
+        """Indexes again in BM25 the texts an earlier tokenizer split otherwise (those with CJK characters), in
+        one transaction with clearing the mark: once, at the first start after the upgrade."""
+        assert self.bm25 is not None
+        changes = []
+        for kind in COLLECTIONS:
+            for offset in itertools.count(0, _PAGE):
+                page = self.collection(kind).get(include=["documents", "metadatas"], limit=_PAGE, offset=offset)
+                for doc_id, document, meta in zip(page["ids"], page["documents"], page["metadatas"], strict=True):
+                    text, metadata = self._opened(kind, doc_id, document, meta)
+                    if has_cjk(text):
+                        changes.append((kind, doc_id, text, _owner(metadata)))
+                if len(page["ids"]) < _PAGE:
+                    break
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.bm25.write(changes)
+            self.bm25.retokenized()
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        log.info("chroma.bm25_retokenized", documents=len(changes))
 
     def _check_embedder(self, collection: Any, function: MembusEmbeddingFunction) -> None:
         """Vectors of one model only: a collection embedded by another is refused, with what to do (Chroma itself
