@@ -23,7 +23,7 @@ from rich.table import Table
 from bus import logs
 from bus.home import Home
 from contracts.errors import BusError, NotAuthorized, TimeoutError
-from contracts.topics import check_pattern, check_topic
+from contracts.topics import check_pattern, check_topic, matches_any
 
 app = typer.Typer(help="membus: a durable local bus in front of your AI companion's memory stores.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -274,16 +274,25 @@ _STDIN_CHUNK = 10_000
 
 @app.command()
 def request(topic: TopicArg, payload: Annotated[str, typer.Argument(help="The payload as JSON.")],
-            home: HomeOpt = None, timeout: float = 10.0) -> None:
+            home: HomeOpt = None,
+            timeout: Annotated[float, typer.Option(min=0.001, help="Seconds to wait for the reply.")] = 10.0) -> None:
     """Send a request and print the reply as JSON."""
     logs.configure(level="warning")
     data = _parse_json(payload, "the payload")
     try:
         with _bus(home) as bus:
+            if not _taken_by_a_group(bus, topic):
+                err.print(f"[yellow]note[/]: no consumer group takes {topic} (no worker handles it, and no module "
+                          f"consumes it): nothing may answer; waiting {timeout:g} s anyway", highlight=False)
             reply = bus.request(topic, data, timeout=timeout)
             typer.echo(json.dumps(reply.to_dict()["payload"], default=str))
     except BusError as exc:
         _fail(exc)
+
+
+def _taken_by_a_group(bus: Any, topic: str) -> bool:
+    groups = bus.status()["groups"].values()
+    return any(matches_any(tuple(g["patterns"]), topic) for g in groups)
 
 
 def json_line(data: Any) -> str:

@@ -170,6 +170,15 @@ def test_a_misspelt_worker_in_the_settings_is_named_and_a_mistyped_home_is_not_m
     assert done.returncode == 1 and "no membus home" in done.stderr and not typo.exists(), done.stderr
 
 
+def test_a_request_nothing_takes_says_so_before_it_waits_and_a_timeout_below_zero_is_a_usage_error(
+        broker: BrokerProcess) -> None:
+    """It waited out its timeout in silence; a negative timeout exited 1, as if the bus had failed."""
+    done = cli(broker.home.path, "request", "no.such.request", "{}", "--timeout", "0.5")
+    assert done.returncode == 3 and "no consumer group takes no.such.request" in done.stderr, done.stderr
+    done = cli(broker.home.path, "request", "no.such.request", "{}", "--timeout", "-1")
+    assert done.returncode == 2, done.stderr
+
+
 def test_status_says_why_a_worker_ended(broker: BrokerProcess) -> None:
     """A worker that could not open its store (restarted again and again by `membus up`) showed as stopped,
     with no reason."""
