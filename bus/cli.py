@@ -290,6 +290,15 @@ def request(topic: TopicArg, payload: Annotated[str, typer.Argument(help="The pa
         _fail(exc)
 
 
+def _restart_note(ws: dict[str, Any]) -> str:
+    """What ``membus up`` does about a stopped worker: when it starts it again, and how often it has."""
+    sup = ws.get("supervised") or {}
+    if sup.get("restart_at") is None:
+        return ""
+    wait = max(0.0, float(sup["restart_at"]) - time.time())
+    return f" (membus up starts it again in {wait:.0f} s; restarted {sup.get('restarts', 0)} times so far)"
+
+
 def _taken_by_a_group(bus: Any, topic: str) -> bool:
     groups = bus.status()["groups"].values()
     return any(matches_any(tuple(g["patterns"]), topic) for g in groups)
@@ -377,10 +386,12 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
         _fail(exc)
         return
     st["workers"] = read_worker_status(_home(home))
+    supervised = _home(home).supervisor_state().get("children", {})
     for name, ws in st["workers"].items():
         ws["running"] = bool(ws.get("pid")) and pid_alive(int(ws["pid"]))
         # the group's lag: the worker's own position stays at the last message of its topics
         ws["lag"] = st["groups"].get(name, {}).get("lag", ws.get("lag")) if ws["running"] else None
+        ws["supervised"] = supervised.get(name)
     if json_out:
         typer.echo(json.dumps(st, default=str, indent=2))
         return
@@ -403,7 +414,8 @@ def status(home: HomeOpt = None, json_out: JsonOpt = False) -> None:
         out.print(_fit(w))
         for name, ws in sorted(st["workers"].items()):
             if ws.get("exited") and not ws["running"]:
-                out.print(f"[red]worker {name} ended:[/] {escape(ws['exited'])}", highlight=False)
+                out.print(f"[red]worker {name} ended:[/] {escape(ws['exited'])}{_restart_note(ws)}",
+                          highlight=False)
             if ws.get("stalled"):
                 out.print(f"[red]worker {name} cannot write its store, and keeps trying:[/] {escape(ws['stalled'])}")
             if ws.get("suspects"):

@@ -205,10 +205,19 @@ class Home:
     def supervisor_file(self) -> Path:
         return self.path / "run" / "up.json"
 
-    def write_supervisor_file(self) -> None:
-        """That ``membus up`` runs on this home (its children may be between restarts): offline work waits."""
+    def write_supervisor_file(self, children: dict[str, Any] | None = None) -> None:
+        """That ``membus up`` runs on this home (its children may be between restarts): offline work waits.
+        ``children``: per child, how often it was restarted and when it will be next (``membus status``)."""
         self.supervisor_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.supervisor_file, {"pid": os.getpid()})
+        write_json(self.supervisor_file, {"pid": os.getpid(), "children": children or {}})
+
+    def supervisor_state(self) -> dict[str, Any]:
+        """What ``write_supervisor_file`` wrote last ({} when no ``membus up`` runs)."""
+        try:
+            state = json.loads(self.supervisor_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
 
     def remove_supervisor_file(self) -> None:
         self.supervisor_file.unlink(missing_ok=True)

@@ -62,6 +62,7 @@ class Child:
     backoff: float = 0.5
     restart_at: float = 0.0
     restarts: int = 0
+    last_exit: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     keyrings: list[keys.KeyRing] = field(default_factory=list, repr=False)
     """Only this child's derived keys, handed over an inherited pipe at every start."""
@@ -118,21 +119,14 @@ class Supervisor:
 
     def _supervise(self, ready_timeout: float) -> None:
         self._hand_out_keys()
+        if self._stop:  # Ctrl-C or SIGTERM while the keys were derived: nothing to start
+            return
         self.broker.start()
-        deadline = time.monotonic() + ready_timeout
-        while not self._stop:
-            run = self.home.read_run_file()
-            if run and self.broker.proc and run.get("pid") == self.broker.proc.pid:
-                log.info("broker.ready", endpoint=run["endpoint"])
-                break
-            if self.broker.proc and self.broker.proc.poll() is not None:
-                raise SystemExit(f"the broker exited with code {self.broker.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise SystemExit("the broker did not start in time")
-            time.sleep(0.05)
-        for w in self.workers:
-            w.start()
         try:
+            self._wait_for_broker(ready_timeout)
+            if not self._stop:
+                for w in self.workers:
+                    w.start()
             while not self._stop:
                 self._check_home()
                 for child in [self.broker, *self.workers]:
@@ -140,6 +134,19 @@ class Supervisor:
                 time.sleep(0.2)
         finally:
             self._shutdown()
+
+    def _wait_for_broker(self, ready_timeout: float) -> None:
+        deadline = time.monotonic() + ready_timeout
+        while not self._stop:
+            run = self.home.read_run_file()
+            if run and self.broker.proc and run.get("pid") == self.broker.proc.pid:
+                log.info("broker.ready", endpoint=run["endpoint"])
+                return
+            if self.broker.proc and self.broker.proc.poll() is not None:
+                raise SystemExit(f"the broker exited with code {self.broker.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit("the broker did not start in time")
+            time.sleep(0.05)
 
     def _check_home(self) -> None:
         """A removed home stops everything: restarted workers would crash on their missing stores for ever,
@@ -170,12 +177,24 @@ class Supervisor:
         if proc is not None:
             log.warning("child.exited", child=child.name, code=proc.returncode, restart_in=child.backoff)
             child.proc = None
+            child.last_exit = proc.returncode
             child.restart_at = now + child.backoff
             child.backoff = min(child.backoff * 2, 30.0)
+            self._tell()
             return
         if now >= child.restart_at:
             child.restarts += 1
             child.start()
+            self._tell()
+
+    def _tell(self) -> None:
+        """Each child's restarts, for ``membus status`` (a worker crashing at start is shown as stopped, with why;
+        this says that it will be started again, and when)."""
+        wall, now = time.time(), time.monotonic()
+        self.home.write_supervisor_file({
+            c.name: {"restarts": c.restarts, "last_exit": c.last_exit,
+                     "restart_at": None if c.proc is not None else wall + max(0.0, c.restart_at - now)}
+            for c in [self.broker, *self.workers]})
 
     def _shutdown(self) -> None:
         for group in (self.workers, [self.broker]):

@@ -253,6 +253,30 @@ def test_sigterm_stops_membus_up_and_every_child_cleanly(tmp_path: Path) -> None
         system.stop()
 
 
+def test_status_says_when_membus_up_starts_a_crashing_worker_again(tmp_path: Path) -> None:
+    """A worker that fails at every start showed as stopped with why, but not that it would be started again,
+    when, or how often it had been."""
+    system = UpProcess(tmp_path / "home", ["lmdb"])
+    try:
+        system.start()
+        pid = system.worker_pid("lmdb")
+        assert pid
+        os.kill(pid, signal.SIGKILL)
+        for store in system.home.data_dir("lmdb").rglob("data.mdb"):
+            store.write_bytes(b"not an lmdb file " * 4096)
+
+        def noted() -> str:
+            said = " ".join(cli(system.home.path, "status", timeout=60.0).stdout.split())
+            return said if "membus up starts it again in" in said else ""
+
+        said = wait_until(noted, timeout=60.0, what="status notes the restart")
+        assert re.search(r"worker lmdb ended: .*restarted [1-9]\d* times so far", said), said
+        supervised = json.loads(cli(system.home.path, "status", "--json", timeout=60.0).stdout)
+        assert supervised["workers"]["lmdb"]["supervised"]["restarts"] >= 1
+    finally:
+        system.stop()
+
+
 def test_membus_up_killed_with_minus_9_takes_its_children_with_it(tmp_path: Path) -> None:
     """Orphans would keep the home's log open, unsupervised, and the next `membus up` could not start."""
     system = UpProcess(tmp_path / "home", WORKERS)
