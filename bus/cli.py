@@ -22,7 +22,7 @@ from rich.table import Table
 
 from bus import logs
 from bus.home import Home
-from contracts.errors import BusError, NotAuthorized, TimeoutError
+from contracts.errors import BusError, NotAuthorized, TimeoutError, ValidationError
 from contracts.topics import check_pattern, check_topic, matches_any
 
 app = typer.Typer(help="membus: a durable local bus in front of your AI companion's memory stores.",
@@ -250,12 +250,18 @@ def publish(topic: TopicArg,
         if correlation:
             err.print("[bold red]error[/]: --correlation applies to one message, not to lines from stdin")
             raise typer.Exit(2)
-        payloads = [_parse_json(line, f"line {n} of stdin") for n, line in enumerate(sys.stdin, start=1)
-                    if line.strip()]
+        lines = [(n, _parse_json(line, f"line {n} of stdin")) for n, line in enumerate(sys.stdin, start=1)
+                 if line.strip()]
+        payloads = [p for _, p in lines]
         try:
             with _bus(home) as bus:
                 for start in range(0, len(payloads), _STDIN_CHUNK):
-                    seqs = bus.publish_many(topic, payloads[start:start + _STDIN_CHUNK], timeout=timeout)
+                    try:
+                        seqs = bus.publish_many(topic, payloads[start:start + _STDIN_CHUNK], timeout=timeout)
+                    except ValidationError as exc:  # its index is within the chunk: say which line it was
+                        if isinstance(exc.fields.get("index"), int):
+                            exc.message = f"line {lines[start + exc.fields['index']][0]} of stdin: {exc.message}"
+                        raise
                     typer.echo("\n".join(map(str, seqs)))
         except BusError as exc:
             _fail(exc)

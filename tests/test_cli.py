@@ -179,6 +179,13 @@ def test_a_request_nothing_takes_says_so_before_it_waits_and_a_timeout_below_zer
     assert done.returncode == 2, done.stderr
 
 
+def test_a_line_of_stdin_that_breaks_the_topics_contract_is_named_by_its_number(broker: BrokerProcess) -> None:
+    good = '{"user_id": "u1", "text": "likes tea"}'
+    done = cli(broker.home.path, "publish", "memory.store.request", "-",
+               stdin=f"{good}\n\n{good}\n{{\"user_id\": \"u1\"}}\n")
+    assert done.returncode == 1 and "line 4 of stdin" in done.stderr and "text" in done.stderr, done.stderr
+
+
 def test_status_says_why_a_worker_ended(broker: BrokerProcess) -> None:
     """A worker that could not open its store (restarted again and again by `membus up`) showed as stopped,
     with no reason."""
