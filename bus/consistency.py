@@ -393,8 +393,12 @@ class StoreLock:
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only or full home: one line, not a traceback
+            raise StoreError(f"cannot take the store lock {self.path}: {exc.strerror or exc}",
+                             path=str(self.path)) from None
         if not try_lock(fd):
             os.close(fd)
             return False

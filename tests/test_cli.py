@@ -105,6 +105,15 @@ def test_up_on_a_home_it_cannot_write_says_so_in_one_line(tmp_path: Path) -> Non
     assert f"cannot set up the home folder {home / 'keys'}" in said, done.stderr
 
 
+def test_a_worker_that_cannot_take_its_store_lock_says_so_in_one_line(broker: BrokerProcess) -> None:
+    """On a read-only home `membus worker` ended in a traceback from the store lock."""
+    (broker.home.path / "run" / "worker-lmdb.lock").mkdir(parents=True)  # fails like a read-only file system
+    done = cli(broker.home.path, "worker", "lmdb", timeout=60.0)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "error: worker lmdb: cannot take the store lock" in said, done.stderr
+
+
 def test_a_payload_with_nan_or_infinity_and_a_rebuild_timeout_below_a_second_are_usage_errors(tmp_path: Path) -> None:
     """NaN went into the log and came out of `replay --json` as invalid JSON; a 0 s rebuild wiped the store, then
     gave up."""
