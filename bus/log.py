@@ -751,7 +751,7 @@ class EventLog:
             v = txn.get(id_b, db=self._ids)
             return None if v is None else int(_SEQ.unpack(v)[0])
 
-    def traced_after(self, message_id: str, correlation_id: str, budget: int = 1000) -> list[Record]:
+    def traced_after(self, message_id: str, correlation_id: str, budget: int = 256) -> list[Record]:
         """The records of trace ``correlation_id`` logged after message ``message_id`` (at most ``budget`` of them,
         a page at most): where the replies to a request are."""
         seq = self.seq_of_id(message_id)

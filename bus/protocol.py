@@ -91,8 +91,9 @@ ack_body = msgspec.msgpack.Decoder(list[int])
 nack_body = msgspec.msgpack.Decoder(list[tuple[int, str, float]])
 replies_body = msgspec.msgpack.Decoder(list[tuple[str, str]])
 
-MAX_REPLIES_ASKED = 1000
-"""Requests one REPLIES frame may ask about (each is an index lookup in the broker's loop)."""
+MAX_REPLIES_ASKED = 256
+"""Requests one REPLIES frame may ask about: each costs the broker's loop a look at up to 256 records of its trace
+(``EventLog.traced_after``), so one frame is at most ~65k records however long the traces are."""
 
 MAX_CREDIT = 100_000
 """Deliveries one group member may hold unacknowledged: what it asks for is a bound on its queue."""
