@@ -371,7 +371,11 @@ class Connection(threading.Thread):
         with self.cond:
             self._waiters[request_id] = pending
             if timeout is not None:
-                heapq.heappush(self._reply_deadlines, (time.monotonic() + timeout, request_id, timeout))
+                deadlines = self._reply_deadlines
+                if len(deadlines) > 2 * len(self._waiters) + 1024:  # mostly answered already: only those left
+                    deadlines[:] = [d for d in deadlines if d[1] in self._waiters]
+                    heapq.heapify(deadlines)
+                heapq.heappush(deadlines, (time.monotonic() + timeout, request_id, timeout))
         return pending
 
     def reply_refused(self, request_id: str, sent: Pending) -> None:
