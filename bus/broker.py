@@ -26,6 +26,7 @@ import lmdb
 import msgspec
 import structlog
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from bus import protocol as P
 from bus.auth import ModuleAuthenticator
@@ -181,6 +182,8 @@ class Broker:
         sock.setsockopt(zmq.SNDHWM, self.settings.live_hwm)  # per client; past it sends fail and are counted
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.linger = 0
+        self._handshakes = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self._bind(sock)
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock = sock
@@ -212,6 +215,8 @@ class Broker:
             states = {g.name: g.state() for g in self.groups.values()}
             if states:
                 self.log.append([], groups=states)
+        self.sock.disable_monitor()
+        self._handshakes.close(linger=0)
         self.sock.close(linger=0)
         self.auth.stop()
         self.ctx.term()
@@ -864,6 +869,20 @@ class Broker:
             self._permissions_read = now
             self.permissions.refresh()
             self._cut_off_revoked()
+        self._failed_handshakes()
+
+    def _failed_handshakes(self) -> None:
+        """A client without CurveZMQ (or speaking another protocol) gets no answer at all: ZeroMQ ends its
+        connection in the handshake. The operator at least sees it here and in ``status``."""
+        while True:
+            try:
+                event = parse_monitor_message(self._handshakes.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self.counters["handshakes_failed"] += 1
+            log.warning("client.handshake_failed", endpoint=str(event.get("endpoint", b""), errors="replace"),
+                        code=hex(int(event.get("value", 0))),
+                        reason="not a CurveZMQ client of this broker (a plain socket, or another protocol)")
 
     def _cut_off_revoked(self) -> None:
         """A module whose key left the allow-list (``membus modules revoke``) loses its clients now: CurveZMQ

@@ -368,6 +368,21 @@ def test_malformed_frames_get_typed_errors_and_the_broker_stays_up(broker: Broke
         s.close(0)
 
 
+def test_a_client_without_curve_is_logged_and_counted_by_the_broker(broker: BrokerProcess) -> None:
+    """ZeroMQ ends such a connection in its handshake, so the client hears nothing: the broker said nothing either."""
+    plain = zmq.Context.instance().socket(zmq.DEALER)
+    plain.linger = 0
+    try:
+        plain.connect(broker.endpoint)
+        plain.send_multipart([P.HELLO, P.pack({"client": "plain"})])
+        with Bus.connect(broker.home.path, module="test") as bus:
+            wait_until(lambda: bus.status()["counters"].get("handshakes_failed", 0) >= 1, timeout=20,
+                       what="the failed handshake counted")
+        assert "client.handshake_failed" in broker.log_path.read_text()
+    finally:
+        plain.close(0)
+
+
 def test_a_join_outside_a_groups_bounds_is_refused_and_the_log_keeps_reaching_lmdb(broker: BrokerProcess) -> None:
     """A group's name keys its saved state in the log's LMDB: a 10,000-byte name made every later copy of the
     journal into LMDB fail, retried for ever. Names, credit, ack timeout, attempts and start are bounded."""
