@@ -615,6 +615,14 @@ class Broker:
     def _join(self, client: Client, name: str, body: P.JoinBody) -> None:
         patterns = tuple(check_pattern(p) for p in body.patterns)
         group = self.groups.get(name)
+        worker = f"worker-{name}"
+        if is_worker(worker):  # a store worker's own group: made first by a module, it kept the worker out
+            if client.source != worker:
+                raise NotAuthorized(f"group {name!r} is the {name} worker's: module {client.source!r} may not join "
+                                    "it", group=name, module=client.source)
+            if group is not None and group.owner != worker:
+                group.owner, group.saved_floor = worker, -1  # taken back from the module that made it
+                self._groups_dirty = True
         if group is not None and group.owner not in ("", client.source):  # else it could take or redirect them
             raise NotAuthorized(f"group {name!r} belongs to module {group.owner!r}: module {client.source!r} may "
                                 "not join it", group=name, module=client.source)

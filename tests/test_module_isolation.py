@@ -88,6 +88,14 @@ def test_a_group_belongs_to_the_module_that_made_it(broker: BrokerProcess) -> No
         assert owner.status()["groups"]["jobs"]["patterns"] == ["test.job.*"]
 
 
+def test_a_store_workers_group_is_the_workers_alone(broker: BrokerProcess) -> None:
+    """A module that made the group `chroma` before that worker first ran kept the worker out of its own group."""
+    with Bus.connect(broker.home.path, module="squatter") as squatter:
+        with squatter.consume("chroma", ["memory.>"]) as taken, pytest.raises(NotAuthorized):
+            taken.fetch(timeout=5)
+        assert "chroma" not in squatter.status()["groups"]
+
+
 def test_a_key_removed_from_the_allow_list_no_longer_connects(broker: BrokerProcess) -> None:
     public, secret = broker.home.module_keys("temp")
     first = raw_connection(broker, public, secret, "temp")
