@@ -503,7 +503,7 @@ class Consumer:
     def _deliver(self, items: list[tuple[int, Envelope]]) -> None:
         with self._cond:
             if "position" in self._state.body:
-                self._held.update(seq for seq, _ in items)
+                self._held.update(env.seq for _, env in items)
             self._queue.extend(items)
             self._cond.notify_all()
         if self.waker is not None:

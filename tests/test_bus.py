@@ -712,3 +712,26 @@ def test_a_wait_for_messages_with_a_timeout_that_is_not_a_number_of_seconds_is_r
             waiter.start()
             waiter.join(10)
             assert isinstance(outcome.pop(), ValidationError)
+
+
+def test_a_positioned_consumer_that_acked_everything_resumes_after_it_when_the_broker_restarts(
+        bus: Bus, broker: BrokerProcess) -> None:
+    """The member tracked the attempt numbers of its deliveries as their seqs: after every broker restart it
+    rejoined at seq 1 and the whole log was delivered to it again (every store worker, at every restart)."""
+    bus.publish_many("test.before.changed", [{"i": i} for i in range(5)])
+    seqs = [bus.publish("test.resume.changed", {"i": i}) for i in range(4)]
+    with bus.consume("resumer", ["test.resume.*"], position=seqs[0], credit=10) as c:
+        got: list = []
+        while len(got) < 4:
+            got += c.fetch(10, timeout=5)
+        c.ack(got)
+        wait_until(lambda: bus.status()["groups"]["resumer"]["inflight"] == 0, what="acks processed")
+        broker.kill()
+        broker.start()
+        later = bus.publish("test.resume.changed", {"i": 4}, timeout=20)
+        again: list = []
+        while later not in [d.seq for d in again]:
+            more = c.fetch(10, timeout=15)
+            assert more, "the message published after the restart never came"
+            again += more
+        assert [d.seq for d in again] == [later]
