@@ -347,7 +347,8 @@ class Broker:
         log.info("client.hello", client=name, source=source, inbox=inbox)
         self._send(rid, P.WELCOME, P.pack({"broker": self.broker_id, "head": self.log.head,
                                             "heartbeat": self.settings.heartbeat_s,
-                                            "max_message": self.settings.max_message_bytes, "source": source}))
+                                            "max_message": self.settings.max_message_bytes, "source": source,
+                                            "max_attempts": self.settings.max_attempts}))
 
     def _malformed(self, rid: bytes, ref: bytes, message: str) -> None:
         self.counters["malformed"] += 1

@@ -560,8 +560,9 @@ class Consumer:
         items = [(d if isinstance(d, int) else d.seq, reason, delay) for d in deliveries]
         if items:
             self._conn.nack(self.group, items)
-            last = self._state.body.get("max_attempts")  # else the broker's default, unknown here: kept held
-            dead = [d.seq for d in deliveries if not isinstance(d, int) and last and d.attempt >= last]
+            # dead-lettered on its last attempt: settled, or a rejoin at ``position`` would bring it back
+            last = self._state.body.get("max_attempts") or (self._conn.welcome or {}).get("max_attempts")
+            dead = [d.seq for d in deliveries if not isinstance(d, int) and last and d.attempt >= int(last)]
             if dead:
                 self._settled(dead)
 

@@ -28,7 +28,8 @@ Client -> broker
     BYE      [BYE]
 
 Broker -> client
-    WELCOME  [WELCOME, body]        {"broker": id, "head": int, "heartbeat": s, "max_message": int, "source": str}
+    WELCOME  [WELCOME, body]        {"broker": id, "head": int, "heartbeat": s, "max_message": int, "source": str,
+                                     "max_attempts": int (a group's deliveries before a dead letter, by default)}
     PUBACK   [PUBACK, ID, results]  one result per envelope, in order: seq (int), or [code, message]
     LIVE     [LIVE, ID, body]       [first, last, ENVS]: every message matching subscription ID with
                                     first <= seq <= last is in ENVS (so a gap shows as first > last seen + 1)

@@ -735,3 +735,33 @@ def test_a_positioned_consumer_that_acked_everything_resumes_after_it_when_the_b
             assert more, "the message published after the restart never came"
             again += more
         assert [d.seq for d in again] == [later]
+
+
+def test_a_positioned_consumer_does_not_get_a_dead_lettered_message_again_after_a_broker_restart(
+        bus: Bus, broker: BrokerProcess) -> None:
+    """Nacked until the broker dead-lettered it (its default max_attempts): the member kept it as unsettled,
+    rejoined a restarted broker at it, and it went through every attempt and to dead letters once more."""
+    seqs = [bus.publish("test.poison.changed", {"i": i}) for i in range(3)]
+    with bus.consume("nacker", ["test.poison.*"], position=seqs[0], credit=10) as c:
+        dead = 0
+        while dead < 1:
+            for d in c.fetch(10, timeout=5):
+                if d.seq != seqs[1]:
+                    c.ack([d])
+                    continue
+                c.nack([d], "always fails")
+                dead += d.attempt >= int((bus._conn.welcome or {})["max_attempts"])
+        wait_until(lambda: bus.status()["groups"]["nacker"]["dead_letters"] == 1, what="dead-lettered")
+        wait_until(lambda: bus.status()["groups"]["nacker"]["inflight"] == 0, what="acks processed")
+        broker.kill()
+        broker.start()
+        later = bus.publish("test.poison.changed", {"i": 3}, timeout=20)
+        again: list = []
+        while later not in [d.seq for d in again]:
+            more = c.fetch(10, timeout=15)
+            assert more, "the message published after the restart never came"
+            again += more
+        assert [d.seq for d in again] == [later]
+    letters = [m for m in bus.replay(topic="bus.deadletter")]
+    assert len(letters) == 1
+
