@@ -15,11 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from bus import logs
 from bus.client import Bus
 from bus.home import Home
 from contracts.catalog import load_all
 
 load_all()  # as every worker does: a topic decodes against the same contract in every test
+# every level, as in the processes (Bus.connect would otherwise keep an unconfigured process to warnings, and
+# the tests that capture a worker's info lines would see none of them once a test had connected)
+logs.configure(level="debug", json=False)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Keys the tests make stay in a folder of this run: never the user's keyring or ~/.config/membus.
 os.environ["XDG_CONFIG_HOME"] = _config = tempfile.mkdtemp(prefix="membus-test-config-")

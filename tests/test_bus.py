@@ -714,6 +714,20 @@ def test_a_wait_for_messages_with_a_timeout_that_is_not_a_number_of_seconds_is_r
             assert isinstance(outcome.pop(), ValidationError)
 
 
+def delivered_after_a_broker_restart(bus: Bus, broker: BrokerProcess, consumer: Consumer, topic: str) -> object:
+    """Kills and restarts the broker, publishes one message on ``topic``: "only what came after" if the consumer
+    is then handed that message alone, else the seqs it was handed."""
+    broker.kill()
+    broker.start()
+    later = bus.publish(topic, {"i": -1}, timeout=20)
+    again: list[int] = []
+    while later not in again:
+        more = consumer.fetch(10, timeout=15)
+        assert more, "the message published after the restart never came"
+        again += [d.seq for d in more]
+    return "only what came after" if again == [later] else again
+
+
 def test_a_positioned_consumer_that_acked_everything_resumes_after_it_when_the_broker_restarts(
         bus: Bus, broker: BrokerProcess) -> None:
     """The member tracked the attempt numbers of its deliveries as their seqs: after every broker restart it
@@ -726,15 +740,7 @@ def test_a_positioned_consumer_that_acked_everything_resumes_after_it_when_the_b
             got += c.fetch(10, timeout=5)
         c.ack(got)
         wait_until(lambda: bus.status()["groups"]["resumer"]["inflight"] == 0, what="acks processed")
-        broker.kill()
-        broker.start()
-        later = bus.publish("test.resume.changed", {"i": 4}, timeout=20)
-        again: list = []
-        while later not in [d.seq for d in again]:
-            more = c.fetch(10, timeout=15)
-            assert more, "the message published after the restart never came"
-            again += more
-        assert [d.seq for d in again] == [later]
+        assert delivered_after_a_broker_restart(bus, broker, c, "test.resume.changed") == "only what came after"
 
 
 def test_a_positioned_consumer_does_not_get_a_dead_lettered_message_again_after_a_broker_restart(
@@ -753,15 +759,7 @@ def test_a_positioned_consumer_does_not_get_a_dead_lettered_message_again_after_
                 dead += d.attempt >= int((bus._conn.welcome or {})["max_attempts"])
         wait_until(lambda: bus.status()["groups"]["nacker"]["dead_letters"] == 1, what="dead-lettered")
         wait_until(lambda: bus.status()["groups"]["nacker"]["inflight"] == 0, what="acks processed")
-        broker.kill()
-        broker.start()
-        later = bus.publish("test.poison.changed", {"i": 3}, timeout=20)
-        again: list = []
-        while later not in [d.seq for d in again]:
-            more = c.fetch(10, timeout=15)
-            assert more, "the message published after the restart never came"
-            again += more
-        assert [d.seq for d in again] == [later]
+        assert delivered_after_a_broker_restart(bus, broker, c, "test.poison.changed") == "only what came after"
     letters = [m for m in bus.replay(topic="bus.deadletter")]
     assert len(letters) == 1
 

@@ -8,6 +8,7 @@ applied or refused by its store, and no worker may stall on one.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,9 @@ def extreme(t: mi.Type, variant: int) -> Any:
         nan = float("nan") if high == float("inf") and low == float("-inf") else high
         return (high, low, nan, 1e308 if high == float("inf") else high)[variant]
     if isinstance(t, mi.StrType):
-        if t.pattern:
-            return None
         length = t.max_length if t.max_length is not None else (100_000, 600, 1, 300)[variant]
-        return TEXT[variant] * max(length, t.min_length or 0)
+        text = TEXT[variant] * max(length, t.min_length or 0)
+        return None if t.pattern and not re.search(t.pattern, text) else text  # an id's pattern refuses most
     if isinstance(t, mi.BoolType):
         return variant % 2 == 1
     if isinstance(t, mi.LiteralType):
