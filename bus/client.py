@@ -228,10 +228,11 @@ class Bus:
                 raise
         if message_ids is not None and len(message_ids) != len(encoded):
             raise ValueError(f"{len(message_ids)} message_ids for {len(encoded)} payloads")
-        if message_ids is not None and not all(isinstance(m, str) and 0 < len(m) <= ID_MAX for m in message_ids):
-            index = next(i for i, m in enumerate(message_ids) if not (isinstance(m, str) and 0 < len(m) <= ID_MAX))
-            raise ValidationError(f"message_ids[{index}] is not 1 to {ID_MAX} characters", field="message_ids",
-                                  index=index, expected=f"1 to {ID_MAX} characters")
+        bad = None if message_ids is None else next(
+            (i for i, m in enumerate(message_ids) if not (isinstance(m, str) and 0 < len(m) <= ID_MAX)), None)
+        if bad is not None:
+            raise ValidationError(f"message_ids[{bad}] is not 1 to {ID_MAX} characters", field="message_ids",
+                                  index=bad, expected=f"1 to {ID_MAX} characters")
         chunks = [(encode_many(topic, encoded[start:end], None if message_ids is None else message_ids[start:end]),
                    end - start) for start, end in _chunk_bounds([len(p) + _ENVELOPE_BYTES for p in encoded])]
         return self._conn.submit_publish_many(chunks, timeout)
