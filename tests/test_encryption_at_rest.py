@@ -423,6 +423,9 @@ def test_an_lmdb_store_of_format_1_gets_its_message_ids_rekeyed_at_open(tmp_path
             assert target is not None
             txn.delete(new, db=store._db["msgids"])
             txn.put(blinder.blind(message_id.encode()), target, db=store._db["msgids"])
+        for key, stored in list(txn.cursor(db=store._db["messages"])):  # and messages without their msgids key
+            msg = store._message(key, stored)
+            txn.put(key, stored[:8] + store.codec.encode(msg, key + stored[:8]), db=store._db["messages"])
         txn.delete(b"format", db=store._db["tracking"])
     store.close()
 

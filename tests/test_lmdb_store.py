@@ -110,17 +110,20 @@ def published(store: LmdbBackend) -> list[tuple[int, Envelope, Any]]:
 
 
 def assert_consistent(store: LmdbBackend) -> None:
-    """Every message has its id entry and one expiry entry, and the per-conversation counts add up; in an
-    encrypted store, every committed value is sealed (none is left a placeholder) and opens."""
+    """Every message has its id entry (whose key it holds) and one expiry entry, and the per-conversation counts
+    add up; in an encrypted store, every committed value is sealed (none is left a placeholder) and opens."""
     entries = store.stats()["entries"]
     assert entries["msgids"] == entries["messages"]
     assert entries["expiry"] == entries["messages"] + entries["context"] + entries["cleared"]
     with store._read() as r:
         counts = [int.from_bytes(v, "big") for _, v in r.cursor(db=store._db["convs"])]
+        for key, stored in r.cursor(db=store._db["messages"]):
+            msgid_end = 9 + stored[8]
+            assert r.get(bytes(stored[9:msgid_end]), db=store._db["msgids"]) == bytes(key)
+            if store.cfg.encryption is not None:
+                assert stored[msgid_end] == 1 and len(stored) > msgid_end + 37
+            store._message(bytes(key), stored)
         if store.cfg.encryption is not None:
-            for key, stored in r.cursor(db=store._db["messages"]):
-                assert stored[8] == 1 and len(stored) > 8 + 37
-                store._message(bytes(key), stored)
             for key, stored in r.cursor(db=store._db["context"]):
                 assert stored[8] == 1 and len(stored) > 8 + 37
                 store._context_item(bytes(key), stored)
@@ -185,6 +188,47 @@ def test_each_conversation_keeps_at_most_max_messages(tmp_path: Path, log: Log, 
         assert outcomes[-1].reply.count == 5
         assert texts(store, "c1") == [f"message {n}" for n in range(3, 8)]
         assert_consistent(store)
+    finally:
+        store.close()
+
+
+def rewrite_in_format(store: LmdbBackend, old: int) -> None:
+    """Turns a store into what an earlier version wrote: format 2 stored a message as its expiry and the sealed
+    message alone; format 1 (no format entry) also keyed an encrypted store's ``msgids`` by the keyed hash alone."""
+    with store._write(expire_step=False) as txn:
+        for key, stored in store._range(txn, store._db["messages"], b""):
+            msg = store._message(key, stored)
+            txn.put(store._db["messages"], key, stored[:8] + store.codec.encode(msg, key + stored[:8]))
+            if old == 1 and store.ids.enabled:
+                txn.delete(store._db["msgids"], store.ids.message(msg.message_id.encode()))
+                txn.put(store._db["msgids"], store.ids.blind(msg.message_id.encode()), key)
+        if old == 1:
+            txn.delete(store._db["tracking"], b"format")
+        else:
+            txn.put(store._db["tracking"], b"format", (2).to_bytes(8, "big"))
+
+
+@pytest.mark.parametrize("old", [1, 2])
+def test_a_store_of_an_earlier_format_is_upgraded_at_open(tmp_path: Path, log: Log, at_rest: dict[str, Any],
+                                                          old: int) -> None:
+    """Messages then hold their id entry's key: evicting the oldest no longer opens it to find its id."""
+    store = open_store(tmp_path / "lmdb", max_messages=5, **at_rest)
+    apply(store, [log(APPEND, message("c1", n)) for n in range(4)])
+    rewrite_in_format(store, old)
+    store.close()
+    with capture_logs() as logs:
+        store = open_store(tmp_path / "lmdb", max_messages=5, **at_rest)
+    try:
+        assert next(e for e in logs if e["event"] == "lmdb.upgraded")["messages"] == 4
+        assert_consistent(store)
+        again = apply(store, [log(APPEND, message("c1", 3))] + [log(APPEND, message("c1", n)) for n in range(4, 8)])
+        assert not again[0].reply.stored  # its id entry was found: an append is still idempotent
+        assert texts(store, "c1") == [f"message {n}" for n in range(3, 8)]  # 0..2 evicted with their id entries
+        assert_consistent(store)
+        store.close()
+        with capture_logs() as logs:
+            store = open_store(tmp_path / "lmdb", max_messages=5, **at_rest)
+        assert not [e for e in logs if e["event"] == "lmdb.upgraded"]  # once
     finally:
         store.close()
 

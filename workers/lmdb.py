@@ -5,7 +5,8 @@ One LMDB environment per process, opened in ``open()``, with one named database 
 ==========  ===============================================  ==============================================
 database    key                                              value
 ==========  ===============================================  ==============================================
-messages    conversation + ts (us) + log seq, big-endian     expires_at (ms) + WorkingMessage
+messages    conversation + ts (us) + log seq, big-endian     expires_at (ms) + its ``msgids`` key (length
+                                                             prefixed) + WorkingMessage
 msgids      message id                                       key in ``messages`` (idempotent appends)
 convs       conversation                                     number of messages held
 context     session + context key                            expires_at (ms) + value
@@ -18,7 +19,8 @@ outbox      last log seq of a transaction + b"b"             its entries: count,
 Conversations and sessions are length-prefixed in keys, so a conversation's messages are one
 contiguous range, newest last: recent messages are one backwards cursor scan. The expiry time sits in
 front of every stored value, so a read skips expired items without decoding them, and the expiry index
-is ordered by time, so expiring visits only what has expired (plus one entry).
+is ordered by time, so expiring visits only what has expired (plus one entry). A message's ``msgids`` key
+sits after it, so evicting the oldest message does not open it to find its id.
 
 The map grows when full: every write of a batch goes through ``_Batch``, which journals it, so on
 ``lmdb.MapFullError`` the transaction is aborted, the map doubled (up to ``max_map_size``) and the
@@ -86,8 +88,9 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _POSITION = b"position"
 _FORMAT = b"format"
-FORMAT = 2
-"""Version of the store's layout, kept under ``tracking``; 1 (no entry): ``msgids`` keys without the ULID time."""
+FORMAT = 3
+"""Version of the store's layout, kept under ``tracking``; 1 (no entry): ``msgids`` keys without the ULID time;
+2: message values without their ``msgids`` key."""
 _OUTBOX_BATCH = b"b"
 """Suffix of an outbox record's key (the record's last seq): it holds the entries of one transaction."""
 _KIND_MESSAGE, _KIND_CONTEXT, _KIND_CLEARED = b"m", b"c", b"x"
@@ -400,7 +403,13 @@ def _writes(*, adds_data: bool) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def run(self: LmdbBackend, txn: _Batch, payload: Any, ctx: Context) -> Any:
-            emitted = len(ctx.events)
+            emitted, mark = len(ctx.events), len(txn.journal)
+            try:  # the first try without _with_growth's closure: this runs for every message
+                if adds_data:
+                    self._check_budget(txn, ctx.envelope.topic)
+                return fn(self, txn, payload, ctx)
+            except lmdb.MapFullError:
+                self._grow(txn, keep=mark, topic=ctx.envelope.topic)
 
             def attempt() -> Any:
                 del ctx.events[emitted:]
@@ -483,8 +492,9 @@ class LmdbBackend(Backend):
 
     def _upgrade(self) -> None:
         """Brings a store written by an earlier version to ``FORMAT``. Format 1 keyed message ids by their
-        keyed hash alone: an encrypted store's ``msgids`` is rebuilt from its messages (IdKeys.message)."""
-        tracking, msgids = self._db["tracking"], self._db["msgids"]
+        keyed hash alone: an encrypted store's ``msgids`` is rebuilt from its messages (IdKeys.message). Formats
+        1 and 2 stored a message without its ``msgids`` key: every message is written again with it."""
+        tracking, msgids, messages = self._db["tracking"], self._db["msgids"], self._db["messages"]
         with self._read() as r:
             raw = r.get(_FORMAT, db=tracking)
         found = 1 if raw is None else int(_U64.unpack(raw)[0])
@@ -495,18 +505,22 @@ class LmdbBackend(Backend):
                              path=str(self.data_dir), format=found)
         with self._write(expire_step=False) as txn:
             rekeyed = 0
-            if self.ids.enabled:
-                stale = [key for key, _ in self._range(txn, msgids, b"")]
-                fresh = [(self.ids.message(self._message(key, stored).message_id.encode()), key)
-                         for key, stored in self._range(txn, self._db["messages"], b"")]
-                for key in stale:
+            held = [(key, stored[:8], self.codec.decode(stored[8:], WorkingMessage, key + stored[:8]))
+                    for key, stored in self._range(txn, messages, b"")]
+            if found == 1 and self.ids.enabled:
+                for key, _ in self._range(txn, msgids, b""):
                     self._with_growth(txn, functools.partial(txn.delete, msgids, key), adds_data=False)
-                for msgid, key in fresh:
+                for key, _, message in held:
+                    msgid = self.ids.message(message.message_id.encode())
                     self._with_growth(txn, functools.partial(txn.put, msgids, msgid, key), adds_data=False)
-                rekeyed = len(fresh)
+                rekeyed = len(held)
+            for key, expires, message in held:
+                value = self._message_value(key, expires, self.ids.message(message.message_id.encode()), message)
+                self._with_growth(txn, functools.partial(txn.put, messages, key, value), adds_data=False)
             self._with_growth(txn, functools.partial(txn.put, tracking, _FORMAT, _u64(FORMAT)), adds_data=False)
-        if found != 1 or rekeyed:  # a new store only gets its format entry
-            log.info("lmdb.upgraded", path=str(self.data_dir), old=found, new=FORMAT, msgids_rekeyed=rekeyed)
+        if held:  # a new store only gets its format entry
+            log.info("lmdb.upgraded", path=str(self.data_dir), old=found, new=FORMAT, messages=len(held),
+                     msgids_rekeyed=rekeyed)
 
     def close(self) -> None:
         if self.env is not None:
@@ -753,7 +767,7 @@ class LmdbBackend(Backend):
             return AppendReply(conversation_id, message.message_id, count, stored=False)
         key = conv + _u64(int(message.ts * 1_000_000)) + _u64(ctx.seq)
         expires = _u64(int(expires_at * 1000))
-        txn.put(self._db["messages"], key, expires + self.codec.encode(message, key + expires))
+        txn.put(self._db["messages"], key, self._message_value(key, expires, msgid, message))
         txn.put(self._db["msgids"], msgid, key)
         txn.put(self._db["expiry"], expires + _KIND_MESSAGE + key, b"")
         count += 1
@@ -779,16 +793,21 @@ class LmdbBackend(Backend):
             raise StoreError("conversation count and messages disagree", conversation=conv[2:].decode())
         return key
 
+    def _message_value(self, key: bytes, expires: bytes, msgid: bytes, message: WorkingMessage) -> bytes:
+        """A message as stored: its expiry, its ``msgids`` key, then the message sealed to all three and its key."""
+        head = expires + bytes((len(msgid),)) + msgid
+        return head + self.codec.encode(message, key + head)
+
     def _message(self, key: bytes, stored: bytes | memoryview) -> WorkingMessage:
-        message: WorkingMessage = self.codec.decode(stored[8:], WorkingMessage, key + bytes(stored[:8]))
+        end = 9 + stored[8]
+        message: WorkingMessage = self.codec.decode(stored[end:], WorkingMessage, key + bytes(stored[:end]))
         return message
 
     def _drop_message(self, txn: _Batch, key: bytes, stored: bytes, *, index: bool = True,
                       count: bool = True) -> None:
         """Deletes a message with its id entry, and (unless the caller does) its expiry entry and count."""
-        message = self._message(key, stored)
         txn.delete(self._db["messages"], key)
-        txn.delete(self._db["msgids"], self.ids.message(message.message_id.encode()))
+        txn.delete(self._db["msgids"], bytes(stored[9:9 + stored[8]]))
         if index:
             txn.delete(self._db["expiry"], stored[:8] + _KIND_MESSAGE + key)
         if count:
@@ -826,8 +845,7 @@ class LmdbBackend(Backend):
                 picked.append((bytes(cursor.key()), stored))
             positioned = cursor.prev()
         cursor.close()
-        return [self.codec.decode(stored[8:], WorkingMessage, key + bytes(stored[:8]))
-                for key, stored in reversed(picked)]
+        return [self._message(key, stored) for key, stored in reversed(picked)]
 
     @handles(CONVERSATION_CLEAR)
     @_writes(adds_data=False)
@@ -965,7 +983,7 @@ class LmdbBackend(Backend):
                                                                  key + bytes(stored[:8]))
                 items.append(InventoryItem(id=cleared.conversation_id, ts=cleared.at))
             elif _expires_ms(stored) > now_ms:
-                message: WorkingMessage = self.codec.decode(stored[8:], WorkingMessage, key + bytes(stored[:8]))
+                message = self._message(key, stored)
                 conversation = key[: 2 + _U16.unpack_from(key)[0]].hex()  # opaque: ids may be blinded
                 items.append(InventoryItem(id=message.message_id, group=conversation, ts=message.ts))
             positioned = cursor.next()
