@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import lmdb
+import msgspec
 import pytest
 import zmq
 
@@ -94,6 +96,27 @@ def test_a_store_workers_group_is_the_workers_alone(broker: BrokerProcess) -> No
         with squatter.consume("chroma", ["memory.>"]) as taken, pytest.raises(NotAuthorized):
             taken.fetch(timeout=5)
         assert "chroma" not in squatter.status()["groups"]
+
+
+def test_a_store_workers_group_saved_with_another_owner_is_taken_back_by_the_worker(broker: BrokerProcess) -> None:
+    """A group ``chroma`` a module made before that was refused (saved by an earlier version, with its owner) is
+    the chroma worker's again when the worker joins: the worker gets its deliveries, the module is kept out."""
+    broker.stop()
+    env = lmdb.open(str(broker.home.log_dir), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"chroma", msgspec.msgpack.encode({"floor": 0, "patterns": ["app.>"], "owner": "squatter"}),
+                db=env.open_db(b"groups", txn=txn))
+    env.close()
+    broker.start()
+    with Bus.connect(broker.home.path, module="worker-chroma") as worker, \
+            Bus.connect(broker.home.path, module="squatter") as squatter:
+        assert worker.status()["groups"]["chroma"]["owner"] == "squatter"
+        seq = squatter.publish("app.note.changed", {"i": 1})
+        with worker.consume("chroma", ["app.>"], position=1) as mine:
+            assert [d.seq for d in mine.fetch(timeout=10)] == [seq]
+            assert worker.status()["groups"]["chroma"]["owner"] == "worker-chroma"
+            with squatter.consume("chroma", ["app.>"]) as theirs, pytest.raises(NotAuthorized):
+                theirs.fetch(timeout=5)
 
 
 def test_a_key_removed_from_the_allow_list_no_longer_connects(broker: BrokerProcess) -> None:
