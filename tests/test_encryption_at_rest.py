@@ -295,7 +295,9 @@ def test_log_block_records_moved_resized_or_missing_are_refused(tmp_path: Path, 
 # -- LMDB working memory ---------------------------------------------------------------------------
 
 
-def test_lmdb_values_sealed_ids_blinded_tamper_detected(tmp_path: Path, ring: KeyRing) -> None:
+@pytest.mark.parametrize("flipped", [slice(-24, None), slice(4, 35)], ids=["sealed message", "its msgids key"])
+def test_lmdb_values_sealed_ids_blinded_tamper_detected(tmp_path: Path, ring: KeyRing, flipped: slice) -> None:
+    """The msgids key in clear before a sealed message is authenticated with it (a middle bit of ``flipped``)."""
     store = LmdbBackend(tmp_path / "lmdb", encryption=ring)
     store.open()
     log = Log()
@@ -314,7 +316,7 @@ def test_lmdb_values_sealed_ids_blinded_tamper_detected(tmp_path: Path, ring: Ke
     with env.begin() as txn:
         value = bytes(next(iter(txn.cursor(db=env.open_db(b"messages", txn=txn))))[1])
     env.close()
-    flip_in_file(tmp_path / "lmdb" / "data.mdb", value[-24:])
+    flip_in_file(tmp_path / "lmdb" / "data.mdb", value[flipped])
     store = LmdbBackend(tmp_path / "lmdb", encryption=ring)
     store.open()
     try:

@@ -18,7 +18,7 @@ from bus.home import Home
 from bus.keys import DerivedKey, KeyRing
 from bus.logs import add_message_fields
 from contracts.envelope import Envelope, decode_envelope, make_envelope
-from contracts.errors import StoreFull
+from contracts.errors import IntegrityError, StoreFull
 from contracts.registry import decode_payload, encode_payload
 from contracts.working import (
     APPEND,
@@ -231,6 +231,16 @@ def test_a_store_of_an_earlier_format_is_upgraded_at_open(tmp_path: Path, log: L
         assert not [e for e in logs if e["event"] == "lmdb.upgraded"]  # once
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("cut", [5, 12])
+def test_a_message_value_cut_short_is_an_integrity_error(store: LmdbBackend, log: Log, cut: int) -> None:
+    apply(store, [log(APPEND, message("c1", 0))])
+    with store._write(expire_step=False) as txn:
+        [(key, stored)] = store._range(txn, store._db["messages"], b"")
+        txn.put(store._db["messages"], key, stored[:cut])
+    with pytest.raises(IntegrityError):
+        store.read_recent("c1")
 
 
 def test_clearing_a_conversation_drops_only_its_messages(store: LmdbBackend, log: Log) -> None:

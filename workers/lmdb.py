@@ -264,7 +264,10 @@ def _u64(value: int) -> bytes:
 
 def _expires_ms(stored: bytes | memoryview) -> int:
     """The expiry time in front of a stored value."""
-    return int(_U64.unpack_from(stored)[0])
+    try:
+        return int(_U64.unpack_from(stored)[0])
+    except struct.error:
+        raise IntegrityError(f"lmdb value of {len(stored)} bytes, too short", check="decode") from None
 
 
 def _id_bytes(value: str, topic: str, field: str, blinded: bool = False) -> bytes:
@@ -799,6 +802,8 @@ class LmdbBackend(Backend):
         return head + self.codec.encode(message, key + head)
 
     def _message(self, key: bytes, stored: bytes | memoryview) -> WorkingMessage:
+        if len(stored) < 9:
+            raise IntegrityError(f"lmdb value of {len(stored)} bytes, too short", check="decode")
         end = 9 + stored[8]
         message: WorkingMessage = self.codec.decode(stored[end:], WorkingMessage, key + bytes(stored[:end]))
         return message
