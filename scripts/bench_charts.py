@@ -279,10 +279,11 @@ def tables(result: dict[str, Any], images: list[str]) -> str:
     for worker in ("lmdb", "libsql"):
         r = m.get(f"store_pipeline_{worker}")
         if r:
-            store = "metasync off" if worker == "lmdb" else "WAL, synchronous=NORMAL"
+            store = ("flushed to disk when the worker idles or stops, not per batch: after an OS crash the store is "
+                     "wiped and rebuilt from the log" if worker == "lmdb" else
+                     "WAL, synchronous=NORMAL: an OS crash can undo the newest, re-applied from the log")
             add(f"| membus, {worker} worker | log: journal group commit + fdatasync; "
-                f"store: one transaction per batch ({store}: "
-                f"an OS crash can undo the newest, re-applied from the log), sealed | {_spread(r, 'req_per_s')} | "
+                f"store: one transaction per batch ({store}), sealed | {_spread(r, 'req_per_s')} | "
                 f"{lat_at(1000, m.get(f'store_latency_{worker}_1000'))} | "
                 f"{lat_at(10_000, m.get(f'store_latency_{worker}_10000'))} | |")
     for r in _peer_pipelines(result, "max_throughput"):

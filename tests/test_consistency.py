@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from contracts.inventory import InventoryItem
 from contracts.registry import to_builtins
 from tests.conftest import wait_until
 from tests.workers_util import REPO, System, child_env, publish_all
+from workers.lmdb import boot_id
 
 pytestmark = pytest.mark.timeout(600)
 ALL = ("libsql", "lmdb", "duckdb", "chroma")
@@ -78,6 +80,28 @@ def test_check_is_clean_after_traffic_and_names_the_ids_a_stopped_store_lacks(tm
         s.worker("chroma")
         again = check(s.bus, Home(home), timeout=120.0)
         assert again.ok, again.differences
+
+
+@pytest.mark.skipif(boot_id() is None, reason="no boot id here: every commit is synced")
+def test_an_lmdb_store_left_unsynced_before_an_os_restart_is_rebuilt_from_the_log(tmp_path: Path) -> None:
+    """Its commits are not synced one by one: after an OS crash its file is not trusted; the log gives it back."""
+    home = tmp_path / "home"
+    with System(home) as s:
+        for name in ("libsql", "lmdb"):
+            s.worker(name)
+        traffic(s.bus, "a")
+        s.workers["lmdb"].stop()
+        store = Home(home).data_dir("lmdb")
+        (store / "unsynced").write_text("an-earlier-boot")  # as if the machine died while it ran,
+        (store / "data.mdb").write_bytes(os.urandom(64 * 1024))  # with its pages written in any order
+        s.worker("lmdb")
+        wait_until(lambda: not (store / "unsynced").exists(), timeout=120)  # caught up, idle, flushed
+        recent = s.bus.request("working.recent.request", {"conversation_id": "c-a"}, timeout=60).payload
+        assert [m.text for m in recent.messages] == [f"a message {i} about hiking and mountains" for i in range(6)]
+        assert s.bus.request("working.context.get.request", {"session_id": "s-a"}, timeout=60).payload.values == \
+            {"mood": "a"}
+        report = check(s.bus, Home(home), timeout=120.0)
+        assert report.ok, report.differences
 
 
 def test_check_names_ids_a_store_really_lacks(tmp_path: Path) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +35,7 @@ from contracts.working import (
 )
 from workers.apply import Outcome, apply_batch
 from workers.base import Context
-from workers.lmdb import MESSAGE_CHANGED, LmdbBackend, ValueCodec
+from workers.lmdb import MESSAGE_CHANGED, LmdbBackend, ValueCodec, boot_id
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -241,6 +244,74 @@ def test_a_message_value_cut_short_is_an_integrity_error(store: LmdbBackend, log
         txn.put(store._db["messages"], key, stored[:cut])
     with pytest.raises(IntegrityError):
         store.read_recent("c1")
+
+
+unsynced_commits = pytest.mark.skipif(boot_id() is None, reason="no boot id here: every commit is synced")
+
+
+@unsynced_commits
+def test_a_store_left_unsynced_in_another_boot_is_wiped_and_rebuilt_from_the_log(tmp_path: Path, log: Log,
+                                                                                 at_rest: dict[str, Any]) -> None:
+    """An OS crash or power loss while the store held commits the OS had not written: nothing in it is trusted."""
+    store = open_store(tmp_path / "lmdb", **at_rest)
+    apply(store, [log(APPEND, message("c1", n)) for n in range(3)])
+    store.close()
+    (tmp_path / "lmdb" / "unsynced").write_text("an-earlier-boot")
+    with capture_logs() as logs:
+        store = open_store(tmp_path / "lmdb", **at_rest)
+    try:
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["lmdb.wiped_after_os_restart"]
+        assert store.load_position() == 0  # the worker rejoins at seq 1: the log applies everything again
+        assert texts(store, "c1") == []
+        apply(store, [log(APPEND, message("c1", 9))])
+        assert texts(store, "c1") == ["message 9"]
+    finally:
+        store.close()
+
+
+@unsynced_commits
+def test_a_store_left_unsynced_by_a_process_that_died_is_kept(tmp_path: Path) -> None:
+    """kill -9 of the worker: the OS holds every commit it made, so the store is trusted as it is."""
+    child = textwrap.dedent(f"""
+        import os, sys
+        sys.path[:0] = [{str(Path(__file__).parent.parent)!r}]
+        from tests.test_lmdb_store import Log, APPEND, apply, message, open_store
+        store = open_store(__import__("pathlib").Path({str(tmp_path / "lmdb")!r}))
+        log = Log()
+        apply(store, [log(APPEND, message("c1", n)) for n in range(3)])
+        os._exit(0)  # no close: nothing synced
+    """)
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
+    assert (tmp_path / "lmdb" / "unsynced").read_text() == boot_id()
+    store = open_store(tmp_path / "lmdb")
+    try:
+        assert texts(store, "c1") == ["message 0", "message 1", "message 2"]
+        assert store.load_position() == 3
+    finally:
+        store.close()
+    assert not (tmp_path / "lmdb" / "unsynced").exists()  # a clean close flushed everything
+
+
+@unsynced_commits
+def test_the_unsynced_marker_lives_from_a_write_until_the_store_is_flushed(tmp_path: Path, log: Log) -> None:
+    marker = tmp_path / "lmdb" / "unsynced"
+    store = open_store(tmp_path / "lmdb")
+    try:
+        apply(store, [log(APPEND, message("c1", 0))])
+        assert marker.read_text() == boot_id()
+        store.idle()  # the worker had nothing to do for a while
+        assert not marker.exists()
+        apply(store, [log(APPEND, message("c1", 1))])
+        assert marker.exists()
+    finally:
+        store.close()
+    assert not marker.exists()
+    synced = open_store(tmp_path / "lmdb", sync_commits=True)
+    try:
+        apply(synced, [log(APPEND, message("c1", 2))])
+        assert not marker.exists()  # every commit flushed: nothing to lose in an OS crash
+    finally:
+        synced.close()
 
 
 def test_clearing_a_conversation_drops_only_its_messages(store: LmdbBackend, log: Log) -> None:

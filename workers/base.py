@@ -130,6 +130,10 @@ class Backend(ABC):
     def stats(self) -> dict[str, Any]:
         return {}
 
+    def idle(self) -> None:
+        """Called when the worker has had nothing to apply for a while (e.g. to flush what commits left)."""
+        return None
+
     def wipe(self) -> None:
         """Deletes the store's files (for rebuild from the log). The store must be closed."""
         import shutil

@@ -97,6 +97,8 @@ _KIND_MESSAGE, _KIND_CONTEXT, _KIND_CLEARED = b"m", b"c", b"x"
 _EXPIRING = {_KIND_MESSAGE: "messages", _KIND_CONTEXT: "context", _KIND_CLEARED: "cleared"}
 """The database an expiry entry's kind points into."""
 _ID_MAX_BYTES = 240
+_UNSYNCED = "unsynced"
+"""In the store's folder while it may hold commits the OS has not written to disk: the boot id of that run."""
 """Two ids and the framing stay under LMDB's 511-byte key limit."""
 _DATABASES = ("messages", "msgids", "convs", "context", "cleared", "expiry", "tracking", "outbox")
 
@@ -112,6 +114,11 @@ class LmdbSettings(msgspec.Struct, frozen=True):
     encryption: Any = None
     """The store's KeyRing (bus.keys): values sealed with AES-256-GCM bound to their key and expiry, ids in
     keys replaced by keyed hashes (bus.sealing.Blinder). None: plaintext."""
+    sync_commits: bool = False
+    """Flush every batch's commit to disk. Off (where the machine's boot id can be read, Linux): commits reach
+    the disk when the OS writes them back, or when the worker goes idle or stops; a process crash loses
+    nothing, and after an OS crash or power loss the store is wiped at the next start and rebuilt from the log
+    (the ``unsynced`` file)."""
 
     @property
     def reserve(self) -> int:
@@ -256,6 +263,22 @@ class IdKeys:
     def message(self, raw_id: bytes) -> bytes:
         """The key of a message id in ``msgids``."""
         return raw_id if self._keyed is None else _ulid_ms(raw_id) + self.blind(raw_id)
+
+
+def boot_id() -> str | None:
+    """This boot of the machine, or None where it cannot be read (not Linux: every commit is then synced)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _u64(value: int) -> bytes:
@@ -458,6 +481,9 @@ class LmdbBackend(Backend):
         self._page_size = 4096
         self._map_size = 0
         self._budget = self.cfg.max_map_size - self.cfg.reserve
+        self._boot: str | None = None
+        """This boot's id when commits are not synced (the ``unsynced`` file then names it), else None."""
+        self._marked = False
         self.counters = {"expiry_visited": 0, "expired": 0, "map_grown": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -467,14 +493,18 @@ class LmdbBackend(Backend):
         if path in _opened:
             raise StoreError(f"LMDB environment {path} is already open in this process", path=str(path))
         path.mkdir(parents=True, exist_ok=True)
+        self._discard_if_unsynced_at_a_crash(path)
+        self._boot = None if self.cfg.sync_commits else boot_id()
         data_file = path / "data.mdb"
         used = data_file.stat().st_size if data_file.exists() else 0
         map_size = max(self.cfg.map_size, min(self.cfg.max_map_size, 2 * used))
         try:
-            # metasync off: a commit syncs its data pages but not the meta page, so an OS crash can undo the
-            # last commit, position included (the file stays consistent). The worker then resumes from its
-            # older position and the log re-applies what was undone; a process crash loses nothing.
-            env = lmdb.open(str(path), map_size=map_size, max_dbs=len(_DATABASES), subdir=True, metasync=False)
+            # metasync off: a synced commit flushes its data pages but not the meta page, so an OS crash can undo
+            # the last commit, position included (the file stays consistent). The worker then resumes from its
+            # older position and the log re-applies what was undone; a process crash loses nothing. Unsynced
+            # (sync_commits off): see _discard_if_unsynced_at_a_crash.
+            env = lmdb.open(str(path), map_size=map_size, max_dbs=len(_DATABASES), subdir=True, metasync=False,
+                            sync=self._boot is None)
         except lmdb.Error as exc:
             raise StoreError(f"cannot open LMDB environment {path}: {exc}", path=str(path)) from exc
         try:
@@ -525,12 +555,63 @@ class LmdbBackend(Backend):
             log.info("lmdb.upgraded", path=str(self.data_dir), old=found, new=FORMAT, messages=len(held),
                      msgids_rekeyed=rekeyed)
 
+    def _discard_if_unsynced_at_a_crash(self, path: Path) -> None:
+        """Commits not synced are in the OS's cache, which a process crash leaves intact; an OS crash or power
+        loss does not, and LMDB's file is then not even known to be consistent (the OS may have written its pages
+        in any order). So a store left ``unsynced`` in another boot of the machine is deleted: the worker starts
+        from position 0 and the log rebuilds it (its replies and events are logged already: stored once)."""
+        marker = path / _UNSYNCED
+        try:
+            made_in = marker.read_text().strip()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot read {marker}: {exc}", path=str(path)) from exc
+        if made_in == boot_id():
+            self._marked = True  # removed once this run has flushed the store
+            return
+        log.warning("lmdb.wiped_after_os_restart", path=str(path), detail="the machine restarted while this store "
+                    "held commits not yet on disk: it is rebuilt from the log")
+        for name in ("data.mdb", "lock.mdb", _UNSYNCED):
+            (path / name).unlink(missing_ok=True)
+        _fsync_dir(path)
+
+    def _mark_unsynced(self) -> None:
+        """Before the first commit not synced since the store was last flushed: the marker names this boot."""
+        assert self._boot is not None
+        marker = self.data_dir / _UNSYNCED
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, self._boot.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(self.data_dir)
+        except OSError as exc:  # a full disk: nothing written, the batch is tried again
+            raise StoreUnavailable(f"cannot write {marker}: {exc}", exception=type(exc).__name__) from exc
+        self._marked = True
+
+    def _flushed(self) -> None:
+        """Every commit is on disk: the marker goes."""
+        if self._marked:
+            (self.data_dir / _UNSYNCED).unlink(missing_ok=True)
+            _fsync_dir(self.data_dir)
+            self._marked = False
+
+    def idle(self) -> None:
+        """Flushes the commits made since the store was last flushed (one ``fdatasync``)."""
+        if self._marked:
+            self._env().sync(True)
+            self._flushed()
+
     def close(self) -> None:
         if self.env is not None:
             self.env.sync(True)
             self.env.close()
             _opened.discard(self.data_dir.resolve())
             self.env = None
+            self._flushed()
 
     def _env(self) -> lmdb.Environment:
         if self.env is None:
@@ -552,6 +633,8 @@ class LmdbBackend(Backend):
     @contextmanager
     def _write(self, *, expire_step: bool) -> Iterator[_Batch]:
         env = self._env()
+        if self._boot is not None and not self._marked:
+            self._mark_unsynced()
         try:
             txn = _Batch(env)
         except lmdb.Error as exc:
