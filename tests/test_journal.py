@@ -230,3 +230,15 @@ def test_a_big_write_goes_straight_to_lmdb_with_the_frames_before_it(
     log.close()
     again = reopen()  # the journal's frame is not applied a second time
     assert _values(again) == list(range(6)) and again.head == 6
+
+
+def test_a_frame_past_the_journals_end_grows_it_keeping_the_frames_before(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal", size=64 * 1024)
+    assert journal.open() == []
+    assert (tmp_path / "journal").read_bytes() == bytes(64 * 1024)
+    bodies = [bytes([n]) * 20_000 for n in range(1, 6)]  # the fourth frame no longer fits
+    for n, body in enumerate(bodies):
+        journal.append(1, n, body)
+    journal.close()
+    assert (tmp_path / "journal").stat().st_size == 128 * 1024
+    assert [(f.number, f.body) for f in _frames(tmp_path / "journal")] == list(enumerate(bodies))
