@@ -244,6 +244,8 @@ def test_a_message_value_cut_short_is_an_integrity_error(store: LmdbBackend, log
         txn.put(store._db["messages"], key, stored[:cut])
     with pytest.raises(IntegrityError):
         store.read_recent("c1")
+    cleared = one(store, log(CONVERSATION_CLEAR, {"conversation_id": "c1"}))  # dropping it reads its msgids key
+    assert cleared.status == "failed" and isinstance(cleared.error, IntegrityError)
 
 
 unsynced_commits = pytest.mark.skipif(boot_id() is None, reason="no boot id here: every commit is synced")

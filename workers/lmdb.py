@@ -97,9 +97,9 @@ _KIND_MESSAGE, _KIND_CONTEXT, _KIND_CLEARED = b"m", b"c", b"x"
 _EXPIRING = {_KIND_MESSAGE: "messages", _KIND_CONTEXT: "context", _KIND_CLEARED: "cleared"}
 """The database an expiry entry's kind points into."""
 _ID_MAX_BYTES = 240
+"""Two ids and the framing stay under LMDB's 511-byte key limit."""
 _UNSYNCED = "unsynced"
 """In the store's folder while it may hold commits the OS has not written to disk: the boot id of that run."""
-"""Two ids and the framing stay under LMDB's 511-byte key limit."""
 _DATABASES = ("messages", "msgids", "convs", "context", "cleared", "expiry", "tracking", "outbox")
 
 
@@ -593,10 +593,13 @@ class LmdbBackend(Backend):
         self._marked = True
 
     def _flushed(self) -> None:
-        """Every commit is on disk: the marker goes."""
+        """Every commit is on disk: the marker goes (left behind, it costs a rebuild after an OS restart)."""
         if self._marked:
-            (self.data_dir / _UNSYNCED).unlink(missing_ok=True)
-            _fsync_dir(self.data_dir)
+            try:
+                (self.data_dir / _UNSYNCED).unlink(missing_ok=True)
+                _fsync_dir(self.data_dir)
+            except OSError as exc:
+                log.warning("lmdb.unsynced_marker_kept", path=str(self.data_dir), error=repr(exc))
             self._marked = False
 
     def idle(self) -> None:
@@ -891,11 +894,17 @@ class LmdbBackend(Backend):
         message: WorkingMessage = self.codec.decode(stored[end:], WorkingMessage, key + bytes(stored[:end]))
         return message
 
+    @staticmethod
+    def _msgid_key(stored: bytes | memoryview) -> bytes:
+        if len(stored) < 9 or len(stored) < 9 + stored[8]:
+            raise IntegrityError(f"lmdb value of {len(stored)} bytes, too short", check="decode")
+        return bytes(stored[9:9 + stored[8]])
+
     def _drop_message(self, txn: _Batch, key: bytes, stored: bytes, *, index: bool = True,
                       count: bool = True) -> None:
         """Deletes a message with its id entry, and (unless the caller does) its expiry entry and count."""
         txn.delete(self._db["messages"], key)
-        txn.delete(self._db["msgids"], bytes(stored[9:9 + stored[8]]))
+        txn.delete(self._db["msgids"], self._msgid_key(stored))
         if index:
             txn.delete(self._db["expiry"], stored[:8] + _KIND_MESSAGE + key)
         if count:
