@@ -636,8 +636,6 @@ class LmdbBackend(Backend):
     @contextmanager
     def _write(self, *, expire_step: bool) -> Iterator[_Batch]:
         env = self._env()
-        if self._boot is not None and not self._marked:
-            self._mark_unsynced()
         try:
             txn = _Batch(env)
         except lmdb.Error as exc:
@@ -650,6 +648,8 @@ class LmdbBackend(Backend):
             if txn.outbox:
                 key, value = self._outbox_record(txn.outbox)
                 self._with_growth(txn, functools.partial(txn.put, self._db["outbox"], key, value), adds_data=False)
+            if self._boot is not None and not self._marked and txn.journal:  # an empty commit writes nothing
+                self._mark_unsynced()
             while True:
                 try:
                     txn.commit()

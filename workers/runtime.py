@@ -426,16 +426,16 @@ class WorkerRuntime:
 
     def _idle(self, bus: Bus) -> None:
         self._flush_outbox(bus)  # what a broker outage left unpublished goes out without waiting for traffic
-        try:
-            self.backend.idle()
-        except (BusError, OSError) as exc:
-            log.warning("worker.idle_failed", error=getattr(exc, "message", repr(exc)))
         expire = getattr(self.backend, "expire", None)
         if callable(expire):
             try:
                 expire(time.time())
             except BusError as exc:
                 log.warning("worker.expire_failed", error=exc.message)
+        try:
+            self.backend.idle()
+        except (BusError, OSError) as exc:
+            log.warning("worker.idle_failed", error=getattr(exc, "message", repr(exc)))
 
     def _write_status(self, head: int) -> None:
         now = time.monotonic()
