@@ -235,7 +235,7 @@ def _decodes(text: Any, size: int) -> bool:
         return False
 
 
-def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     """Atomic write of a 0600 file (tmp + fsync + rename + fsync of the folder).
 
     ``exclusive``: FileExistsError if ``path`` exists (a hard link cannot replace a file)."""
@@ -263,7 +263,7 @@ def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
 
 def _write_meta(home: Path, meta: dict[str, Any], *, exclusive: bool = False) -> None:
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _write_private(metadata_path(home), text.encode(), exclusive=exclusive)
+    write_private(metadata_path(home), text.encode(), exclusive=exclusive)
 
 
 def _params_of(meta: dict[str, Any]) -> Argon2Params | None:
@@ -455,7 +455,7 @@ def _remember(home: Path, home_id: str, unlock: bytes, *, key_file: bool, fallba
     if key_file or (fallback and kept is None):
         path = _checked_key_file(home, home_id)
         try:
-            _write_private(path, (_b64(unlock) + "\n").encode(), exclusive=True)
+            write_private(path, (_b64(unlock) + "\n").encode(), exclusive=True)
         except FileExistsError:  # MEMBUS_KEY_FILE shared by two homes: the first one's only key
             raise ValidationError(
                 f"the key file {path} exists already, perhaps holding another home's unlock key: give each home "
@@ -476,7 +476,7 @@ def _re_remember(home: Path, home_id: str, unlock: bytes) -> None:
             log.warning("keys.keyring_write_failed", backend=backend_name(backend), error=str(exc))
     path = _checked_key_file(home, home_id)
     if path.exists():
-        _write_private(path, (_b64(unlock) + "\n").encode())
+        write_private(path, (_b64(unlock) + "\n").encode())
 
 
 def check_encryption_setting(home: Path, enabled: bool) -> None:

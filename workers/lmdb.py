@@ -44,7 +44,7 @@ import lmdb
 import msgspec
 import structlog
 
-from bus.keys import NONCE_LEN, DerivedKey, KeyRing, subkey
+from bus.keys import NONCE_LEN, DerivedKey, KeyRing, subkey, write_private
 from bus.sealing import VERSION, open_sealed
 from contracts.errors import IntegrityError, StoreError, StoreFull, StoreUnavailable, ValidationError
 from contracts.inventory import InventoryItem, InventoryPage
@@ -581,13 +581,7 @@ class LmdbBackend(Backend):
         assert self._boot is not None
         marker = self.data_dir / _UNSYNCED
         try:
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, self._boot.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _fsync_dir(self.data_dir)
+            write_private(marker, self._boot.encode())
         except OSError as exc:  # a full disk: nothing written, the batch is tried again
             raise StoreUnavailable(f"cannot write {marker}: {exc}", exception=type(exc).__name__) from exc
         self._marked = True
