@@ -623,7 +623,7 @@ def _logs_to_stderr() -> None:
     """Key warnings (which source unlocked the home) go to stderr, so stdout stays the command's output."""
     import structlog
 
-    structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stderr))
+    structlog.configure(logger_factory=logs.stderr_loggers())
 
 
 def _new_passphrase(ask: bool) -> str | None:

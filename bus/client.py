@@ -17,7 +17,6 @@ import collections
 import functools
 import itertools
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
+from bus import logs
 from bus import protocol as P
 from bus.connection import (
     MAX_BATCH,
@@ -164,7 +164,7 @@ class Bus:
         room, and raises TimeoutError after its timeout if none comes: memory stays bounded."""
         load_all()  # every built-in topic's contract: payloads are checked before they are sent
         if not structlog.is_configured():  # an app that left structlog alone: its defaults print to stdout
-            structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            structlog.configure(logger_factory=logs.stderr_loggers(),
                                 wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
         return cls(_connection(home, module, endpoint, server_key, timeout, max_outstanding), Home(home))
 

@@ -44,6 +44,22 @@ def add_message_fields(_logger: Any, _name: str, event: MutableMapping[str, Any]
     return event
 
 
+class _Stderr:
+    """``sys.stderr`` as it is when a line is written: a caller (click's test runner) may swap it after configure
+    and close the one it swapped in, which a logger holding the stream itself would then write to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def stderr_loggers() -> structlog.PrintLoggerFactory:
+    """structlog's print loggers, writing to ``sys.stderr`` as it is at each line."""
+    return structlog.PrintLoggerFactory(file=_Stderr())  # type: ignore[arg-type]
+
+
 def configure(*, level: str | None = None, json: bool | None = None, process: str = "") -> None:
     """Logs go to stderr; JSON lines when not on a terminal (or MEMBUS_LOG_JSON=1)."""
     level_name = (level or os.environ.get("MEMBUS_LOG_LEVEL", "info")).upper()
@@ -63,6 +79,6 @@ def configure(*, level: str | None = None, json: bool | None = None, process: st
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=stderr_loggers(),
         cache_logger_on_first_use=True,
     )
