@@ -30,6 +30,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from bus import protocol as P
 from bus.auth import ModuleAuthenticator
+from bus.heap import freeze_startup_heap
 from bus.home import Home, Settings
 from bus.log import EventLog, Prepared, Record, Rejected
 from bus.permissions import Permissions, is_worker
@@ -1029,6 +1030,7 @@ def run(home: Path | str | None = None, *, settings: Settings | None = None) -> 
     _more_open_files()
     broker = Broker(Home(home), settings)
     broker.start()
+    log.info("broker.heap_frozen", objects=freeze_startup_heap())
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("broker.signal", signal=signum)

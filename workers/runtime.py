@@ -40,6 +40,7 @@ import structlog
 
 from bus.client import Bus
 from bus.connection import Pending
+from bus.heap import freeze_startup_heap
 from bus.home import Home, write_json
 from bus.message import Delivery
 from bus.sealing import store_keyring
@@ -154,6 +155,7 @@ class WorkerRuntime:
                     self._suspects = None  # the process ended after their commit: nothing to suspect
                 self._show_suspects()
                 self.stats["position"] = position
+                log.info("worker.heap_frozen", objects=freeze_startup_heap())
                 log.info("worker.started", position=position, patterns=list(self.backend.patterns))
                 with bus.consume(self.name, list(self.backend.patterns),
                                  credit=(MAX_FLIGHTS + 1) * self.batch_size, ack_timeout=self.ack_timeout_s,
