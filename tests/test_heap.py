@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+from bus.consistency import make_runtime
 from tests.conftest import BrokerProcess, wait_until
 from tests.workers_util import REPO, WorkerProcess, child_env
+from workers.runtime import read_worker_status
 
 
 def test_frozen_heap_is_out_of_the_full_collections_sight() -> None:
@@ -47,3 +52,19 @@ def test_broker_and_worker_freeze_their_startup_heap(broker: BrokerProcess, tmp_
                    what="the worker's heap frozen")
     finally:
         assert worker.stop() == 0, worker.log_tail()
+
+
+def test_a_worker_run_in_a_host_process_leaves_its_heap_alone(broker: BrokerProcess) -> None:
+    """``membus rebuild`` runs a worker runtime in a thread of its own process: that heap is not the worker's."""
+    runtime = make_runtime("lmdb", broker.home)
+    before = gc.get_freeze_count()
+    thread = threading.Thread(target=runtime.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: read_worker_status(broker.home).get("lmdb", {}).get("pid") == os.getpid(),
+                   what="the worker runtime consuming")
+    finally:
+        runtime.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert gc.get_freeze_count() == before

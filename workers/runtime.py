@@ -90,8 +90,12 @@ is one batch more). With 1 the worker waited ~19 % of its time for the previous 
 class WorkerRuntime:
     def __init__(self, name: str, home: Home, *, batch_size: int = 500, max_attempts: int = 5,
                  retry_backoff_s: float = 0.2, ack_timeout_s: float | None = None,
-                 wedged_after_s: float = 900.0, min_free_mb: int = 64, **settings: Any) -> None:
+                 wedged_after_s: float = 900.0, min_free_mb: int = 64, own_process: bool = False,
+                 **settings: Any) -> None:
         self.name = name
+        self.own_process = own_process
+        """The process is this worker's (``membus worker``), not a host's (``membus rebuild`` runs one in a thread):
+        its start-up heap is frozen once the store is open (bus/heap.py)."""
         self.home = home
         self.batch_size = batch_size
         self.max_attempts = max_attempts
@@ -155,7 +159,8 @@ class WorkerRuntime:
                     self._suspects = None  # the process ended after their commit: nothing to suspect
                 self._show_suspects()
                 self.stats["position"] = position
-                log.info("worker.heap_frozen", objects=freeze_startup_heap())
+                if self.own_process:
+                    log.info("worker.heap_frozen", objects=freeze_startup_heap())
                 log.info("worker.started", position=position, patterns=list(self.backend.patterns))
                 with bus.consume(self.name, list(self.backend.patterns),
                                  credit=(MAX_FLIGHTS + 1) * self.batch_size, ack_timeout=self.ack_timeout_s,
@@ -522,7 +527,7 @@ def _record_exit(home: Home, name: str, exc: Exception) -> None:
 def _run(name: str, where: Home) -> None:
     at_rest: dict[str, Any] = {"encryption": store_keyring(where.path, name, where.settings().encryption)}
     runtime = WorkerRuntime(name, where, **runtime_settings(), **where.settings().store_settings(name),
-                            **{k: v for k, v in at_rest.items() if v})
+                            **{k: v for k, v in at_rest.items() if v}, own_process=True)
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("worker.signal", signal=signum)
