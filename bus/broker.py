@@ -30,7 +30,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from bus import protocol as P
 from bus.auth import ModuleAuthenticator
-from bus.heap import freeze_startup_heap
+from bus.heap import freeze_startup_heap, thaw_heap
 from bus.home import Home, Settings
 from bus.log import EventLog, Prepared, Record, Rejected
 from bus.permissions import Permissions, is_worker
@@ -1043,3 +1043,4 @@ def run(home: Path | str | None = None, *, settings: Settings | None = None) -> 
         broker.serve_forever()
     finally:
         broker.close()
+        thaw_heap()

@@ -16,3 +16,10 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def thaw_heap() -> None:
+    """Gives the frozen objects back to the collector; call before the process exits. Left frozen, the last
+    collection at exit skips them, and native modules that check for leaks then (duckdb's nanobind) print
+    pages of "leaked instance" warnings at every stop."""
+    gc.unfreeze()

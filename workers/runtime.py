@@ -40,7 +40,7 @@ import structlog
 
 from bus.client import Bus
 from bus.connection import Pending
-from bus.heap import freeze_startup_heap
+from bus.heap import freeze_startup_heap, thaw_heap
 from bus.home import Home, write_json
 from bus.message import Delivery
 from bus.sealing import store_keyring
@@ -545,6 +545,7 @@ def _run(name: str, where: Home) -> None:
         runtime.run()
     finally:
         lock.release()
+        thaw_heap()
 
 
 def envelopes(batch: list[Delivery]) -> list[Envelope]:
