@@ -290,6 +290,10 @@ def request(topic: TopicArg, payload: Annotated[str, typer.Argument(help="The pa
             if not _taken_by_a_group(bus, topic):
                 err.print(f"[yellow]note[/]: no consumer group takes {topic} (no worker handles it, and no module "
                           f"consumes it): nothing may answer; waiting {timeout:g} s anyway", highlight=False)
+            elif (unanswered := _no_worker_answers(bus, topic)) is not None:
+                err.print(f"[yellow]note[/]: no worker answers {topic} (the workers that take it only record it, and "
+                          f"no module's group takes it){unanswered}: waiting {timeout:g} s anyway",
+                          highlight=False)
             reply = bus.request(topic, data, timeout=timeout)
             typer.echo(json.dumps(reply.to_dict()["payload"], default=str))
     except BusError as exc:
@@ -308,6 +312,29 @@ def _restart_note(ws: dict[str, Any]) -> str:
 def _taken_by_a_group(bus: Any, topic: str) -> bool:
     groups = bus.status()["groups"].values()
     return any(matches_any(tuple(g["patterns"]), topic) for g in groups)
+
+
+def _no_worker_answers(bus: Any, topic: str) -> str | None:
+    """None when some worker answers ``topic`` or a module's group takes it; else the requests workers answer
+    whose names are closest to it (", did you mean ..."), possibly empty."""
+    import difflib
+
+    from contracts.catalog import load_all
+    from contracts.registry import all_specs, spec_for
+    from workers.registry import backends
+
+    load_all()
+    spec = spec_for(topic)
+    if spec is not None and spec.handled_by:
+        return None
+    workers = set(backends())
+    takers = [name for name, g in bus.status()["groups"].items() if matches_any(tuple(g["patterns"]), topic)]
+    if any(name not in workers for name in takers):
+        return None
+    answered = [s.topic for s in all_specs() if s.handled_by and s.topic.endswith(".request")]
+    close = difflib.get_close_matches(topic, answered, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}? `membus topics` lists them)" if close else \
+        " (`membus topics` lists the requests workers answer)"
 
 
 def json_line(data: Any) -> str:

@@ -16,7 +16,7 @@ from bus.cli import _fit, json_line
 from bus.home import Settings
 from contracts.errors import ValidationError
 from tests.conftest import BrokerProcess
-from tests.workers_util import cli
+from tests.workers_util import WorkerProcess, cli
 from workers.runtime import runtime_settings
 
 
@@ -186,6 +186,21 @@ def test_a_request_nothing_takes_says_so_before_it_waits_and_a_timeout_below_zer
     assert done.returncode == 3 and "no consumer group takes no.such.request" in done.stderr, done.stderr
     done = cli(broker.home.path, "request", "no.such.request", "{}", "--timeout", "-1")
     assert done.returncode == 2, done.stderr
+
+
+def test_a_request_only_analytics_records_says_no_worker_answers_it_and_names_the_close_ones(
+        broker: BrokerProcess) -> None:
+    """`membus request memory.search.request` waited out its timeout in silence: the duckdb worker's group takes
+    every request (it records them), so the note about a topic nothing takes never showed."""
+    worker = WorkerProcess(broker.home.path, "duckdb").start()
+    try:
+        done = cli(broker.home.path, "request", "memory.search.request", "{}", "--timeout", "0.5")
+        assert done.returncode == 3 and "no worker answers memory.search.request" in done.stderr, done.stderr
+        assert "did you mean memory.search.text.request or memory.search.hybrid.request" in done.stderr, done.stderr
+        done = cli(broker.home.path, "request", "analytics.messages_per_day.request", "{}", "--timeout", "30")
+        assert done.returncode == 0 and "note" not in done.stderr, done.stderr  # one the worker answers
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
 
 
 def test_a_line_of_stdin_that_breaks_the_topics_contract_is_named_by_its_number(broker: BrokerProcess) -> None:
