@@ -291,8 +291,8 @@ def request(topic: TopicArg, payload: Annotated[str, typer.Argument(help="The pa
                 err.print(f"[yellow]note[/]: no consumer group takes {topic} (no worker handles it, and no module "
                           f"consumes it): nothing may answer; waiting {timeout:g} s anyway", highlight=False)
             elif (unanswered := _no_worker_answers(bus, topic)) is not None:
-                err.print(f"[yellow]note[/]: no worker answers {topic} (the workers that take it only record it, and "
-                          f"no module's group takes it){unanswered}: waiting {timeout:g} s anyway",
+                err.print(f"[yellow]note[/]: no worker answers {topic}: the workers that take it only record it, and "
+                          f"no module's group takes it.{unanswered} Waiting {timeout:g} s anyway.",
                           highlight=False)
             reply = bus.request(topic, data, timeout=timeout)
             typer.echo(json.dumps(reply.to_dict()["payload"], default=str))
@@ -315,8 +315,8 @@ def _taken_by_a_group(bus: Any, topic: str) -> bool:
 
 
 def _no_worker_answers(bus: Any, topic: str) -> str | None:
-    """None when some worker answers ``topic`` or a module's group takes it; else the requests workers answer
-    whose names are closest to it (", did you mean ..."), possibly empty."""
+    """None when some worker answers ``topic`` or a module's group takes it; else a sentence naming the requests
+    workers answer whose names are closest to it, or where to find them."""
     import difflib
 
     from contracts.catalog import load_all
@@ -333,8 +333,8 @@ def _no_worker_answers(bus: Any, topic: str) -> str | None:
         return None
     answered = [s.topic for s in all_specs() if s.handled_by and s.topic.endswith(".request")]
     close = difflib.get_close_matches(topic, answered, n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(close)}? `membus topics` lists them)" if close else \
-        " (`membus topics` lists the requests workers answer)"
+    return f" Did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}? (`membus topics` " \
+        "lists them.)" if close else " `membus topics` lists the requests workers answer."
 
 
 def json_line(data: Any) -> str:

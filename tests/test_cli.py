@@ -196,7 +196,7 @@ def test_a_request_only_analytics_records_says_no_worker_answers_it_and_names_th
     try:
         done = cli(broker.home.path, "request", "memory.search.request", "{}", "--timeout", "0.5")
         assert done.returncode == 3 and "no worker answers memory.search.request" in done.stderr, done.stderr
-        assert "did you mean memory.search.text.request or memory.search.hybrid.request" in done.stderr, done.stderr
+        assert "Did you mean memory.search.text.request, memory.search.hybrid.request or" in done.stderr, done.stderr
         done = cli(broker.home.path, "request", "analytics.messages_per_day.request", "{}", "--timeout", "30")
         assert done.returncode == 0 and "note" not in done.stderr, done.stderr  # one the worker answers
     finally:
