@@ -287,10 +287,11 @@ def request(topic: TopicArg, payload: Annotated[str, typer.Argument(help="The pa
     data = _parse_json(payload, "the payload")
     try:
         with _bus(home) as bus:
-            if not _taken_by_a_group(bus, topic):
+            takers = _groups_taking(bus, topic)
+            if not takers:
                 err.print(f"[yellow]note[/]: no consumer group takes {topic} (no worker handles it, and no module "
                           f"consumes it): nothing may answer; waiting {timeout:g} s anyway", highlight=False)
-            elif (unanswered := _no_worker_answers(bus, topic)) is not None:
+            elif (unanswered := _no_worker_answers(topic, takers)) is not None:
                 err.print(f"[yellow]note[/]: no worker answers {topic}: the workers that take it only record it, and "
                           f"no module's group takes it.{unanswered} Waiting {timeout:g} s anyway.",
                           highlight=False)
@@ -309,14 +310,13 @@ def _restart_note(ws: dict[str, Any]) -> str:
     return f" (membus up starts it again in {wait:.0f} s; restarted {sup.get('restarts', 0)} times so far)"
 
 
-def _taken_by_a_group(bus: Any, topic: str) -> bool:
-    groups = bus.status()["groups"].values()
-    return any(matches_any(tuple(g["patterns"]), topic) for g in groups)
+def _groups_taking(bus: Any, topic: str) -> list[str]:
+    return [name for name, g in bus.status()["groups"].items() if matches_any(tuple(g["patterns"]), topic)]
 
 
-def _no_worker_answers(bus: Any, topic: str) -> str | None:
-    """None when some worker answers ``topic`` or a module's group takes it; else a sentence naming the requests
-    workers answer whose names are closest to it, or where to find them."""
+def _no_worker_answers(topic: str, takers: list[str]) -> str | None:
+    """None when some worker answers ``topic`` or a module's group is among its ``takers``; else a sentence
+    naming the requests workers answer whose names are closest to it, or where to find them."""
     import difflib
 
     from contracts.catalog import load_all
@@ -328,13 +328,14 @@ def _no_worker_answers(bus: Any, topic: str) -> str | None:
     if spec is not None and spec.handled_by:
         return None
     workers = set(backends())
-    takers = [name for name, g in bus.status()["groups"].items() if matches_any(tuple(g["patterns"]), topic)]
     if any(name not in workers for name in takers):
         return None
     answered = [s.topic for s in all_specs() if s.handled_by and s.topic.endswith(".request")]
     close = difflib.get_close_matches(topic, answered, n=3, cutoff=0.6)
-    return f" Did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}? (`membus topics` " \
-        "lists them.)" if close else " `membus topics` lists the requests workers answer."
+    if not close:
+        return " `membus topics` lists the requests workers answer."
+    named = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+    return f" Did you mean {named}? (`membus topics` lists them.)"
 
 
 def json_line(data: Any) -> str:
