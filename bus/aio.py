@@ -77,6 +77,10 @@ class AsyncBus:
     def head(self) -> int:
         return self._bus.head
 
+    @property
+    def ordered_ids_from(self) -> int | None:
+        return self._bus.ordered_ids_from
+
     async def close(self) -> None:
         await asyncio.to_thread(self._bus.close)
 

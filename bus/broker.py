@@ -349,7 +349,8 @@ class Broker:
         self._send(rid, P.WELCOME, P.pack({"broker": self.broker_id, "head": self.log.head,
                                             "heartbeat": self.settings.heartbeat_s,
                                             "max_message": self.settings.max_message_bytes, "source": source,
-                                            "max_attempts": self.settings.max_attempts}))
+                                            "max_attempts": self.settings.max_attempts,
+                                            "ordered_ids_from": self.log.ordered_ids_from}))
 
     def _malformed(self, rid: bytes, ref: bytes, message: str) -> None:
         self.counters["malformed"] += 1

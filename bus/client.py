@@ -174,6 +174,12 @@ class Bus:
         return str((self._conn.welcome or {}).get("source", ""))
 
     @property
+    def ordered_ids_from(self) -> int | None:
+        """The first log seq whose worker replies carry ids ordered by seq (workers.apply.derived_id), as the
+        broker last said; None: a broker that predates them."""
+        return self._conn.ordered_ids_from
+
+    @property
     def inbox(self) -> str:
         return self._conn.inbox
 

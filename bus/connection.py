@@ -281,6 +281,8 @@ class Connection(threading.Thread):
         """Handshakes the broker ended since the last one that succeeded: a server key that is not the broker's."""
         self.connected = threading.Event()
         self.head = 0
+        self.ordered_ids_from: int | None = None
+        """The broker's (WELCOME): kept while it is silent, unlike ``welcome``."""
         self.counters = _Counters()
         self._last_heard = 0.0
         self._last_ping = 0.0
@@ -669,6 +671,8 @@ class Connection(threading.Thread):
         self.welcome = body
         self._frame_limit = P.max_frame(int(body.get("max_message", 0)))
         self.head = int(body.get("head", 0))
+        cutover = body.get("ordered_ids_from")
+        self.ordered_ids_from = int(cutover) if cutover is not None else None
         self._hello_backoff = 0.1
         if not first:
             self.counters.reconnects += 1

@@ -5,7 +5,8 @@ LMDB, one environment, named databases:
     ids     message id -> seq                  (idempotent publish: a retried id is stored once)
     corr    correlation id + 0x00 + seq -> b"" (trace one conversation or request)
     groups  group name -> {"floor": seq, "patterns": [...]}   (consumer-group positions)
-    meta    b"created" -> first open time; b"journal" -> (epoch, number) of the next journal frame to apply
+    meta    b"created" -> first open time; b"journal" -> (epoch, number) of the next journal frame to apply;
+            b"ordered_ids" -> the first seq whose worker replies carry ids ordered by seq (``ordered_ids_from``)
 
 A write is durable once its frame is in the journal (bus/journal.py: one write, one fdatasync) and is
 acknowledged then. Frames are applied to LMDB behind it, many per synced LMDB commit, on another thread than
@@ -219,6 +220,8 @@ class EventLog:
         self._journaled = 0
         """The last seq in the journal (the writing thread's)."""
         self._apply_failing = False
+        self.ordered_ids_from = 1
+        """The first seq whose worker replies carry ids ordered by seq (set by ``open``)."""
 
     def open(self) -> None:
         """Raises StoreError if another process (or EventLog) has the log open."""
@@ -243,7 +246,18 @@ class EventLog:
                 self.head = _SEQ.unpack(cur.key())[0]
                 self._last_ns = _HEADER.unpack_from(cur.value())[2]
         self._assigned = self.lmdb_head = self._journaled = self._lmdb_last = self.head
-        log.info("log.opened", path=str(self.path), head=self.head)
+        self.ordered_ids_from = self._ordered_ids_from()
+        log.info("log.opened", path=str(self.path), head=self.head, ordered_ids_from=self.ordered_ids_from)
+
+    def _ordered_ids_from(self) -> int:
+        """Replies to the seqs logged before this code first opened the log keep their hashed ids, so a store
+        rebuilt from it republishes them under the same ids (workers.apply.derived_id): from here on, ordered."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(b"ordered_ids", db=self._meta)
+            if raw is None:
+                raw = _SEQ.pack(self.head + 1)
+                txn.put(b"ordered_ids", raw, db=self._meta)
+        return int(_SEQ.unpack(raw)[0])
 
     def _recover(self, frames: list[Frame]) -> None:
         """Applies the journal frames LMDB does not hold yet, then starts a new epoch.

@@ -8,6 +8,7 @@ position, so a crash at any instant neither loses nor doubles an effect.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,13 +48,23 @@ class Outcome:
     """The events' payloads, encoded (and checked against the broker's limit) while the write could be undone."""
 
 
-def derived_id(worker: str, seq: int, index: int) -> str:
+def derived_id(worker: str, seq: int, index: int, *, ordered_from: int | None = None) -> str:
     """Deterministic id of the index-th message a worker publishes for log entry seq.
 
-    Republishing after a crash sends the same id, and the broker stores it once.
+    Republishing after a crash, or a rebuild, sends the same id, and the broker stores it once. From seq
+    ``ordered_from`` on (the broker's ``ordered_ids_from``: None for a broker that predates it) the id is the
+    worker's tag, the seq and the index, so ids follow the log and land together in the broker's id index;
+    before it, the older hashed form, which the replies logged then carry.
     """
+    if ordered_from is not None and seq >= ordered_from:
+        return f"W{_worker_tag(worker)}{seq:016X}{index:04X}"
     digest = hashlib.blake2b(f"{worker}:{seq}:{index}".encode(), digest_size=10).digest()
-    return "W" + digest.hex().upper()[:25]
+    return "W" + digest.hex().upper()
+
+
+@functools.cache
+def _worker_tag(worker: str) -> str:
+    return hashlib.blake2b(worker.encode(), digest_size=4).hexdigest().upper()
 
 
 def event_bodies(events: list[tuple[str, Any]], limit: int) -> list[tuple[str, bytes]]:
@@ -70,22 +81,27 @@ def event_bodies(events: list[tuple[str, Any]], limit: int) -> list[tuple[str, b
     return out
 
 
-def outgoing(worker: str, env: Envelope, outcome: Outcome, limit: int) -> list[bytes]:
+def outgoing(worker: str, env: Envelope, outcome: Outcome, limit: int, *,
+             ordered_from: int | None = None) -> list[bytes]:
     """The encoded change events, then the reply, that an outcome publishes; a reply over ``limit`` bytes is
-    replaced by a ``.failed`` one saying so."""
+    replaced by a ``.failed`` one saying so. ``ordered_from``: see derived_id."""
     out: list[bytes] = []
+
+    def message_id(index: int) -> str:
+        return derived_id(worker, env.seq, index, ordered_from=ordered_from)
+
     bodies = outcome.event_bodies
     if bodies is None:
         bodies = [(topic, encode_payload(topic, payload)) for topic, payload in outcome.events]
     for i, (topic, body) in enumerate(bodies):
         out.append(encode_new(topic, body, correlation_id=env.correlation_id,
-                              causation_id=env.id, message_id=derived_id(worker, env.seq, i))[1])
+                              causation_id=env.id, message_id=message_id(i))[1])
     if outcome.status == "failed" and isinstance(outcome.error, HandlerError | StoreRejected):
         dead = {"group": worker, "seq": env.seq, "topic": env.topic, "message_id": env.id,
                 "attempts": outcome.error.fields.get("attempts", 0), "reason": outcome.error.message}
         out.append(encode_new(DEAD_LETTER_TOPIC, encode_payload(DEAD_LETTER_TOPIC, dead),
                               correlation_id=env.correlation_id, causation_id=env.id,
-                              message_id=derived_id(worker, env.seq, 999))[1])
+                              message_id=message_id(999))[1])
     if env.reply_to and outcome.status in ("applied", "failed"):
         complete, failed = reply_topics(env.topic)
         if outcome.status == "applied":
@@ -99,7 +115,7 @@ def outgoing(worker: str, env: Envelope, outcome: Outcome, limit: int) -> list[b
             assert outcome.error is not None
             topic, body = failed, encode_payload(failed, outcome.error.to_wire())
         out.append(encode_new(topic, body, correlation_id=env.correlation_id, causation_id=env.id,
-                              recipient=env.reply_to, message_id=derived_id(worker, env.seq, 1000))[1])
+                              recipient=env.reply_to, message_id=message_id(1000))[1])
     return out
 
 
@@ -139,7 +155,8 @@ def apply_batch(backend: Backend, batch: list[Envelope], *, position: int | None
             if outcome.status == "retry":
                 blocked = True  # keep log order: nothing after a retried message is applied yet
                 continue
-            items = outgoing(backend.name, env, outcome, backend.max_payload_bytes)
+            items = outgoing(backend.name, env, outcome, backend.max_payload_bytes,
+                             ordered_from=backend.ordered_ids_from)
             if items:
                 backend.outbox_add(txn, env.seq, items)
             new_position = env.seq

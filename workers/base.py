@@ -69,6 +69,9 @@ class Backend(ABC):
     max_payload_bytes: int = Settings.max_message_bytes
     """The broker's limit on a payload (``max_message_bytes``; the runtime sets the home's): a write whose
     change event would be larger is refused, a reply that would be larger is answered ``.failed``."""
+    ordered_ids_from: int | None = None
+    """The first log seq whose replies and change events get ids ordered by seq (the broker's, told at connect;
+    the runtime sets it): workers.apply.derived_id."""
     ack_timeout_s: ClassVar[float | None] = None
     """How long the broker waits for an ack before it redelivers; None: the broker's default. A store whose
     batches take long sets more (a dead worker is still noticed at once, by its connection and heartbeats)."""

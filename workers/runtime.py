@@ -235,6 +235,7 @@ class WorkerRuntime:
                 self._marker.mark(pending[0].seq, pending[-1].seq, deaths, len(pending))
                 try:
                     condemned = self._condemned(pending[0], deaths) or rejected
+                    self.backend.ordered_ids_from = bus.ordered_ids_from
                     outcomes, position = apply_batch(self.backend, pending, position=position, final_attempt=final,
                                                      attempt=attempt, condemned=condemned)
                 finally:
