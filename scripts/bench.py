@@ -54,6 +54,10 @@ def temporary_config() -> str:
     return folder
 
 
+PIDS: dict[Path, list[int]] = {}
+"""The processes of each running ``system``, by home: the broker's, then its workers'."""
+
+
 @contextmanager
 def system(workers: tuple[str, ...] = ()) -> Iterator[Path]:
     """A broker (and workers) in a temporary home, always stopped."""
@@ -79,8 +83,10 @@ def system(workers: tuple[str, ...] = ()) -> Iterator[Path]:
                         if time.monotonic() > deadline:
                             raise RuntimeError("workers did not join")
                         time.sleep(0.1)
+            PIDS[home] = [p.pid for p in procs]
             yield home
         finally:
+            PIDS.pop(home, None)
             for p in reversed(procs):
                 p.terminate()
             for p in procs:
@@ -282,6 +288,7 @@ def store_latency_at_rate(worker: str, rate: float, seconds: float) -> dict[str,
         def done(sent: float) -> Callable[[Any], None]:
             return lambda _p: lat.append(time.perf_counter() - sent)
 
+        written = {pid: bench_raw.bytes_written(pid) for pid in PIDS[home]}
         t0 = time.perf_counter()
         i = 0
         while i < total:  # every millisecond, send what is due: sleeping, so the I/O thread keeps the GIL
@@ -295,8 +302,10 @@ def store_latency_at_rate(worker: str, rate: float, seconds: float) -> dict[str,
         while len(lat) < total and time.monotonic() < deadline:
             time.sleep(0.01)
         achieved = total / (time.perf_counter() - t0)
+        per_request = bench_raw.written_per_request(written, {pid: bench_raw.bytes_written(pid) for pid in written},
+                                                    len(lat))
         return {"worker": worker, "offered_per_s": rate, "requests": total, "completed": len(lat),
-                "achieved_per_s": achieved, **bench_raw.latency_summary(lat)}
+                "achieved_per_s": achieved, "disk_bytes_per_request": per_request, **bench_raw.latency_summary(lat)}
 
 
 # -- replay, offered load, scaling --------------------------------------------------------------------

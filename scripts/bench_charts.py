@@ -262,8 +262,8 @@ def tables(result: dict[str, Any], images: list[str]) -> str:
     add("### Store pipeline: request -> worker (store transaction) -> completion back to the requester")
     add("")
     add("| system | durability | req/s (max) | p50 / p99 ms at 1k req/s | p50 / p99 ms at 10k req/s "
-        "| membus lmdb / this |")
-    add("| --- | --- | ---: | ---: | ---: | ---: |")
+        "| KB written per request at 10k req/s | membus lmdb / this |")
+    add("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     mine = m.get("store_pipeline_lmdb", {}).get("req_per_s")
 
     def lat_at(rate: int, row: dict[str, Any] | None) -> str:
@@ -276,6 +276,10 @@ def tables(result: dict[str, Any], images: list[str]) -> str:
             kept = f" (achieved {achieved:,.0f}/s)"
         return f"{_fmt(lat.get('p50_ms'), 2)} / {_fmt(lat.get('p99_ms'), 2)}{kept}"
 
+    def written(row: dict[str, Any] | None) -> str:
+        per_request = (row or {}).get("disk_bytes_per_request")
+        return _fmt(per_request / 1024, 1) if per_request is not None else "-"
+
     for worker in ("lmdb", "libsql"):
         r = m.get(f"store_pipeline_{worker}")
         if r:
@@ -285,14 +289,15 @@ def tables(result: dict[str, Any], images: list[str]) -> str:
             add(f"| membus, {worker} worker | log: journal group commit + fdatasync; "
                 f"store: one transaction per batch ({store}), sealed | {_spread(r, 'req_per_s')} | "
                 f"{lat_at(1000, m.get(f'store_latency_{worker}_1000'))} | "
-                f"{lat_at(10_000, m.get(f'store_latency_{worker}_10000'))} | |")
+                f"{lat_at(10_000, m.get(f'store_latency_{worker}_10000'))} | "
+                f"{written(m.get(f'store_latency_{worker}_10000'))} | |")
     for r in _peer_pipelines(result, "max_throughput"):
         key = ("fsync", r["fsync"]) if r["system"] == "redis" else ("sync", r["sync"])
         at = {rate: next((p for p in _peer_pipelines(result, "fixed_rate", float(rate))
                           if p["system"] == r["system"] and p.get(key[0]) == key[1]), None) for rate in (1000, 10_000)}
         add(f"| {_peer_label(r)} | {r['durability']}; completions via {r['completions_via']} | "
             f"{_fmt(r['req_per_s'])} | {lat_at(1000, at[1000])} | {lat_at(10_000, at[10_000])} | "
-            f"{_ratio(mine, r['req_per_s'])} |")
+            f"{written(at[10_000])} | {_ratio(mine, r['req_per_s'])} |")
     add("")
     add("| store pipeline vs the raw store write rate | req/s | raw rows/s | ratio |")
     add("| --- | ---: | ---: | ---: |")

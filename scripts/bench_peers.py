@@ -37,6 +37,7 @@ import structlog
 from bench_raw import (
     LOOPBACK,
     PAYLOAD_BYTES,
+    bytes_written,
     collect,
     latency_summary,
     lib_versions,
@@ -162,6 +163,7 @@ class RedisPeer:
     version: str
     data_dir: str
     host: str = LOOPBACK
+    pid: int = 0
 
     def client_kwargs(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "socket_timeout": 30, "socket_connect_timeout": 5}
@@ -190,7 +192,7 @@ def redis_server(*, fsync: RedisFsync = "always", tmp_root: str | None = None) -
             "--daemonize", "no", "--protected-mode", "yes", "--logfile", "",
         ]
         with _server_process(argv, workdir) as proc:
-            peer = RedisPeer(port=port, fsync=fsync, version=version, data_dir=str(workdir))
+            peer = RedisPeer(port=port, fsync=fsync, version=version, data_dir=str(workdir), pid=proc.pid)
             deadline = time.monotonic() + READY_TIMEOUT_S
             while True:
                 if proc.poll() is not None:
@@ -218,6 +220,7 @@ class NatsPeer:
     version: str
     store_dir: str
     host: str = LOOPBACK
+    pid: int = 0
 
     @property
     def url(self) -> str:
@@ -258,7 +261,7 @@ def nats_server(*, sync: NatsSync = "default", tmp_root: str | None = None) -> I
                     raise BusTimeoutError("nats-server not ready", port=port)
                 time.sleep(0.05)
             log.info("bench.nats.started", port=port, sync=sync)
-            yield NatsPeer(port=port, sync=sync, version=version, store_dir=str(store))
+            yield NatsPeer(port=port, sync=sync, version=version, store_dir=str(store), pid=proc.pid)
 
 
 def versions() -> dict[str, Any]:
@@ -468,7 +471,7 @@ def _worker_report(env: Any, processed: int, batches: int) -> dict[str, Any]:
     entries = int(env.stat()["entries"])
     env.close()
     return {"role": "worker", "processed": processed, "batches": batches, "lmdb_entries": entries,
-            "mean_batch": round(processed / batches, 1) if batches else 0.0}
+            "mean_batch": round(processed / batches, 1) if batches else 0.0, "bytes_written": bytes_written()}
 
 
 class _LatencyBook:
@@ -592,7 +595,9 @@ def _read_completions(kwargs: dict[str, Any], book: _LatencyBook, window: thread
 def _pipeline_result(peer_settings: dict[str, Any], method: dict[str, str], offered: Offered,
                      reports: list[dict[str, Any]], batch: int) -> dict[str, Any]:
     by_role = {r["role"]: r for r in reports}
-    requester, worker = by_role["requester"], by_role["worker"]
+    requester, worker, server = by_role["requester"], by_role["worker"], by_role["server"]
+    written = None if None in (worker["bytes_written"], server["bytes_written"]) or not requester["completed"] \
+        else round((worker["bytes_written"] + server["bytes_written"]) / requester["completed"])
     return {
         **peer_settings,
         "workload": "store_pipeline",
@@ -606,13 +611,16 @@ def _pipeline_result(peer_settings: dict[str, Any], method: dict[str, str], offe
         "latency": requester["latency"],
         "completed": requester["completed"],
         "seconds": requester["seconds"],
+        "disk_bytes_per_request": written,
         "worker": {k: v for k, v in worker.items() if k != "role"},
         "versions": versions(),
     }
 
 
 def _run_pipeline(worker: Any, worker_args: tuple[Any, ...], requester: Any, requester_args: tuple[Any, ...],
-                  offered: Offered) -> list[dict[str, Any]]:
+                  offered: Offered, server_pid: int) -> list[dict[str, Any]]:
+    """The worker's and the requester's reports, and the server's (what it had written meanwhile)."""
+    before = bytes_written(server_pid)
     ctx = spawn_context()
     ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
     deadline = time.monotonic() + offered.time_limit + READY_TIMEOUT_S * 2
@@ -624,7 +632,9 @@ def _run_pipeline(worker: Any, worker_args: tuple[Any, ...], requester: Any, req
         stop.set()
         reports += collect(results, procs, 1, deadline)
         wait_for_children(procs, deadline)
-    return reports
+    after = bytes_written(server_pid)
+    grown = after - before if after is not None and before is not None else None
+    return [*reports, {"role": "server", "bytes_written": grown}]
 
 
 def _offered(requests: int, window: int, rate_per_s: float | None, duration: float, size: int,
@@ -649,7 +659,7 @@ def redis_pipeline(
         client.close()
         lmdb_dir = os.path.join(peer.data_dir, "lmdb")
         reports = _run_pipeline(_redis_worker, (peer.client_kwargs(), lmdb_dir, batch),
-                                _redis_requester, (peer.client_kwargs(),), offered)
+                                _redis_requester, (peer.client_kwargs(),), offered, peer.pid)
     method = {
         "method": "requests XADDed (pipelined <=500), worker XREADGROUP COUNT 500 BLOCK 100 -> LMDB -> "
         "completion XADD + XACK pipelined; the requester's reader thread XREAD BLOCKs on the completions",
@@ -769,7 +779,7 @@ def jetstream_pipeline(
         consumer = _run(_create_request_stream(peer.url))
         lmdb_dir = os.path.join(os.path.dirname(peer.store_dir), "lmdb")
         reports = _run_pipeline(_jetstream_worker, (peer.url, lmdb_dir, batch),
-                                _jetstream_requester, (peer.url,), offered)
+                                _jetstream_requester, (peer.url,), offered, peer.pid)
     method = {
         "method": "requests via js.publish_async (acks awaited), durable pull consumer fetch(500) with "
         "explicit ack -> LMDB -> completion published, then acks",

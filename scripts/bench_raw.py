@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.context import SpawnProcess
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -58,6 +59,29 @@ def lib_versions(*dists: str) -> dict[str, str]:
 
 def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine()}
+
+
+def bytes_written(pid: int | str = "self") -> int | None:
+    """What a process has had written to the storage layer (``write_bytes`` of /proc/PID/io, counted when a page
+    is dirtied: fdatasync'd rewrites of a page count each time); None where there is no /proc or it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def written_per_request(before: dict[int, int | None], after: dict[int, int | None], requests: int) -> float | None:
+    """Bytes written per request by the processes of ``before`` (pid -> bytes_written), rounded."""
+    total = 0
+    for pid, start in before.items():
+        end = after.get(pid)
+        if start is None or end is None:
+            return None
+        total += end - start
+    return round(total / requests) if requests and before else None
 
 
 def rate(count: int, seconds: float) -> float:

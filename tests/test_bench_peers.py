@@ -1,4 +1,5 @@
-"""Smoke runs of the peer and raw-ceiling benchmarks (scripts/bench_peers.py, scripts/bench_raw.py).
+"""Smoke runs of the peer and raw-ceiling benchmarks (scripts/bench_peers.py, scripts/bench_raw.py), and of
+membus's own pipeline at a rate (scripts/bench.py).
 
 Small counts, real servers. Without redis-server / nats-server these tests skip, unless
 MEMBUS_BENCH_PEERS_REQUIRED=1, where a missing peer is a failure (CI installs them).
@@ -129,6 +130,8 @@ def _assert_pipeline(figures: dict[str, Any], requests: int) -> None:
     assert figures["worker"]["lmdb_entries"] == requests
     assert set(figures["latency"]) >= {"p50_ms", "p99_ms"}
     assert figures["latency"]["p50_ms"] <= figures["latency"]["p99_ms"]
+    if bench_raw.bytes_written() is not None:  # Linux: the server's log and the worker's synced LMDB batches
+        assert figures["disk_bytes_per_request"] > 0
 
 
 def test_redis_pipeline_completes_every_request(need_redis: None) -> None:
@@ -158,6 +161,32 @@ def test_redis_replay_reads_every_event(need_redis: None) -> None:
 def test_jetstream_replay_reads_every_event(need_nats: None, mode: str) -> None:
     figures = _is_json(bench_peers.jetstream_replay(1500, mode=mode, page=400))  # type: ignore[arg-type]
     assert figures["read"] == figures["events"] == 1500
+
+
+@pytest.mark.skipif(bench_raw.bytes_written() is None, reason="no /proc/PID/io here")
+def test_bytes_written_counts_what_a_process_syncs_and_is_none_for_a_process_gone(tmp_path: Path) -> None:
+    before = {os.getpid(): bench_raw.bytes_written(os.getpid())}
+    with open(tmp_path / "f", "wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    after = {os.getpid(): bench_raw.bytes_written(os.getpid())}
+    assert bench_raw.written_per_request(before, after, 4) >= (1 << 20) // 4  # type: ignore[operator]
+    assert bench_raw.bytes_written(2**22 + 7) is None
+    assert bench_raw.written_per_request({**before, 2**22 + 7: 0}, after, 4) is None
+
+
+def test_membus_store_pipeline_at_a_rate_answers_every_request_and_counts_its_disk_writes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", os.environ.get("XDG_CONFIG_HOME", ""))  # bench moves it: put it back
+
+    figures = _is_json(bench.store_latency_at_rate("lmdb", 400, 0.5))
+    assert figures["completed"] == figures["requests"] == 200
+    assert figures["p50_ms"] <= figures["p99_ms"]
+    if bench_raw.bytes_written() is not None:
+        assert figures["disk_bytes_per_request"] > 0
 
 
 def test_zmq_push_pull_delivers_every_message() -> None:
