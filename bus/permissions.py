@@ -50,8 +50,8 @@ from contracts.topics import COMPLETE, FAILED, REQUEST, check_pattern, matches
 log = structlog.get_logger("membus.permissions")
 
 ALL = (">",)
-_WORKER_ID = re.compile(r"W[0-9A-F]{20}(?:[0-9A-F]{8})?\Z")
-"""Both forms of ``workers.apply.derived_id``: hashed (20 digits) and ordered by seq (28)."""
+_WORKER_ID = re.compile(r"W[0-9A-F]{20}(?:[0-9A-F]{16})?\Z")
+"""Both forms of ``workers.apply.derived_id``: hashed (20 digits) and ordered by seq (36)."""
 
 
 @dataclass(frozen=True)

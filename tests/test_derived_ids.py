@@ -19,7 +19,7 @@ from tests.workers_util import System, wait_caught_up
 from workers.apply import derived_id
 
 pytestmark = pytest.mark.timeout(300)
-HASHED, ORDERED = 21, 29
+HASHED, ORDERED = 21, 37
 """The lengths of the two forms."""
 
 

@@ -246,7 +246,7 @@ def test_with_a_permissions_file_a_module_may_not_take_a_workers_next_message_id
             libsql.subscribe("memory.store.request", from_seq=spy.status()["head"] + 1) as seen:
         target = spy.status()["head"] + 1  # the request's seq (the squat attempt is refused, so takes none)
         reply_id = derived_id("libsql", target, 1000, ordered_from=spy.ordered_ids_from)
-        assert spy.ordered_ids_from == 1 and len(reply_id) == 29  # a new log: ids ordered by seq throughout
+        assert spy.ordered_ids_from == 1 and len(reply_id) == 37  # a new log: ids ordered by seq throughout
         for squat in (reply_id, derived_id("libsql", target, 1000)):  # and the hashed form of older logs
             with pytest.raises(NotAuthorized):
                 spy.publish_many("app.noise", [{"i": 1}], message_ids=[squat])

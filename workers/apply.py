@@ -64,7 +64,7 @@ def derived_id(worker: str, seq: int, index: int, *, ordered_from: int | None = 
 
 @functools.cache
 def _worker_tag(worker: str) -> str:
-    return hashlib.blake2b(worker.encode(), digest_size=4).hexdigest().upper()
+    return hashlib.blake2b(worker.encode(), digest_size=8).hexdigest().upper()  # 64 bits: no two workers share one
 
 
 def event_bodies(events: list[tuple[str, Any]], limit: int) -> list[tuple[str, bytes]]:
