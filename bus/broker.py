@@ -346,6 +346,11 @@ class Broker:
         if inbox:
             self.inboxes[inbox] = rid
         log.info("client.hello", client=name, source=source, inbox=inbox)
+        if is_worker(source) and _proto(body) < 2:
+            self.counters["outdated_workers"] += 1
+            log.warning("client.outdated_worker", source=source, proto=_proto(body),
+                        detail="this worker runs code older than the broker: restart it (`membus up` restarts "
+                               "everything), or the replies it logs get ids a rebuild would not give them again")
         self._send(rid, P.WELCOME, P.pack({"broker": self.broker_id, "head": self.log.head,
                                             "heartbeat": self.settings.heartbeat_s,
                                             "max_message": self.settings.max_message_bytes, "source": source,
@@ -1006,6 +1011,11 @@ _payload_of = operator.attrgetter("payload")
 _source_of = operator.attrgetter("source")
 _topic_of = operator.attrgetter("topic")
 _id_of = operator.attrgetter("id")
+
+
+def _proto(hello: dict[str, Any]) -> int:
+    proto = hello.get("proto", 1)
+    return proto if isinstance(proto, int) else 1
 
 
 def _raw(record: Record) -> msgspec.Raw:

@@ -7,7 +7,7 @@ Bodies are MessagePack. ``ENVS`` is a MessagePack array of envelopes
 the client and echoed back. Nothing else in the code hard-codes frame positions.
 
 Client -> broker
-    HELLO    [HELLO, body]          body {"client": name, "inbox": str, "proto": 1}
+    HELLO    [HELLO, body]          body {"client": name, "inbox": str, "proto": 2}
     PUB      [PUB, ID, ENVS]        durable publish of a batch; answered by PUBACK
     SUB      [SUB, ID, body]        live subscription ID: {"patterns": [...], "from_seq": int}
     UNSUB    [UNSUB, ID]
@@ -29,7 +29,8 @@ Client -> broker
 
 Broker -> client
     WELCOME  [WELCOME, body]        {"broker": id, "head": int, "heartbeat": s, "max_message": int, "source": str,
-                                     "max_attempts": int (a group's deliveries before a dead letter, by default)}
+                                     "max_attempts": int (a group's deliveries before a dead letter, by default),
+                                     "ordered_ids_from": seq (workers.apply.derived_id)}
     PUBACK   [PUBACK, ID, results]  one result per envelope, in order: seq (int), or [code, message]
     LIVE     [LIVE, ID, body]       [first, last, ENVS]: every message matching subscription ID with
                                     first <= seq <= last is in ENVS (so a gap shows as first > last seen + 1)
@@ -48,7 +49,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: the client reads WELCOME's ``ordered_ids_from`` (a worker of 1 derives every id in the hashed form)."""
 
 HELLO = b"HELLO"
 PUB = b"PUB"

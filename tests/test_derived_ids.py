@@ -9,12 +9,14 @@ import lmdb
 import msgspec
 import pytest
 
+from bus import protocol
+from bus.client import Bus
 from bus.consistency import rebuild
 from bus.home import Home
 from bus.log import EventLog
 from bus.permissions import _WORKER_ID
 from contracts.envelope import make_envelope
-from tests.conftest import wait_until
+from tests.conftest import BrokerProcess, wait_until
 from tests.workers_util import System, wait_caught_up
 from workers.apply import derived_id
 
@@ -128,3 +130,24 @@ def test_a_store_rebuilt_across_the_upgrade_logs_no_reply_or_event_twice(tmp_pat
         assert context() == kept
     finally:
         s.close()
+
+
+def test_a_worker_of_older_code_is_counted_and_named_in_the_brokers_log(broker: BrokerProcess,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker process that predates ordered ids (protocol 1) still running beside a newer broker would log its
+    replies under hashed ids above the cutover: the broker says so, so the user restarts it."""
+
+    def outdated() -> int:
+        with Bus.connect(broker.home.path, module="app") as app:
+            return int(app.status()["counters"].get("outdated_workers", 0))
+
+    with Bus.connect(broker.home.path, module="worker-lmdb"):
+        pass
+    assert outdated() == 0
+    monkeypatch.setattr(protocol, "PROTOCOL_VERSION", 1)
+    with Bus.connect(broker.home.path, module="worker-lmdb"):
+        pass
+    monkeypatch.undo()
+    assert outdated() == 1
+    wait_until(lambda: "client.outdated_worker" in broker.log_path.read_text(), timeout=10,
+               what="the warning in the broker's log")
