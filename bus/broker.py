@@ -346,9 +346,10 @@ class Broker:
         if inbox:
             self.inboxes[inbox] = rid
         log.info("client.hello", client=name, source=source, inbox=inbox)
-        if is_worker(source) and _proto(body) < 2:
+        proto = _proto(body)
+        if proto < 2 and is_worker(source):
             self.counters["outdated_workers"] += 1
-            log.warning("client.outdated_worker", source=source, proto=_proto(body),
+            log.warning("client.outdated_worker", source=source, proto=proto,
                         detail="this worker runs code older than the broker: restart it (`membus up` restarts "
                                "everything), or the replies it logs get ids a rebuild would not give them again")
         self._send(rid, P.WELCOME, P.pack({"broker": self.broker_id, "head": self.log.head,

@@ -302,8 +302,8 @@ def store_latency_at_rate(worker: str, rate: float, seconds: float) -> dict[str,
         while len(lat) < total and time.monotonic() < deadline:
             time.sleep(0.01)
         achieved = total / (time.perf_counter() - t0)
-        per_request = bench_raw.written_per_request(written, {pid: bench_raw.bytes_written(pid) for pid in written},
-                                                    len(lat))
+        per_request = bench_raw.per_request([bench_raw.grown(start, bench_raw.bytes_written(pid))
+                                             for pid, start in written.items()], len(lat))
         return {"worker": worker, "offered_per_s": rate, "requests": total, "completed": len(lat),
                 "achieved_per_s": achieved, "disk_bytes_per_request": per_request, **bench_raw.latency_summary(lat)}
 

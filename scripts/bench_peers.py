@@ -39,10 +39,12 @@ from bench_raw import (
     PAYLOAD_BYTES,
     bytes_written,
     collect,
+    grown,
     latency_summary,
     lib_versions,
     machine,
     payload,
+    per_request,
     rate,
     spawn_context,
     spawned,
@@ -596,8 +598,6 @@ def _pipeline_result(peer_settings: dict[str, Any], method: dict[str, str], offe
                      reports: list[dict[str, Any]], batch: int) -> dict[str, Any]:
     by_role = {r["role"]: r for r in reports}
     requester, worker, server = by_role["requester"], by_role["worker"], by_role["server"]
-    written = None if None in (worker["bytes_written"], server["bytes_written"]) or not requester["completed"] \
-        else round((worker["bytes_written"] + server["bytes_written"]) / requester["completed"])
     return {
         **peer_settings,
         "workload": "store_pipeline",
@@ -611,7 +611,8 @@ def _pipeline_result(peer_settings: dict[str, Any], method: dict[str, str], offe
         "latency": requester["latency"],
         "completed": requester["completed"],
         "seconds": requester["seconds"],
-        "disk_bytes_per_request": written,
+        "disk_bytes_per_request": per_request([worker["bytes_written"], server["bytes_written"]],
+                                              requester["completed"]),
         "worker": {k: v for k, v in worker.items() if k != "role"},
         "versions": versions(),
     }
@@ -632,9 +633,7 @@ def _run_pipeline(worker: Any, worker_args: tuple[Any, ...], requester: Any, req
         stop.set()
         reports += collect(results, procs, 1, deadline)
         wait_for_children(procs, deadline)
-    after = bytes_written(server_pid)
-    grown = after - before if after is not None and before is not None else None
-    return [*reports, {"role": "server", "bytes_written": grown}]
+    return [*reports, {"role": "server", "bytes_written": grown(before, bytes_written(server_pid))}]
 
 
 def _offered(requests: int, window: int, rate_per_s: float | None, duration: float, size: int,

@@ -73,15 +73,16 @@ def bytes_written(pid: int | str = "self") -> int | None:
     return None
 
 
-def written_per_request(before: dict[int, int | None], after: dict[int, int | None], requests: int) -> float | None:
-    """Bytes written per request by the processes of ``before`` (pid -> bytes_written), rounded."""
-    total = 0
-    for pid, start in before.items():
-        end = after.get(pid)
-        if start is None or end is None:
-            return None
-        total += end - start
-    return round(total / requests) if requests and before else None
+def grown(before: int | None, after: int | None) -> int | None:
+    """``after - before`` of two bytes_written readings; None if either is unknown."""
+    return after - before if before is not None and after is not None else None
+
+
+def per_request(written: Sequence[int | None], requests: int) -> int | None:
+    """The bytes each process wrote, summed, per request; None when one of them is unknown."""
+    if not requests or not written or any(w is None for w in written):
+        return None
+    return round(sum(w for w in written if w is not None) / requests)
 
 
 def rate(count: int, seconds: float) -> float:

@@ -165,15 +165,16 @@ def test_jetstream_replay_reads_every_event(need_nats: None, mode: str) -> None:
 
 @pytest.mark.skipif(bench_raw.bytes_written() is None, reason="no /proc/PID/io here")
 def test_bytes_written_counts_what_a_process_syncs_and_is_none_for_a_process_gone(tmp_path: Path) -> None:
-    before = {os.getpid(): bench_raw.bytes_written(os.getpid())}
+    before = bench_raw.bytes_written(os.getpid())
     with open(tmp_path / "f", "wb") as f:
         f.write(os.urandom(1 << 20))
         f.flush()
         os.fsync(f.fileno())
-    after = {os.getpid(): bench_raw.bytes_written(os.getpid())}
-    assert bench_raw.written_per_request(before, after, 4) >= (1 << 20) // 4  # type: ignore[operator]
-    assert bench_raw.bytes_written(2**22 + 7) is None
-    assert bench_raw.written_per_request({**before, 2**22 + 7: 0}, after, 4) is None
+    written = bench_raw.grown(before, bench_raw.bytes_written(os.getpid()))
+    assert bench_raw.per_request([written], 4) >= (1 << 20) // 4  # type: ignore[operator]
+    gone = bench_raw.bytes_written(2**22 + 7)  # above Linux's largest pid
+    assert gone is None
+    assert bench_raw.per_request([written, bench_raw.grown(0, gone)], 4) is None
 
 
 def test_membus_store_pipeline_at_a_rate_answers_every_request_and_counts_its_disk_writes(
